@@ -1,0 +1,122 @@
+"""What every command shares: model options, loading, rendering reports, error handling."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from ..errors import NormSurgeonError
+from ..inputs import CallArgs, inputs_from_shapes
+from ..io import LoadedModel, load_model
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def model_options(fn: Callable) -> Callable:
+    """MODEL argument plus the options that say how to load it and how to call it."""
+    opts = [
+        click.argument("model"),
+        click.option("--trust", is_flag=True, help="Allow unpickling a .pt/.pth model (runs code from the file)."),
+        click.option("--import", "imports", multiple=True, metavar="MODULE",
+                     help="Import MODULE first (classes a pickle or factory needs). Repeatable."),
+        click.option("--weights", type=click.Path(), default=None,
+                     help="State dict (.pt/.safetensors) to load into a package.module:factory model."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="1,3,224,224",
+                     help="Shape of an example input; repeat for several positional inputs."),
+        click.option("--input-dtype", "input_dtypes", multiple=True, metavar="DTYPE",
+                     help="dtype of the example inputs (float32, float16, bfloat16, int64...)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def output_options(fn: Callable) -> Callable:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(fn)
+    fn = click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
+    return fn
+
+
+def load_from_options(model: str, trust: bool, imports, weights, input_shapes, input_dtypes,
+                      need_inputs: bool = False) -> LoadedModel:
+    loaded = load_model(model, trust=trust, imports=imports, weights=weights)
+    if input_shapes:
+        loaded.example_inputs = inputs_from_shapes(input_shapes, input_dtypes)
+    elif input_dtypes:
+        raise NormSurgeonError("--input-dtype needs --input-shape")
+    if need_inputs and loaded.example_inputs is None:
+        raise NormSurgeonError(f"{model}: cannot derive example inputs for this model; pass --input-shape "
+                               "(e.g. --input-shape 1,3,224,224)")
+    return loaded
+
+
+def guarded(fn: Callable) -> Callable:
+    """Turn NormSurgeonError into one line on stderr and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False) or os.environ.get("NORMSURGEON_DEBUG") == "1" \
+            or (click.get_current_context().find_root().params.get("debug", False))
+        try:
+            return fn(*args, **kwargs)
+        except NormSurgeonError as e:
+            if debug:
+                traceback.print_exc()
+            stderr.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug, but the user still gets one line
+            if debug:
+                traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            stderr.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {first} "
+                         "(rerun with --debug for the traceback)", markup=True, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def emit(report: Any, as_json: bool, console: Console | None = None) -> None:
+    """Render a report: its JSON on stdout, or its tables."""
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, default=_json_default))
+        return
+    console = console or Console(highlight=False)
+    for table in report.tables():
+        render_table(table, console)
+
+
+def render_table(table, console: Console) -> None:
+    rt = RichTable(title=table.title, title_justify="left", title_style="bold")
+    for col in table.columns:
+        rt.add_column(col, overflow="fold")
+    for row in table.rows:
+        rt.add_row(*["" if v is None else str(v) for v in row])
+    if table.rows:
+        console.print(rt)
+    else:
+        console.print(f"[bold]{table.title}[/]: none")
+    for note in table.notes:
+        console.print(note, soft_wrap=True)
+
+
+def _json_default(o: Any):
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def progress_console() -> Console:
+    """Progress goes to stderr so --json output stays one clean object."""
+    return stderr

@@ -1,0 +1,14 @@
+"""`normsurgeon export` (not implemented yet)."""
+
+import click
+
+from ..errors import NormSurgeonError
+from .common import guarded
+
+
+@click.command("export", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--debug", is_flag=True, hidden=True)
+@guarded
+def export(debug: bool) -> None:
+    """(not implemented yet)"""
+    raise NormSurgeonError("'export' is not implemented yet")

@@ -1,0 +1,14 @@
+"""`normsurgeon fold` (not implemented yet)."""
+
+import click
+
+from ..errors import NormSurgeonError
+from .common import guarded
+
+
+@click.command("fold", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--debug", is_flag=True, hidden=True)
+@guarded
+def fold(debug: bool) -> None:
+    """(not implemented yet)"""
+    raise NormSurgeonError("'fold' is not implemented yet")

@@ -1,0 +1,267 @@
+"""Load models from what users have on disk, and save results without ever losing anything.
+
+Accepted model arguments:
+- a transformers model directory (config.json + weights), loaded offline, never with remote code;
+- a ``.pt2`` torch.export archive (safe: no pickle);
+- a ``.pt``/``.pth`` file: a pickled ``nn.Module`` (only with ``trust=True``, because unpickling runs
+  arbitrary code) or a state dict (safe; needs an architecture from a factory spec);
+- a ``package.module:factory`` spec, optionally with weights from ``.pt``/``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import NormSurgeonError
+from .inputs import CallArgs, as_call_args, inputs_from_hf_config
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    example_inputs: CallArgs | None
+    source: str  # transformers | pt2 | pickle | factory
+    path: Path | None = None
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Import modules a pickle or factory needs (``--import``); the working directory is importable."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+            raise NormSurgeonError(f"--import {name}: {type(e).__name__}: {e}") from e
+
+
+def load_model(spec: str | os.PathLike, *, trust: bool = False, imports: Sequence[str] = (),
+               weights: str | os.PathLike | None = None, batch: int = 2) -> LoadedModel:
+    """Load a model from a path or ``package.module:factory`` spec; see the module docstring."""
+    import_modules(imports)
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NormSurgeonError(f"{path} is a directory without config.json: not a transformers model directory")
+        return _load_transformers(path, batch)
+    if path.exists():
+        if weights is not None:
+            raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a model file")
+        suffix = path.suffix.lower()
+        if suffix == ".pt2":
+            return _load_pt2(path)
+        if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            return _load_pickle_file(path, trust)
+        if suffix == ".safetensors":
+            raise NormSurgeonError(
+                f"{path} holds only weights: pass the architecture as package.module:factory --weights {path}")
+        raise NormSurgeonError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected a transformers "
+                               "directory, .pt2, .pt/.pth or package.module:factory")
+    if ":" in text and not os.sep in text.split(":", 1)[0]:
+        return _load_factory(text, weights)
+    raise NormSurgeonError(f"{text}: no such file or directory")
+
+
+def _load_transformers(path: Path, batch: int) -> LoadedModel:
+    try:
+        import transformers
+    except ImportError:
+        raise NormSurgeonError("loading a transformers directory needs the 'transformers' package") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{path}/config.json: cannot read config: {_one_line(e)}") from e
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{path}: cannot load weights: {_one_line(e)}") from e
+    prepare_hf_model(model)
+    return LoadedModel(model.eval(), inputs_from_hf_config(config, batch=batch), "transformers", path)
+
+
+def prepare_hf_model(model: torch.nn.Module) -> None:
+    """Make a transformers model capturable: no KV cache objects in its outputs."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+
+
+def _load_pt2(path: Path) -> LoadedModel:
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{path}: not a readable torch.export archive: {_one_line(e)}") from e
+    inputs = None
+    if getattr(ep, "example_inputs", None) is not None:
+        args, kwargs = ep.example_inputs
+        inputs = CallArgs(tuple(args), dict(kwargs))
+    return LoadedModel(ep.module(), inputs, "pt2", path)
+
+
+def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise NormSurgeonError(
+                f"{path} holds a pickled model; unpickling runs code from the file, so it is loaded only with "
+                "--trust (pass it if you trust where the file came from)") from e
+        obj = _unpickle(path)
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise NormSurgeonError(f"{path}: not a readable torch file: {_one_line(e)}") from e
+    if isinstance(obj, torch.nn.Module):
+        return LoadedModel(obj.eval(), getattr_inputs(obj), "pickle", path)
+    if isinstance(obj, dict) and _tensor_dict(obj):
+        raise NormSurgeonError(
+            f"{path} holds a state dict ({len(obj)} tensors), not a model: pass the architecture as "
+            f"package.module:factory --weights {path}")
+    raise NormSurgeonError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _unpickle(path: Path) -> Any:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as e:
+        raise NormSurgeonError(f"{path}: the pickle needs code that is not importable ({_one_line(e)}); "
+                               "add --import MODULE for the module that defines it") from e
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{path}: cannot unpickle: {_one_line(e)}") from e
+    if isinstance(obj, torch.nn.Module):
+        prepare_hf_model(obj)
+    return obj
+
+
+def _tensor_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def getattr_inputs(model: torch.nn.Module) -> CallArgs | None:
+    """Inputs a model carries itself: ``example_inputs`` attribute/method, or a transformers config."""
+    ex = getattr(model, "example_inputs", None)
+    if callable(ex):
+        ex = ex()
+    if ex is not None:
+        return as_call_args(ex)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_type"):
+        return inputs_from_hf_config(config)
+    return None
+
+
+def _load_factory(spec: str, weights: str | os.PathLike | None) -> LoadedModel:
+    mod_name, _, attr = spec.partition(":")
+    import_modules([])
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{spec}: cannot import {mod_name}: {_one_line(e)}") from e
+    factory: Callable | None = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise NormSurgeonError(f"{spec}: {mod_name} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{spec}: the factory raised {_one_line(e)}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise NormSurgeonError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        load_weights(model, weights)
+    prepare_hf_model(model)
+    return LoadedModel(model.eval(), getattr_inputs(model), "factory", None)
+
+
+def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
+    path = Path(weights)
+    if not path.is_file():
+        raise NormSurgeonError(f"--weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"--weights {path}: cannot read: {_one_line(e)}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not _tensor_dict(state):
+        raise NormSurgeonError(f"--weights {path}: not a state dict of tensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise NormSurgeonError(f"--weights {path} does not fit the model: {_one_line(e)}") from e
+
+
+def check_output_path(path: str | os.PathLike, *, force: bool = False,
+                      inputs: Sequence[str | os.PathLike | None] = (),
+                      suffixes: Sequence[str] = (".pt", ".pth", ".pt2")) -> Path:
+    """Validate an output path before any work is done, so a bad path fails fast."""
+    out = Path(path)
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise NormSurgeonError(f"-o {out}: the output must end in {' or '.join(suffixes)}")
+    for src in inputs:
+        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise NormSurgeonError(f"-o {out} is the input file; normsurgeon never overwrites its input")
+    if out.exists() and not force:
+        raise NormSurgeonError(f"-o {out} exists; pass --force to replace it")
+    if out.is_dir():
+        raise NormSurgeonError(f"-o {out} is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise NormSurgeonError(f"-o {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise NormSurgeonError(f"-o {out}: directory {parent} is not writable")
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then move the file into place, so a failure leaves nothing half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_inputs: Any = None,
+               force: bool = False, input_path: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` to ``.pt`` (pickled module) or ``.pt2`` (torch.export archive), atomically."""
+    out = check_output_path(path, force=force, inputs=[input_path])
+    if out.suffix.lower() == ".pt2":
+        if example_inputs is None:
+            raise NormSurgeonError(f"-o {out}: a .pt2 archive needs example inputs (--input-shape)")
+        ci = as_call_args(example_inputs)
+        try:
+            ep = torch.export.export(model.eval(), ci.args, ci.kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise NormSurgeonError(f"-o {out}: torch.export failed ({_one_line(e)}); save as .pt instead") from e
+        atomic_write(out, lambda tmp: torch.export.save(ep, tmp))
+    else:
+        atomic_write(out, lambda tmp: torch.save(model, tmp))
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
