@@ -1,0 +1,378 @@
+"""Capture a model's dataflow into one graph view, whatever captured it.
+
+Order of attempts (the report says which one worked, and why the others did not):
+
+1. ``torch.export`` (non-strict) when example inputs exist: it works on nearly every real model,
+   keeps high-level ops (``aten.linear``, ``aten.conv2d``, ``aten.batch_norm``) and records for every
+   node the module it came from (``nn_module_stack``) and its shape.
+2. ``torch.fx.symbolic_trace``: needs no inputs but fails on nearly every transformers model
+   (iterating proxies, control flow); used when export failed or no inputs were given.
+3. per child: each child module exported alone with the inputs it received during one forward pass,
+   recursing into children that still fail. What nobody could capture is listed with the reason.
+
+Every node becomes a ``GNode`` with a canonical ``op`` name (the aten op name without overload, e.g.
+``linear``, ``batch_norm``, ``view``, ``mean``), the path of the innermost module that ran it, and
+its ``call_key`` (which call of that module; a module called twice has two keys).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import NormSurgeonError
+from .inputs import CallArgs
+
+# Modules FX keeps as leaves, mapped to the aten op name their export produces.
+_MODULE_OPS: list[tuple[type, str]] = [
+    (nn.Linear, "linear"),
+    (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"),
+    (nn.ConvTranspose1d, "conv_transpose1d"), (nn.ConvTranspose2d, "conv_transpose2d"),
+    (nn.ConvTranspose3d, "conv_transpose3d"),
+    (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+    (nn.LayerNorm, "layer_norm"), (nn.GroupNorm, "group_norm"),
+    (nn.modules.instancenorm._InstanceNorm, "instance_norm"),
+    (nn.Dropout, "dropout"), (nn.Dropout1d, "dropout"), (nn.Dropout2d, "dropout"), (nn.Dropout3d, "dropout"),
+    (nn.Identity, "identity"), (nn.Flatten, "flatten"),
+]
+if hasattr(nn, "RMSNorm"):
+    _MODULE_OPS.append((nn.RMSNorm, "rms_norm"))
+
+_OPERATORS = {operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.mul: "mul",
+              operator.truediv: "div", operator.pow: "pow", operator.getitem: "getitem",
+              operator.matmul: "matmul", operator.neg: "neg"}
+_VARARG_METHODS = {"view", "reshape", "permute", "expand", "repeat"}
+# Checks export inserts: they compute nothing, and as extra "users" they would hide single-use outputs.
+_IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
+                "_functional_assert_async", "_functional_assert_scalar"}
+
+
+@dataclass(eq=False)
+class GNode:
+    """One operation of the captured graph."""
+
+    name: str
+    op: str  # canonical op name; "input", "param", "output" for the graph's boundary
+    target: Any = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    module_path: str | None = None  # innermost module that ran this op ("" for the root)
+    call_key: str | None = None  # distinguishes calls of the same module
+    module_stack: list[tuple[str, str]] = field(default_factory=list)  # (path, class name), outer → inner
+    shape: tuple | None = None
+    dtype: torch.dtype | None = None
+    param: str | None = None  # "param" nodes: qualified name of the parameter or buffer
+    users: list["GNode"] = field(default_factory=list)
+    leaf_module: bool = False  # FX call_module: the module ran as one node
+
+    @property
+    def inputs(self) -> list["GNode"]:
+        return [a for a in _flat(self.args) if isinstance(a, GNode)] + \
+            [a for a in _flat(tuple(self.kwargs.values())) if isinstance(a, GNode)]
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.args):
+            return self.args[index]
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        return default
+
+    def __repr__(self) -> str:
+        return f"GNode({self.name}: {self.op} @ {self.module_path!r})"
+
+
+@dataclass
+class CapturedPart:
+    path: str  # "" for the whole model
+    method: str  # export | fx | failed
+    error: str | None = None
+
+
+@dataclass
+class ModelGraph:
+    """The captured dataflow of ``model`` (or of the parts of it that could be captured)."""
+
+    model: nn.Module
+    method: str  # export | fx | per-child
+    nodes: list[GNode]
+    parts: list[CapturedPart]
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed)
+
+    def __post_init__(self) -> None:
+        self._modules = dict(self.model.named_modules(remove_duplicate=False))
+
+    @property
+    def has_shapes(self) -> bool:
+        return any(n.shape is not None for n in self.nodes)
+
+    def module(self, path: str | None) -> nn.Module | None:
+        if path is None:
+            return None
+        return self._modules.get(path)
+
+    def module_of(self, node: GNode) -> nn.Module | None:
+        return self.module(node.module_path)
+
+    def ops(self, *names: str) -> Iterator[GNode]:
+        wanted = set(names)
+        return (n for n in self.nodes if n.op in wanted)
+
+    def calls(self, path: str) -> set[str]:
+        """Distinct call keys of the module at ``path`` (more than one: the module is shared)."""
+        return {n.call_key for n in self.nodes if n.module_path == path and n.call_key is not None}
+
+    def failed_parts(self) -> list[CapturedPart]:
+        return [p for p in self.parts if p.method == "failed"]
+
+    def describe(self) -> str:
+        if self.method == "per-child":
+            ok = sum(p.method != "failed" for p in self.parts)
+            return f"per-child ({ok} parts captured, {len(self.failed_parts())} failed)"
+        return self.method
+
+
+def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGraph:
+    """Capture ``model``'s graph; see the module docstring for the order of attempts."""
+    attempts: list[tuple[str, str]] = []
+    if example_inputs is not None:
+        try:
+            nodes = _export_nodes(model, example_inputs)
+            return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts)
+        except Exception as e:  # noqa: BLE001 - any failure means: try the next method
+            attempts.append(("export", _short(e)))
+    try:
+        nodes = _fx_nodes(model, example_inputs)
+        return ModelGraph(model, "fx", nodes, [CapturedPart("", "fx")], attempts)
+    except Exception as e:  # noqa: BLE001
+        attempts.append(("fx", _short(e)))
+    if example_inputs is None:
+        raise NormSurgeonError(
+            "torch.fx cannot trace this model without example inputs "
+            f"({attempts[-1][1]}); pass --input-shape so it can be captured with torch.export")
+    return _capture_per_child(model, example_inputs, attempts)
+
+
+# --- torch.export ------------------------------------------------------------------------------
+
+def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "") -> list[GNode]:
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, ci.args, ci.kwargs, strict=False)
+    finally:
+        model.train(was_training)
+    sig = ep.graph_signature
+    param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                   **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    mapping: dict[torch.fx.Node, GNode] = {}
+    nodes: list[GNode] = []
+    for fx in ep.graph.nodes:
+        if fx.op == "call_function" and _op_name(fx.target) in _IGNORED_OPS:
+            continue
+        val = fx.meta.get("val")
+        shape, dtype = _shape_dtype(val)
+        if fx.op == "placeholder":
+            pname = param_names.get(fx.name)
+            node = GNode(_pre(prefix, fx.name), "param" if pname else "input", shape=shape, dtype=dtype,
+                         param=_join(prefix, pname) if pname else None)
+        elif fx.op == "output":
+            node = GNode(_pre(prefix, fx.name), "output", args=_map_args(fx.args, mapping))
+        else:
+            stack = fx.meta.get("nn_module_stack") or {}
+            entries = [(_join(prefix, _clean_path(v[0])), _type_name(v[1])) for v in stack.values()]
+            keys = list(stack.keys())
+            path = entries[-1][0] if entries else (prefix or "")
+            key = _pre(prefix, keys[-1]) if keys else (prefix or "") + "@root"
+            node = GNode(_pre(prefix, fx.name), _op_name(fx.target), fx.target, _map_args(fx.args, mapping),
+                         {k: _map_arg(v, mapping) for k, v in fx.kwargs.items()}, path, key, entries,
+                         shape, dtype)
+        mapping[fx] = node
+        nodes.append(node)
+    _link_users(nodes)
+    return nodes
+
+
+def _clean_path(path: str) -> str:
+    # Older torch versions spell paths as "L['self'].a.b"; normalise to "a.b".
+    for junk in ("L['self'].", "L['self']", "L__self__.", "L__self__"):
+        if path.startswith(junk):
+            path = path[len(junk):]
+    return path
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::")[-1]
+    if target in _OPERATORS:
+        return _OPERATORS[target]
+    return getattr(target, "__name__", str(target))
+
+
+# --- torch.fx ----------------------------------------------------------------------------------
+
+def _fx_nodes(model: nn.Module, ci: CallArgs | None) -> list[GNode]:
+    gm = torch.fx.symbolic_trace(model)
+    if ci is not None:
+        try:
+            from torch.fx.passes.shape_prop import ShapeProp
+            if not ci.kwargs:
+                ShapeProp(gm).propagate(*ci.args)
+        except Exception:  # noqa: BLE001 - shapes are a bonus for FX graphs
+            pass
+    modules = dict(gm.named_modules())
+    mapping: dict[torch.fx.Node, GNode] = {}
+    nodes: list[GNode] = []
+    for fx in gm.graph.nodes:
+        tm = fx.meta.get("tensor_meta")
+        shape = tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+        dtype = getattr(tm, "dtype", None) if tm is not None else None
+        stack = fx.meta.get("nn_module_stack") or {}
+        entries = [(_clean_path(v[0]), _type_name(v[1])) for v in stack.values()]
+        path = entries[-1][0] if entries else ""
+        args = _map_args(fx.args, mapping)
+        kwargs = {k: _map_arg(v, mapping) for k, v in fx.kwargs.items()}
+        if fx.op == "placeholder":
+            node = GNode(fx.name, "input", shape=shape, dtype=dtype)
+        elif fx.op == "get_attr":
+            node = GNode(fx.name, "param", param=str(fx.target), shape=shape, dtype=dtype)
+        elif fx.op == "output":
+            node = GNode(fx.name, "output", args=args)
+        elif fx.op == "call_module":
+            mod = modules[fx.target]
+            op = next((name for cls, name in _MODULE_OPS if isinstance(mod, cls)), "module")
+            entries = entries or [(str(fx.target), type(mod).__name__)]
+            # One FX node per call: the node name tells calls of a shared module apart.
+            node = GNode(fx.name, op, mod, args, kwargs, str(fx.target), f"{fx.target}#{fx.name}", entries,
+                         shape, dtype, leaf_module=True)
+        else:
+            op = fx.target if fx.op == "call_method" else _op_name(fx.target)
+            if fx.op == "call_method" and op in _VARARG_METHODS and len(args) >= 2 and isinstance(args[1], int):
+                args = (args[0], list(args[1:]))
+            node = GNode(fx.name, op, fx.target, args, kwargs, path, f"{path}#fx", entries, shape, dtype)
+        mapping[fx] = node
+        nodes.append(node)
+    _link_users(nodes)
+    return nodes
+
+
+# --- per child ---------------------------------------------------------------------------------
+
+def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str, str]]) -> ModelGraph:
+    recorded = _record_module_inputs(model, ci)
+    nodes: list[GNode] = []
+    parts: list[CapturedPart] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if not any(True for _ in child.parameters()) and not any(True for _ in child.children()):
+                continue  # stateless leaf (activation, dropout): nothing to find or fold in it alone
+            if child_path not in recorded:
+                parts.append(CapturedPart(child_path, "failed", "not called in the forward pass"))
+                continue
+            try:
+                nodes.extend(_export_nodes(child, recorded[child_path], prefix=child_path))
+                parts.append(CapturedPart(child_path, "export"))
+            except Exception as e:  # noqa: BLE001
+                if any(True for _ in child.children()):
+                    visit(child_path, child)
+                else:
+                    parts.append(CapturedPart(child_path, "failed", _short(e)))
+
+    visit("", model)
+    attempts.append(("per-child", f"{sum(p.method == 'export' for p in parts)} parts exported"))
+    return ModelGraph(model, "per-child", nodes, parts, attempts)
+
+
+def _record_module_inputs(model: nn.Module, ci: CallArgs) -> dict[str, CallArgs]:
+    """The inputs of each module's first call during one forward pass of the whole model."""
+    recorded: dict[str, CallArgs] = {}
+    handles = []
+
+    def hook_for(path: str):
+        def hook(_module, args, kwargs):
+            if path not in recorded:
+                recorded[path] = CallArgs(tuple(args), dict(kwargs))
+        return hook
+
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_pre_hook(hook_for(path), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ci.call(model)
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"the model fails on its example inputs: {type(e).__name__}: {_short(e)}") from e
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _map_arg(a: Any, mapping: dict) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return mapping[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map_arg(x, mapping) for x in a)
+    if isinstance(a, dict):
+        return {k: _map_arg(v, mapping) for k, v in a.items()}
+    return a
+
+
+def _map_args(args: tuple, mapping: dict) -> tuple:
+    return tuple(_map_arg(a, mapping) for a in args)
+
+
+def _flat(xs: Any) -> Iterator[Any]:
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from _flat(x)
+        elif isinstance(x, dict):
+            yield from _flat(tuple(x.values()))
+        else:
+            yield x
+
+
+def _link_users(nodes: list[GNode]) -> None:
+    for n in nodes:
+        for i in dict.fromkeys(n.inputs):
+            i.users.append(n)
+
+
+def _shape_dtype(val: Any) -> tuple[tuple | None, torch.dtype | None]:
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(d) for d in val.shape), val.dtype
+        except (TypeError, ValueError):  # symbolic sizes
+            return None, val.dtype
+    return None, None
+
+
+def _type_name(t: Any) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).rsplit(".", 1)[-1]
+
+
+def _join(prefix: str, path: str | None) -> str:
+    if not prefix:
+        return path or ""
+    return f"{prefix}.{path}" if path else prefix
+
+
+def _pre(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _short(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
