@@ -101,8 +101,7 @@ class InspectReport:
                                             f"called {s.calls}x" if s.calls > 1 else None]))
             rows.append([s.path or "(root)", s.kind, s.source, s.module_type or "-",
                          _fmt_dims(s.dims), s.channels if s.channels is not None else "-",
-                         "-" if s.input_shape is None else "x".join(map(str, s.input_shape)),
-                         s.producer or "-", extra])
+                         "-" if s.input_shape is None else "x".join(map(str, s.input_shape)), extra])
         notes = [f"capture: {self.capture}"]
         for method, err in self.attempts:
             notes.append(f"  {method} failed: {err}")
@@ -110,8 +109,8 @@ class InspectReport:
             notes.append(f"  not captured: {path}: {reason}")
         summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no normalization layers"
         notes.append(f"found {len(self.sites)} normalization sites: {summary}")
-        return [Table("Normalization layers", ["path", "kind", "source", "type", "dims", "C", "input",
-                                                "producer", "notes"], rows, notes)]
+        return [Table("Normalization layers", ["path", "kind", "source", "type", "dims", "C", "input", "notes"],
+                      rows, notes)]
 
 
 def inspect(model: nn.Module, example_inputs: Any = None, *, graph: ModelGraph | None = None) -> InspectReport:

@@ -139,6 +139,7 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGr
     """Capture ``model``'s graph; see the module docstring for the order of attempts."""
     attempts: list[tuple[str, str]] = []
     if example_inputs is not None:
+        check_inputs(model, example_inputs)
         try:
             nodes = _export_nodes(model, example_inputs)
             return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts)
@@ -154,6 +155,20 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGr
             "torch.fx cannot trace this model without example inputs "
             f"({attempts[-1][1]}); pass --input-shape so it can be captured with torch.export")
     return _capture_per_child(model, example_inputs, attempts)
+
+
+def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
+    """Run the model once, so that inputs it rejects give one clear error instead of a failed capture."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            example_inputs.call(model)
+    except Exception as e:  # noqa: BLE001
+        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
+        raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {_short(e)}") from e
+    finally:
+        model.train(was_training)
 
 
 # --- torch.export ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ the model the same way, whether it takes ``x`` or ``pixel_values=`` or ``input_i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -109,7 +110,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' or '1x3x224x224' -> (1, 3, 224, 224)."""
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = re.split(r"[,x]", text.strip())
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:

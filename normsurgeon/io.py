@@ -114,6 +114,8 @@ def _load_pt2(path: Path) -> LoadedModel:
 
 
 def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
+    if not _looks_like_torch_file(path):
+        raise NormSurgeonError(f"{path}: not a torch file (neither a torch.save zip archive nor a pickle)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -131,6 +133,13 @@ def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
             f"{path} holds a state dict ({len(obj)} tensors), not a model: pass the architecture as "
             f"package.module:factory --weights {path}")
     raise NormSurgeonError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # pickle protocol 2+ (torch's legacy format)
 
 
 def _unpickle(path: Path) -> Any:

@@ -90,7 +90,7 @@ def emit(report: Any, as_json: bool, console: Console | None = None) -> None:
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, default=_json_default))
         return
-    console = console or Console(highlight=False)
+    console = console or stdout_console()
     for table in report.tables():
         render_table(table, console)
 
@@ -115,6 +115,11 @@ def _json_default(o: Any):
     if isinstance(o, (set, tuple)):
         return list(o)
     return str(o)
+
+
+def stdout_console() -> Console:
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def progress_console() -> Console:

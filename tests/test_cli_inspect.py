@@ -1,0 +1,85 @@
+"""The inspect command as a user runs it: tables, JSON, and one clear line for bad input."""
+
+import json
+
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from normsurgeon.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_inspect_factory_table():
+    result = run("inspect", "normsurgeon.zoo:levit")
+    assert result.exit_code == 0, result.output
+    assert "found 27 normalization sites: 27 batchnorm" in result.output
+    assert "capture: export" in result.output
+
+
+def test_inspect_json_contract():
+    result = run("inspect", "normsurgeon.zoo:vit", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["capture"] == "export"
+    assert len(data["norms"]) == 5
+    for norm in data["norms"]:
+        assert {"path", "kind", "source"} <= set(norm)
+        assert norm["kind"] == "layernorm" and norm["source"] == "module"
+
+
+def test_inspect_pickle_with_trust_and_input_shape(tmp_path):
+    path = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), path)
+    result = run("inspect", str(path), "--trust", "--input-shape", "1,3,16,16", "--json")
+    assert result.exit_code == 0, result.output
+    norm = json.loads(result.stdout)["norms"][0]
+    assert norm["input_shape"] == [1, 4, 14, 14] and norm["producer"] == "0 (conv2d)"
+
+
+def one_line_error(result):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
+    assert "no such file" in one_line_error(run("inspect", str(tmp_path / "missing.pt")))
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    assert "not a torch file" in one_line_error(run("inspect", str(tmp_path / "bad.pt"), "--trust"))
+    torch.save(nn.Linear(2, 2), tmp_path / "lin.pt")
+    assert "--trust" in one_line_error(run("inspect", str(tmp_path / "lin.pt")))
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert "unknown model format" in one_line_error(run("inspect", str(tmp_path / "m.onnx")))
+    assert "rejects its example inputs" in one_line_error(
+        run("inspect", "normsurgeon.zoo:transformer_encoder", "--input-shape", "2,5,31"))
+    assert "--input-shape" in one_line_error(run("inspect", "normsurgeon.zoo:transformer_encoder", "--input-shape", "2,x"))
+
+
+class NeedsInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+
+    def forward(self, x):
+        for _row in x:  # iterating a proxy: torch.fx cannot trace this
+            pass
+        return self.ln(x)
+
+
+def test_model_that_needs_inputs_and_got_none(tmp_path):
+    torch.save(NeedsInputs(), tmp_path / "m.pt")
+    line = one_line_error(run("inspect", str(tmp_path / "m.pt"), "--trust"))
+    assert "--input-shape" in line
+    ok = run("inspect", str(tmp_path / "m.pt"), "--trust", "--input-shape", "2,4")
+    assert ok.exit_code == 0 and "1 layernorm" in ok.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run("--debug", "inspect", str(tmp_path / "missing.pt"))
+    assert result.exit_code == 2

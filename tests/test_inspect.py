@@ -1,0 +1,224 @@
+"""inspect finds every normalization layer of real architectures, whatever wrote them."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normsurgeon import zoo
+from normsurgeon.find import NORM_MODULES, inspect
+from normsurgeon.graph import capture
+from normsurgeon.inputs import CallArgs
+
+
+def expected_norm_modules(model):
+    """Norm modules by type, independent of the finder: torch norm classes and *RMSNorm classes."""
+    torch_norms = tuple(cls for cls, _ in NORM_MODULES)
+    return {path for path, m in model.named_modules()
+            if isinstance(m, torch_norms) or type(m).__name__.endswith("RMSNorm")}
+
+
+# model -> expected count per kind (from the architectures' definitions)
+EXPECTED = {
+    "vit": {"layernorm": 5},
+    "levit": {"batchnorm": 27},
+    "resnet": {"batchnorm": 8},
+    "mobilenet_v2": {"batchnorm": 52},
+    "convnext": {"layernorm": 5},
+    "efficientnet": None,  # batchnorm only; count from the modules
+    "regnet": {"batchnorm": 9},
+    "mobilevit": {"batchnorm": 32, "layernorm": 21},
+    "bert": {"layernorm": 5},
+    "gpt2": {"layernorm": 5},
+    "llama": {"rmsnorm": 5},
+    "wav2vec2": {"layernorm": 8},
+    "transformer_encoder": {"layernorm": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_finds_every_norm_of_real_architectures(name):
+    model = zoo.MODELS[name]()
+    report = inspect(model, model.example_inputs())
+    assert report.capture == "export"
+    modules = expected_norm_modules(model)
+    reached = {s.path for s in report.sites if s.source in ("module", "pattern") and s.calls >= 1}
+    assert modules <= reached, f"not found: {sorted(modules - reached)}"
+    expected = EXPECTED[name] or {"batchnorm": len(modules)}
+    assert report.counts() == expected
+    for site in report.sites:
+        assert site.input_shape, site.path
+        assert site.channels and site.channels > 0, site.path
+        if site.kind == "batchnorm":
+            assert site.track_running_stats is True
+
+
+def test_convnext_channels_first_layernorm_is_dim_1():
+    model = zoo.convnext()
+    sites = {s.path: s for s in inspect(model, model.example_inputs()).sites}
+    stem = sites["convnext.embeddings.layernorm"]
+    assert stem.dims == [-3] and len(stem.input_shape) == 4 and stem.input_shape[1] == stem.channels
+    assert "channels-first" in stem.note
+    block = sites["convnext.encoder.stages.0.layers.0.layernorm"]
+    assert block.dims == [-1] and block.input_shape[-1] == block.channels
+
+
+def test_llama_rmsnorm_found_as_pattern_with_its_differences():
+    model = zoo.llama()
+    sites = inspect(model, model.example_inputs()).sites
+    assert {s.module_type for s in sites} == {"LlamaRMSNorm"}
+    for s in sites:
+        assert (s.kind, s.source, s.dims, s.eps) == ("rmsnorm", "pattern", [-1], 1e-6)
+        assert "computes in float32 (upcast)" in s.differs
+
+
+class AnnotatedLayerNorm(nn.Module):
+    """The annotated Transformer's LayerNorm: unbiased std, eps added to std."""
+
+    def __init__(self, features, eps=1e-6):
+        super().__init__()
+        self.a_2, self.b_2, self.eps = nn.Parameter(torch.ones(features)), nn.Parameter(torch.zeros(features)), eps
+
+    def forward(self, x):
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+class VarianceLayerNorm(nn.Module):
+    def __init__(self, features):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(features)), nn.Parameter(torch.zeros(features))
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        v = (x - u).pow(2).mean(-1, keepdim=True)
+        return (x - u) / torch.sqrt(v + 1e-5) * self.weight + self.bias
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class OnePlusWeightRMSNorm(nn.Module):  # Gemma style
+    def __init__(self, dim):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.zeros(dim)), 1e-6
+
+    def forward(self, x):
+        out = x.float()
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.annotated = AnnotatedLayerNorm(16)
+        self.varln = VarianceLayerNorm(16)
+        self.gemma = OnePlusWeightRMSNorm(16)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.cfln = ChannelsFirstLayerNorm(8)
+        self.ln_weight = nn.Parameter(torch.ones(16))
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x, img):
+        h = self.gemma(self.varln(self.annotated(self.proj(x))))
+        h = F.layer_norm(h, (16,), self.ln_weight, None, 1e-5) + h
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)  # inline RMS norm, no module
+        c = self.cfln(self.conv(img))
+        c = F.batch_norm(c, self.rm, self.rv, None, None, False, 0.1, 1e-3)
+        return h, F.group_norm(c, 4)
+
+
+def test_hand_written_and_functional_norms():
+    report = inspect(Mixed().eval(), (torch.randn(2, 5, 16), torch.randn(2, 3, 8, 8)))
+    by_path = {s.path: s for s in report.sites}
+    a = by_path["annotated"]
+    assert (a.kind, a.source, a.dims, a.eps) == ("layernorm", "pattern", [-1], 1e-6)
+    assert "unbiased std (divides by N-1)" in a.differs and "eps added to std, not to variance" in a.differs
+    v = by_path["varln"]
+    assert (v.kind, v.source, v.affine, v.differs) == ("layernorm", "pattern", True, [])
+    g = by_path["gemma"]
+    assert g.kind == "rmsnorm" and "scales by (1 + weight)" in g.differs
+    cf = by_path["cfln"]
+    assert (cf.kind, cf.dims, cf.channels) == ("layernorm", [-3], 8) and "channels-first" in cf.note
+    assert by_path["layer_norm#0"].source == "function"
+    assert by_path["batch_norm#0"].kind == "batchnorm" and by_path["batch_norm#0"].eps == 1e-3
+    assert by_path["group_norm#0"].kind == "groupnorm"
+    inline = by_path["rmsnorm#0"]
+    assert (inline.kind, inline.source, inline.affine) == ("rmsnorm", "pattern", False)
+    assert report.counts() == {"layernorm": 4, "rmsnorm": 2, "batchnorm": 1, "groupnorm": 1}
+
+
+def test_mean_without_normalization_is_not_a_norm():
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x - x.mean(-1, keepdim=True) + x.pow(2).mean(-1, keepdim=True)
+
+    assert inspect(Pool(), torch.randn(2, 4, 8)).sites == []
+
+
+def test_shared_norm_module_reports_calls_and_unreached_modules_are_listed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(8)
+            self.unused = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.ln(self.ln(x))
+
+    sites = {s.path: s for s in inspect(M(), torch.randn(2, 8)).sites}
+    assert sites["ln"].calls == 2
+    assert sites["unused"].calls == 0 and "not called" in sites["unused"].note
+
+
+def test_subclass_of_layernorm_normalizing_dim_1():
+    class CFLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                self.eps).permute(0, 3, 1, 2)
+
+    site = inspect(CFLayerNorm(6), torch.randn(2, 6, 4, 4)).sites[0]
+    assert (site.source, site.dims, site.input_shape) == ("module", [-3], [2, 6, 4, 4])
+
+
+def test_capture_falls_back_per_child_and_says_what_failed():
+    class Untraceable(nn.Module):
+        """Data-dependent Python control flow: neither torch.export nor torch.fx can capture the root."""
+
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            h = self.block(x)
+            if float(h.sum()) > 1e9:  # .item()-style control flow on values
+                h = h * 2
+            return self.bn(h)
+
+    model = Untraceable().eval()
+    graph = capture(model, CallArgs((torch.randn(4, 8),)))
+    assert graph.method == "per-child"
+    assert [m for m, _ in graph.attempts][:2] == ["export", "fx"]
+    report = inspect(model, graph=graph)
+    assert {s.path for s in report.sites} == {"block.1", "bn"}
+    assert all(s.calls == 1 for s in report.sites)
+
+
+def test_fx_capture_without_inputs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    report = inspect(model)
+    assert report.capture == "fx"
+    assert [(s.path, s.kind) for s in report.sites] == [("1", "batchnorm")]
