@@ -1,0 +1,504 @@
+"""Recompute BatchNorm running statistics from data ("BN recalibration").
+
+After a norm swap (LayerNorm -> TokenBatchNorm, an inserted FFN BN) the running statistics are
+placeholders (mean 0, var 1); after pruning, quantization or a domain change they are stale.
+``calibrate`` runs data through the model with only the BNs in train mode and sets every BN's
+running mean/variance to the *exact* mean and unbiased variance of that BN's inputs over all the
+data, whatever the batch sizes, and across all ranks under ``torch.distributed``.
+
+How: a forward pre-hook per BN accumulates, per channel and in float64, the count, mean and sum of
+squared deviations (M2) of each batch's input, merged batch by batch with Chan et al.'s parallel
+formula (stable: no sum-of-squares cancellation). Under an initialized process group the per-rank
+(count, mean, M2) of every BN are all-gathered in one collective and merged in rank order, so every
+rank sets identical values. One code path serves both cases. BN's own cumulative average
+(``momentum=None``) weights each *batch* equally, which is only exact for equal batch sizes; the
+hooks do not have that flaw, and their result replaces whatever the BN accumulated itself.
+
+The BNs still run in train mode (normalizing with batch statistics), as in
+``torch.optim.swa_utils.update_bn``, so that each BN sees inputs shaped by the BNs before it the
+way they behave in training. SyncBatchNorm runs as a local BN during calibration: its statistics
+are gathered exactly by the hooks anyway, and its own collective would need every rank to run
+the same number of batches (and a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import NormSurgeonError
+from .inputs import CallArgs, as_call_args
+from .nn import TokenBatchNorm
+from .report import Table
+
+__all__ = ["calibrate", "CalibrationReport", "load_calibration_data", "synthetic_batches",
+           "DEFAULT_BATCH_SIZE"]
+
+DEFAULT_BATCH_SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationReport:
+    """What ``calibrate`` did. ``batches``/``samples`` count all ranks; ``norms`` lists each
+    recalibrated BN with the number of values per channel it was calibrated on (``positions``,
+    batch x spatial/token positions, all ranks) and how often it ran (``calls``)."""
+
+    batches: int = 0
+    samples: int = 0
+    world_size: int = 1
+    norms: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def recalibrated(self) -> int:
+        return len(self.norms)
+
+    def to_json(self) -> dict:
+        return {"recalibrated": self.recalibrated, "batches": self.batches, "samples": self.samples,
+                "world_size": self.world_size, "norms": [dict(n) for n in self.norms],
+                "skipped": [dict(s) for s in self.skipped]}
+
+    def tables(self) -> list[Table]:
+        notes = [f"{self.recalibrated} BatchNorm(s) recalibrated on {self.batches} batch(es), {self.samples} sample(s)"
+                 + (f" across {self.world_size} ranks" if self.world_size > 1 else "")]
+        main = Table("Recalibrated BatchNorms", ["path", "kind", "channels", "positions", "calls"],
+                     [[n["path"], n["kind"], n["channels"], n["positions"], n["calls"]] for n in self.norms], notes)
+        out = [main]
+        if self.skipped:
+            out.append(Table("Not recalibrated", ["path", "reason"], [[s["path"], s["reason"]] for s in self.skipped]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------------
+
+class _Stats:
+    """Per-channel count / mean / M2 in float64, merged with Chan's formula."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.count = 0.0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.calls = 0
+
+    def add(self, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if n == 0:
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    def add_batch(self, x2d: torch.Tensor) -> None:
+        """x2d: (positions, C) in any float dtype."""
+        self.calls += 1
+        n = x2d.shape[0]
+        if n == 0:
+            return
+        x = x2d.to(torch.float64)
+        mean = x.mean(dim=0)
+        m2 = (x - mean).square().sum(dim=0)
+        self.add(float(n), mean, m2)
+
+    def pack(self) -> torch.Tensor:
+        head = torch.tensor([self.count, float(self.calls)], dtype=torch.float64, device=self.mean.device)
+        return torch.cat([head, self.mean, self.m2])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor, channels: int) -> "_Stats":
+        s = cls(channels, flat.device)
+        s.count = float(flat[0])
+        s.calls = int(flat[1])
+        s.mean = flat[2:2 + channels].clone()
+        s.m2 = flat[2 + channels:2 + 2 * channels].clone()
+        return s
+
+
+def _as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN."""
+    if isinstance(bn, TokenBatchNorm):
+        return x.reshape(-1, bn.num_features)
+    if x.dim() == 2:
+        return x
+    return x.transpose(0, 1).reshape(bn.num_features, -1).t()
+
+
+def _distributed(group) -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _gather_stats(stats: list[_Stats], channels: list[int], group) -> tuple[list[_Stats], int]:
+    """Merge every rank's stats in rank order (identical result on every rank)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    # Collectives need a tensor on the backend's device (gloo: CPU, nccl: CUDA).
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    size = torch.tensor([float(sum(2 + 2 * c for c in channels))], dtype=torch.float64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    if any(float(s) != float(size) for s in sizes):
+        raise NormSurgeonError("calibration under torch.distributed: the ranks' models hold different BatchNorms "
+                               f"(statistics sizes {[int(s) for s in sizes]}); every rank must calibrate the same model")
+    local = torch.cat([s.pack().to(device) for s in stats]) if stats else torch.zeros(0, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    merged = [_Stats(c, torch.device("cpu")) for c in channels]
+    for flat in parts:
+        offset = 0
+        for m, c in zip(merged, channels):
+            r = _Stats.unpack(flat[offset:offset + 2 + 2 * c].cpu(), c)
+            offset += 2 + 2 * c
+            m.add(r.count, r.mean, r.m2)
+            m.calls += r.calls
+    return merged, world
+
+
+def _allreduce_counts(values: list[int], group) -> list[int]:
+    import torch.distributed as dist
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibrate
+# ---------------------------------------------------------------------------------------------------
+
+def _batch_size(call: CallArgs) -> int:
+    tensors = call.tensors()
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None,
+              progress: Callable[[int, int | None], None] | None = None, group=None) -> CalibrationReport:
+    """Recompute the running mean/var of every BatchNorm in ``model`` from ``batches``.
+
+    Every ``_BatchNorm`` with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, TokenBatchNorm,
+    subclasses) gets running_mean = the exact mean and running_var = the exact unbiased variance of
+    its inputs over all batches (and all ranks of ``group`` when torch.distributed is initialized:
+    then every rank must call ``calibrate``). ``num_batches_tracked`` becomes the number of times the
+    BN ran. Only the BNs run in train mode; every other module (dropout...) runs in eval. Afterwards
+    each module's training flag and each BN's momentum are restored; on an error the original
+    statistics are restored too. A BN that no batch reached keeps its statistics (listed as skipped).
+
+    ``batches``: iterable of CallArgs, tensors, tuples of tensors or dicts of keyword tensors; they
+    are moved to the model's device. ``max_batches`` stops early. ``progress(done, total)`` is called
+    after each batch (``total`` is None when unknown).
+    """
+    if max_batches is not None and max_batches < 0:
+        raise NormSurgeonError(f"max_batches must be >= 0, got {max_batches}")
+    targets: list[tuple[str, _BatchNorm]] = []
+    report = CalibrationReport()
+    for name, m in model.named_modules():
+        if not isinstance(m, _BatchNorm):
+            continue
+        path = name or "<root>"
+        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+            report.skipped.append({"path": path, "reason": "track_running_stats=False: it always uses batch statistics"})
+        elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+            report.skipped.append({"path": path, "reason": "lazy BatchNorm not initialized yet"})
+        else:
+            targets.append((path, m))
+
+    total = None
+    if hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+        if max_batches is not None:
+            total = min(total, max_batches)
+    elif max_batches is not None:
+        total = max_batches
+
+    modes = {m: m.training for m in model.modules()}
+    saved = [(bn, bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
+              None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for _, bn in targets]
+    stats = {bn: _Stats(bn.num_features, bn.running_mean.device) for _, bn in targets}
+    handles = []
+    forwards = {}
+    device = _model_device(model)
+    n_batches = n_samples = 0
+    ok = False
+
+    def hook(bn, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            stats[bn].add_batch(_as_positions(bn, x.detach()))
+
+    try:
+        model.eval()
+        for _, bn in targets:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+            handles.append(bn.register_forward_pre_hook(hook, with_kwargs=True))
+            if isinstance(bn, nn.SyncBatchNorm):
+                forwards[bn] = bn.__dict__.get("forward")
+                bn.forward = _BatchNorm.forward.__get__(bn)  # local BN; see module docstring
+        with torch.no_grad():
+            for item in batches:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                call = as_call_args(item)
+                if device is not None:
+                    call = call.to(device=device)
+                try:
+                    call.call(model)
+                except ValueError as e:
+                    if "Expected more than 1 value per channel" in str(e):
+                        raise NormSurgeonError(
+                            f"calibration batch {n_batches} has a single sample, and a BatchNorm on (N, C) input "
+                            "cannot compute batch statistics from one value per channel; use batches of 2 or more"
+                        ) from e
+                    raise
+                n_batches += 1
+                n_samples += _batch_size(call)
+                if progress is not None:
+                    progress(n_batches, total)
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+        channels = [bn.num_features for _, bn in targets]
+        merged = [stats[bn] for _, bn in targets]
+        if _distributed(group):
+            merged, report.world_size = _gather_stats(merged, channels, group)
+            n_batches, n_samples = _allreduce_counts([n_batches, n_samples], group)
+        report.batches, report.samples = n_batches, n_samples
+
+        with torch.no_grad():
+            for (path, bn), st, (_, _, mean0, var0, nbt0) in zip(targets, merged, saved):
+                if st.count == 0:
+                    bn.running_mean.copy_(mean0)
+                    bn.running_var.copy_(var0)
+                    if nbt0 is not None:
+                        bn.num_batches_tracked.copy_(nbt0)
+                    report.skipped.append({"path": path, "reason": "no calibration batch reached it"})
+                    continue
+                var = st.m2 / (st.count - 1) if st.count > 1 else torch.zeros_like(st.m2)
+                bn.running_mean.copy_(st.mean)
+                bn.running_var.copy_(var)
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.fill_(st.calls)
+                report.norms.append({"path": path, "kind": type(bn).__name__, "channels": bn.num_features,
+                                     "positions": int(st.count), "calls": st.calls})
+        ok = True
+    finally:
+        for h in handles:
+            h.remove()
+        for bn, fwd in forwards.items():
+            del bn.forward
+            if fwd is not None:
+                bn.forward = fwd
+        for bn, momentum, mean0, var0, nbt0 in saved:
+            bn.momentum = momentum
+            if not ok:
+                with torch.no_grad():
+                    bn.running_mean.copy_(mean0)
+                    bn.running_var.copy_(var0)
+                    if nbt0 is not None:
+                        bn.num_batches_tracked.copy_(nbt0)
+        for m, mode in modes.items():
+            m.training = mode
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------
+
+def synthetic_batches(example_inputs: Any, n: int, seed: int = 0, batch_size: int | None = None) -> list[CallArgs]:
+    """``n`` random batches shaped like ``example_inputs`` (``batch_size`` overrides the batch dim).
+    Calibrating on noise only makes sense for smoke tests and for checking a pipeline end to end."""
+    example = as_call_args(example_inputs)
+    gen = torch.Generator().manual_seed(seed)
+    return [example.like(gen, batch=batch_size) for _ in range(n)]
+
+
+_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
+
+
+def _read(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if suffix == ".npy":
+            import numpy as np
+            return _from_numpy(np.load(path, allow_pickle=False))
+        if suffix == ".npz":
+            import numpy as np
+            with np.load(path, allow_pickle=False) as z:
+                return {k: _from_numpy(z[k]) for k in z.files}
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+    except NormSurgeonError:
+        raise
+    except Exception as e:  # unreadable file, pickled objects in .pt, object arrays in .npy
+        raise NormSurgeonError(f"cannot read calibration data {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    raise NormSurgeonError(f"calibration data {path}: unknown format {suffix or '(no suffix)'!r}; "
+                           f"use one of {', '.join(_SUFFIXES)}")
+
+
+def _from_numpy(a) -> torch.Tensor:
+    import numpy as np
+    if a.dtype == np.uint16 or a.dtype.kind not in "biuf":
+        raise NormSurgeonError(f"unsupported array dtype {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _slots(example: CallArgs) -> list[tuple[str, torch.Tensor]]:
+    """(name, example tensor) for each tensor input, in CallArgs.names() order."""
+    values = [*example.args, *example.kwargs.values()]
+    return [(n, v) for n, v in zip(example.names(), values) if isinstance(v, torch.Tensor)]
+
+
+def _assign(data: Any, slots: list[tuple[str, torch.Tensor]], where: str) -> dict[str, list[torch.Tensor]]:
+    """Map loaded data onto the model's tensor inputs: slot name -> list of chunks (dataset dim first)."""
+    names = [n for n, _ in slots]
+    if isinstance(data, torch.Tensor):
+        if len(slots) != 1:
+            raise NormSurgeonError(f"calibration data {where} is a single tensor, but the model takes {len(slots)} "
+                                   f"tensor inputs ({', '.join(names)}); save a dict name -> tensor instead")
+        return {names[0]: [data]}
+    if isinstance(data, Mapping):
+        if not data:
+            raise NormSurgeonError(f"calibration data {where} is empty")
+        bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise NormSurgeonError(f"calibration data {where}: entries {bad} are not tensors")
+        if len(slots) == 1 and len(data) == 1:
+            return {names[0]: [next(iter(data.values()))]}
+        missing = [n for n in names if n not in data]
+        extra = [k for k in data if k not in names]
+        if missing or extra:
+            raise NormSurgeonError(
+                f"calibration data {where} has inputs {sorted(data)} but the model takes {names}"
+                + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
+        return {n: [data[n]] for n in names}
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise NormSurgeonError(f"calibration data {where} is an empty list")
+        if all(isinstance(v, torch.Tensor) for v in data):
+            if len(slots) > 1:
+                if len(data) != len(slots):
+                    raise NormSurgeonError(
+                        f"calibration data {where} is a list of {len(data)} tensors, but the model takes "
+                        f"{len(slots)} tensor inputs ({', '.join(names)})")
+                return {n: [t] for n, t in zip(names, data)}
+            return {names[0]: list(data)}  # a list of batches for a single-input model
+        if all(isinstance(v, (Mapping, list, tuple)) for v in data):
+            out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            for i, item in enumerate(data):
+                part = _assign(item, slots, f"{where}[{i}]")
+                for n in names:
+                    out[n].extend(part[n])
+            return out
+    raise NormSurgeonError(f"calibration data {where} must hold a tensor, a list of tensors or a dict of tensors, "
+                           f"not {type(data).__name__}")
+
+
+def _fit(name: str, t: torch.Tensor, ex: torch.Tensor, where: str) -> torch.Tensor:
+    feat = tuple(ex.shape[1:])
+    if t.dim() != ex.dim() or tuple(t.shape[1:]) != feat:
+        raise NormSurgeonError(
+            f"calibration data {where}: input {name!r} has shape {tuple(t.shape)}, which does not fit the model "
+            f"input {name!r} (expected (N, {', '.join(map(str, feat))}) with N samples, like the example "
+            f"{tuple(ex.shape)})")
+    if ex.is_floating_point():
+        if not (t.is_floating_point()):
+            raise NormSurgeonError(
+                f"calibration data {where}: input {name!r} has dtype {t.dtype} but the model input is {ex.dtype}; "
+                "convert (and normalize) it to floating point first")
+        return t.to(ex.dtype)
+    if ex.dtype == torch.bool:
+        return t.to(torch.bool)
+    if t.is_floating_point():
+        raise NormSurgeonError(f"calibration data {where}: input {name!r} has dtype {t.dtype} but the model input "
+                               f"is {ex.dtype} (integer ids expected)")
+    return t.to(ex.dtype)
+
+
+def load_calibration_data(path: str | Path, example_inputs: Any, batch_size: int | None = None) -> list[CallArgs]:
+    """Calibration batches from a file, checked against the model's example inputs.
+
+    Formats: ``.pt``/``.pth`` (a tensor, a list of tensors, or a dict name -> tensor, loaded with
+    ``weights_only=True``), ``.npy`` (one array), ``.npz`` and ``.safetensors`` (name -> array).
+    Every tensor has the example input's rank with a leading dataset dim and the same feature shape.
+    Names are the example's keyword names (``pixel_values``...) or ``input_0``... for positional
+    inputs; a model with one tensor input takes a single tensor or a one-entry file of any name. A
+    list of tensors is a list of batches (single-input model) or one tensor per positional input.
+
+    Splitting: with ``batch_size`` all data is concatenated and split into batches of that size;
+    without it, a list of batches is kept as given and a single tensor is split into batches of
+    ``DEFAULT_BATCH_SIZE``. A trailing batch of one sample joins the previous batch (BatchNorm on
+    (N, C) input cannot train on one sample). Floating data is cast to the example's dtype;
+    integer data for a floating input is refused (normalize images first).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NormSurgeonError(f"calibration data {path} does not exist")
+    if batch_size is not None and batch_size < 1:
+        raise NormSurgeonError(f"batch size must be >= 1, got {batch_size}")
+    example = as_call_args(example_inputs)
+    slots = _slots(example)
+    if not slots:
+        raise NormSurgeonError("the model's example inputs hold no tensor to calibrate with")
+    where = str(path)
+    chunks = _assign(_read(path), slots, where)
+    examples = dict(slots)
+    fitted = {n: [_fit(n, t, examples[n], where) for t in ts] for n, ts in chunks.items()}
+
+    counts = {n: [int(t.shape[0]) for t in ts] for n, ts in fitted.items()}
+    first = next(iter(counts.values()))
+    for n, c in counts.items():
+        if c != first:
+            raise NormSurgeonError(f"calibration data {where}: inputs have different numbers of samples "
+                                   f"({', '.join(f'{k}: {sum(v)}' for k, v in counts.items())})")
+    if sum(first) == 0:
+        raise NormSurgeonError(f"calibration data {where} holds no samples")
+
+    explicit = len(first) > 1 and batch_size is None
+    if explicit:
+        per_slot = {n: [t for t in ts if t.shape[0]] for n, ts in fitted.items()}
+    else:
+        size = batch_size or DEFAULT_BATCH_SIZE
+        per_slot = {}
+        for n, ts in fitted.items():
+            full = torch.cat(ts) if len(ts) > 1 else ts[0]
+            parts = list(torch.split(full, size))
+            if len(parts) > 1 and parts[-1].shape[0] == 1:
+                parts[-2] = torch.cat([parts[-2], parts[-1]])
+                parts.pop()
+            per_slot[n] = parts
+
+    n_batches = len(next(iter(per_slot.values())))
+    nargs = len(example.args)
+    names = example.names()
+    batches = []
+    for i in range(n_batches):
+        values = [per_slot[n][i] if n in per_slot else v
+                  for n, v in zip(names, [*example.args, *example.kwargs.values()])]
+        batches.append(CallArgs(tuple(values[:nargs]), dict(zip(names[nargs:], values[nargs:]))))
+    return batches
