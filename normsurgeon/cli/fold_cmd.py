@@ -1,14 +1,65 @@
-"""`normsurgeon fold` (not implemented yet)."""
+"""`normsurgeon fold`: fold every foldable BatchNorm into its neighbours, verified."""
+
+from __future__ import annotations
 
 import click
 
-from ..errors import NormSurgeonError
-from .common import guarded
+from ..errors import NormSurgeonError, VerificationError
+from ..fold import fold as fold_model
+from ..io import check_output_path, save_model
+from .common import emit, guarded, load_from_options, model_options, output_options, stderr
 
 
-@click.command("fold", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--debug", is_flag=True, hidden=True)
+@click.command("fold")
+@model_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to save the folded model (.pt pickled module, or .pt2 torch.export archive). "
+                   "Without it: report only (dry run).")
+@click.option("--rtol", type=float, default=1e-5, show_default=True,
+              help="Largest accepted max relative error (max abs error / max |expected output|); a fold "
+                   "that exceeds it is rolled back. Raised to 5e-3 (float16) / 4e-2 (bfloat16) models.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@output_options
 @guarded
-def fold(debug: bool) -> None:
-    """(not implemented yet)"""
-    raise NormSurgeonError("'fold' is not implemented yet")
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rtol, force, as_json, debug):
+    """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
+
+    Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
+    BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
+    and why. Exit 1 if the folded model's outputs do not match.
+    """
+    if rtol <= 0:
+        raise NormSurgeonError("--rtol must be positive")
+    out_path = None
+    if output is not None:
+        out_path = check_output_path(output, force=force, inputs=[model])
+    loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
+    folded, report = fold_model(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol)
+    if report.passed and out_path is not None:
+        save_model(folded, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+    if as_json:
+        payload = report.to_json()
+        payload["output"] = str(out_path) if (out_path is not None and report.passed) else None
+        payload["dry_run"] = out_path is None
+        emit(_Json(payload), True)
+    else:
+        emit(report, False)
+        stderr.print(_note(report, out_path), soft_wrap=True, highlight=False)
+    if not report.passed:
+        raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
+
+
+def _note(report, out_path) -> str:
+    if out_path is None:
+        return "dry run: no output written (pass -o FILE to save the folded model)"
+    if report.passed:
+        return f"saved the folded model to {out_path}"
+    return "verification failed: nothing written"
+
+
+class _Json:
+    def __init__(self, payload: dict) -> None:
+        self.payload = payload
+
+    def to_json(self) -> dict:
+        return self.payload

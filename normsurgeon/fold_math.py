@@ -1,0 +1,124 @@
+"""Pure math of folding an inference-mode BatchNorm into an adjacent Linear or Conv.
+
+In the style of ``torch/nn/utils/fusion.py``, but for both directions and every conv flavour:
+
+- *after* a producer (``BN(P(x))``): the BN's per-channel affine map ``y = s * z + t`` scales the
+  producer's output channels: ``W' = s * W`` along the output-channel axis, ``b' = s * b + t``.
+- *before* a consumer (``C(BN(x))``): the BN scales the consumer's input channels: ``W' = W * s``
+  along the input-channel axis, and the shift becomes a bias: ``b' = b + W @ t`` (summed over input
+  channels and kernel taps). For a Conv this is exact only when the conv never reads padding (a
+  padded zero is not shifted by ``t``); the pass checks that, this module does not.
+
+Everything is computed in float64 and cast back to the dtype and device of the weight it replaces,
+so float16/bfloat16 models lose nothing to the fold beyond one final rounding. A missing bias is
+created (zeros). Weight layouts:
+
+- Linear ``(out, in)``; Conv ``(out, in / groups, *k)``;
+- ConvTranspose ``(in, out / groups, *k)``: output channel ``o = g * out_per_group + j`` lives at
+  ``weight[g * in_per_group : (g + 1) * in_per_group, j]`` -- not on axis 0, and with groups > 1 not
+  simply on axis 1 either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def bn_scale_shift(running_mean: Tensor, running_var: Tensor, eps: float,
+                   weight: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The inference BN as ``y = scale * x + shift`` per channel, in float64 on the stats' device.
+
+    ``weight``/``bias`` are None for ``affine=False``.
+    """
+    mean = running_mean.detach().to(torch.float64)
+    var = running_var.detach().to(torch.float64)
+    scale = torch.rsqrt(var + float(eps))
+    if weight is not None:
+        scale = scale * weight.detach().to(device=mean.device, dtype=torch.float64)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().to(device=mean.device, dtype=torch.float64)
+    return scale, shift
+
+
+def _f64(t: Tensor, like: Tensor) -> Tensor:
+    return t.detach().to(device=like.device, dtype=torch.float64)
+
+
+def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if bias is None:
+        return torch.zeros(n, dtype=torch.float64, device=like.device)
+    return _f64(bias, like)
+
+
+def _back(weight64: Tensor, bias64: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return weight64.to(weight.dtype), bias64.to(device=weight.device, dtype=bias_dtype)
+
+
+def _check_channels(what: str, n: int, scale: Tensor, shift: Tensor) -> None:
+    if scale.shape != (n,) or shift.shape != (n,):
+        raise ValueError(f"{what} has {n} channels but the BatchNorm has {tuple(scale.shape)}")
+
+
+# --- BN after a producer ---------------------------------------------------------------------------
+
+def fold_bn_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """``BN(linear(x))`` as one linear: returns ``(weight, bias)``; weight is ``(out, in)``."""
+    _check_channels("the Linear's output", weight.shape[0], scale, shift)
+    w = _f64(weight, weight)
+    s, t = _f64(scale, weight), _f64(shift, weight)
+    b = _bias64(bias, weight.shape[0], weight)
+    return _back(w * s[:, None], s * b + t, weight, bias)
+
+
+def fold_bn_after_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,
+                       transposed: bool = False, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``BN(conv(x))`` (or ``BN(conv_transpose(x))``) as one conv: returns ``(weight, bias)``."""
+    w = _f64(weight, weight)
+    s, t = _f64(scale, weight), _f64(shift, weight)
+    k = (1,) * (w.dim() - 2)
+    if not transposed:
+        out = w.shape[0]
+        _check_channels("the Conv's output", out, scale, shift)
+        w = w * s.view(out, 1, *k)
+    else:
+        in_ch, out_per_group = w.shape[0], w.shape[1]
+        out = out_per_group * groups
+        _check_channels("the ConvTranspose's output", out, scale, shift)
+        wg = w.reshape(groups, in_ch // groups, out_per_group, *w.shape[2:])
+        wg = wg * s.view(groups, 1, out_per_group, *k)
+        w = wg.reshape(w.shape)
+    b = _bias64(bias, out, weight)
+    return _back(w, s * b + t, weight, bias)
+
+
+# --- BN before a consumer --------------------------------------------------------------------------
+
+def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+                          ) -> tuple[Tensor, Tensor]:
+    """``linear(BN(x))`` as one linear (exact): returns ``(weight, bias)``."""
+    _check_channels("the Linear's input", weight.shape[1], scale, shift)
+    w = _f64(weight, weight)
+    s, t = _f64(scale, weight), _f64(shift, weight)
+    b = _bias64(bias, weight.shape[0], weight)
+    return _back(w * s[None, :], b + w @ t, weight, bias)
+
+
+def fold_bn_before_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,
+                        groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``conv(BN(x))`` as one conv, exact only if the conv reads no padding: ``(weight, bias)``."""
+    w = _f64(weight, weight)
+    s, t = _f64(scale, weight), _f64(shift, weight)
+    out, in_per_group = w.shape[0], w.shape[1]
+    _check_channels("the Conv's input", in_per_group * groups, scale, shift)
+    k = (1,) * (w.dim() - 2)
+    wg = w.reshape(groups, out // groups, in_per_group, *w.shape[2:])
+    sg = s.view(groups, 1, in_per_group, *k)
+    tg = t.view(groups, 1, in_per_group, *k)
+    b = _bias64(bias, out, weight)
+    bias_add = (wg * tg).flatten(2).sum(2).reshape(out)
+    return _back((wg * sg).reshape(w.shape), b + bias_add, weight, bias)
