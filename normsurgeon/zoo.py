@@ -40,12 +40,27 @@ def _randomize_norm_stats(model: torch.nn.Module) -> None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
+class _Inputs:
+    """Seeded example inputs; a class, not a lambda, so zoo models stay picklable (torch.save)."""
+
+    def __init__(self, name: str | None, shape: tuple, vocab: int | None = None) -> None:
+        self.name, self.shape, self.vocab = name, tuple(shape), vocab
+
+    def __call__(self) -> CallArgs:
+        gen = torch.Generator().manual_seed(0)
+        if self.vocab is None:
+            t = torch.randn(*self.shape, generator=gen)
+        else:
+            t = torch.randint(0, self.vocab, self.shape, generator=gen)
+        return CallArgs((t,), {}) if self.name is None else CallArgs((), {self.name: t})
+
+
 def _pixels(c=3, size=32, batch=2):
-    return lambda: CallArgs((), {"pixel_values": torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0))})
+    return _Inputs("pixel_values", (batch, c, size, size))
 
 
 def _ids(vocab=100, seq=12, batch=2):
-    return lambda: CallArgs((), {"input_ids": torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))})
+    return _Inputs("input_ids", (batch, seq), vocab)
 
 
 def vit():
@@ -106,7 +121,7 @@ def llama():
 
 def wav2vec2():
     return _hf("Wav2Vec2Config", "Wav2Vec2Model",
-               lambda: CallArgs((), {"input_values": torch.randn(2, 800, generator=torch.Generator().manual_seed(0))}),
+               _Inputs("input_values", (2, 800)),
                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
                num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True)
@@ -116,7 +131,7 @@ def transformer_encoder():
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=2, dim_feedforward=64, dropout=0.0, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
-    model.example_inputs = lambda: CallArgs((torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(0)),), {})
+    model.example_inputs = _Inputs(None, (2, 10, 32))
     return model
 
 
