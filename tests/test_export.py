@@ -376,3 +376,10 @@ def test_cli_export_fold(tmp_path):
     assert data["norm_ops_unfolded"] == {"BatchNormalization": 23}
     assert data["norm_ops"].get("BatchNormalization", 0) < 23
     assert data["verify"]["passed"] and "fold" in data
+
+
+def test_export_leaves_module_modes_alone(tmp_path):
+    model = zoo.transformer_encoder()
+    model.layers[1].train()  # a user's mixed modes survive export and verification
+    export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", num_random=0)
+    assert not model.training and model.layers[1].training and not model.layers[0].training
