@@ -1,14 +1,155 @@
-"""`normsurgeon convert` (not implemented yet)."""
+"""`normsurgeon convert`: swap normalization layers, insert FFN BatchNorms, recalibrate."""
+
+from __future__ import annotations
+
+import pickle
 
 import click
 
-from ..errors import NormSurgeonError
-from .common import guarded
+from ..errors import NormSurgeonError, VerificationError
+from .common import emit, guarded, load_from_options, model_options, output_options, progress_console
 
 
-@click.command("convert", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--debug", is_flag=True, hidden=True)
+@click.command("convert")
+@model_options
+@click.option("--to", "to", default=None, metavar="bn|ln|gn|frozen",
+              help="Target: bn (LayerNorm/RMSNorm -> BatchNorm), ln (BatchNorm -> LayerNorm), "
+                   "gn (BatchNorm -> GroupNorm), frozen (BatchNorm -> FrozenBatchNorm, exact).")
+@click.option("--groups", type=int, default=None, metavar="G",
+              help="Groups for --to gn (default 1); must divide every BatchNorm's channels.")
+@click.option("--ffn-bn", is_flag=True, help="Insert a BatchNorm into every FFN block (Yao et al. 2021).")
+@click.option("--ffn-bn-position", default="after-first", metavar="after-first|before-second",
+              help="Where the FFN BatchNorm goes: after the first linear (default) or before the second.")
+@click.option("--ffn-bn-init", default="fresh", metavar="fresh|identity",
+              help="fresh (for training, default) or identity (exact in eval: calibrated stats, identity affine).")
+@click.option("--calibrate", "calibrate_file", type=click.Path(), default=None, metavar="FILE",
+              help="Recalibrate the BatchNorms on this data (.pt/.npy/.npz/.safetensors) after converting.")
+@click.option("--calibrate-synthetic", type=int, default=None, metavar="N",
+              help="Recalibrate on N random batches shaped like the example inputs (smoke tests only).")
+@click.option("--batch-size", type=int, default=None, help="Batch size for --calibrate data.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Write the converted model (.pt or .pt2).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@output_options
 @guarded
-def convert(debug: bool) -> None:
-    """(not implemented yet)"""
-    raise NormSurgeonError("'convert' is not implemented yet")
+def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, ffn_bn, ffn_bn_position,
+            ffn_bn_init, calibrate_file, calibrate_synthetic, batch_size, output, force, as_json, debug):
+    """Convert the normalization layers of MODEL.
+
+    \b
+    --to bn      LayerNorm / RMSNorm -> TokenBatchNorm (BatchNorm over the last dim, any leading shape)
+                 or BatchNorm1d/2d/3d for a channels-first LayerNorm; affine parameters carry over
+    --to ln      BatchNorm -> LayerNorm on (N, C), ChannelLayerNorm (LN over dim 1) otherwise
+    --to gn      BatchNorm -> GroupNorm(G, C)
+    --to frozen  BatchNorm -> FrozenBatchNorm: exact in eval, verified, deviating sites rolled back
+    --ffn-bn     also put a BatchNorm inside every transformer FFN block
+
+    Only frozen BNs and --ffn-bn-init identity preserve the function; every other swap needs
+    calibration (--calibrate) or training. Every site is reported as converted, inserted or skipped
+    with a reason. Without -o nothing is written.
+    """
+    from ..calibrate import load_calibration_data, synthetic_batches
+    from ..convert import TARGETS, convert as convert_model
+    from ..ffn import INITS, POSITIONS
+    from ..io import check_output_path, save_model
+
+    # options first: nothing is loaded or computed for a bad command line
+    if to is None and not ffn_bn:
+        raise NormSurgeonError("give --to bn|ln|gn|frozen (and/or --ffn-bn)")
+    if to is not None and to not in TARGETS:
+        raise NormSurgeonError(f"unknown --to {to!r}: use one of {', '.join(TARGETS)}")
+    if groups is not None and to != "gn":
+        raise NormSurgeonError("--groups only goes with --to gn")
+    if groups is not None and groups <= 0:
+        raise NormSurgeonError(f"--groups must be a positive integer, got {groups}")
+    if ffn_bn_position not in POSITIONS:
+        raise NormSurgeonError(f"unknown --ffn-bn-position {ffn_bn_position!r}: use {' or '.join(POSITIONS)}")
+    if ffn_bn_init not in INITS:
+        raise NormSurgeonError(f"unknown --ffn-bn-init {ffn_bn_init!r}: use {' or '.join(INITS)}")
+    if not ffn_bn and (ffn_bn_position != "after-first" or ffn_bn_init != "fresh"):
+        raise NormSurgeonError("--ffn-bn-position/--ffn-bn-init go with --ffn-bn")
+    if calibrate_file is not None and calibrate_synthetic is not None:
+        raise NormSurgeonError("give either --calibrate FILE or --calibrate-synthetic N, not both")
+    if calibrate_synthetic is not None and calibrate_synthetic < 1:
+        raise NormSurgeonError(f"--calibrate-synthetic must be >= 1, got {calibrate_synthetic}")
+    if batch_size is not None and calibrate_file is None:
+        raise NormSurgeonError("--batch-size goes with --calibrate FILE")
+    out_path = check_output_path(output, force=force, inputs=[model]) if output else None
+
+    loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
+    batches = None
+    if calibrate_file is not None:
+        batches = load_calibration_data(calibrate_file, loaded.example_inputs, batch_size=batch_size)
+        _check_batch_runs(loaded.model, batches[0], calibrate_file)
+    elif calibrate_synthetic is not None:
+        batches = synthetic_batches(loaded.example_inputs, calibrate_synthetic)
+
+    with _Progress(enabled=batches is not None) as progress:
+        converted, report = convert_model(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
+                                          ffn_bn=ffn_bn, ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init,
+                                          calibrate_batches=batches, inplace=True, progress=progress)
+    if report.verify is not None and not report.verify.get("passed", True):
+        emit(report, as_json)
+        raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
+    if out_path is not None:
+        _picklable_inputs(converted)
+        save_model(converted, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        report.notes.append(f"wrote {out_path}")
+    else:
+        report.notes.append("report only: no -o given, nothing written")
+    emit(report, as_json)
+
+
+def _check_batch_runs(model, batch, where) -> None:
+    """One calibration batch through the model before any work: wrong data fails fast, in one line."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch.call(model)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise NormSurgeonError(f"calibration data {where}: the model rejects it ({type(e).__name__}: {first})") from e
+    finally:
+        model.train(was)
+
+
+def _picklable_inputs(model) -> None:
+    """A model carrying an ``example_inputs`` closure cannot be pickled; store the inputs themselves
+    (``io.getattr_inputs`` reads either form back)."""
+    ex = model.__dict__.get("example_inputs")
+    if ex is None or not callable(ex):
+        return
+    try:
+        pickle.dumps(ex)
+    except Exception:  # noqa: BLE001 - lambdas, local functions
+        model.example_inputs = ex()
+
+
+class _Progress:
+    """A rich progress bar on stderr for calibration; a callable ``progress(done, total)``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+        self._task = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=progress_console(), transient=False)
+        self._bar.__enter__()
+        self._task = self._bar.add_task("calibrate", total=None)
+        return self
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,358 @@
+"""Transformer FFN blocks: find them on the captured graph, and put a BatchNorm inside them.
+
+Yao et al. ("Leveraging Batch Normalization for Vision Transformers", ICCV Workshops 2021) found
+that a ViT whose LayerNorms are all replaced by BatchNorm diverges in training, because the FFN's
+hidden activations stay un-normalized, and that a BN between the FFN's two linears fixes it. This
+module does that surgery on real models.
+
+**Matching** works on the dataflow of the captured graph, not on module names, so it finds FFNs
+however they are split into modules (transformers' ViT/BERT put the first linear and activation in
+one module and the second linear, dropout and residual add in another):
+
+    first linear -> pointwise ops with at least one activation (gelu, relu, silu, a hand-written
+    tanh-GELU, dropout, casts) -> second linear
+
+and the gated form (SwiGLU/GeGLU, Llama's MLP): ``act(gate(x)) * up(x) -> down``, where gate and up
+read the same tensor. A "linear" is a leaf module whose call runs one matrix product
+(``nn.Linear``, transformers' ``Conv1D`` of GPT-2 with its (in, out) weight and addmm, custom Linear
+subclasses) and only reshapes around it. The hidden activations must not be used anywhere else
+(else a BN there would change those other uses too).
+
+**Insertion** wraps the linear module in ``nn.Sequential(linear, bn)`` (after the first linear,
+the default: between linear1 and the activation; for a gated FFN after the gate projection) or
+``nn.Sequential(bn, linear)`` (``position="before-second"``). The user's classes survive, the model
+stays picklable, and state-dict keys change predictably: ``mlp.fc1.weight`` becomes
+``mlp.fc1.0.weight`` and the BN's entries are ``mlp.fc1.1.*`` (``mlp.fc2.1.weight`` and
+``mlp.fc2.0.*`` for before-second). The BN is a ``TokenBatchNorm`` over the hidden width: batch x
+token statistics, no transposes.
+
+``check`` refuses (with a reason) a linear module that is called more than once (one BN would be
+shared by every call), registered under several paths, or a matrix product that is not a module of
+its own (``F.linear`` inside forward code cannot be wrapped).
+
+The library entry point is :func:`normsurgeon.convert.insert_ffn_bn` (also importable from here);
+it adds the identity initialisation and its numerical verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .graph import GNode, ModelGraph
+
+__all__ = ["FFNBlock", "LinearUnit", "find_ffn_blocks", "match_ffn_blocks", "check", "wrap_linear",
+           "unwrap_linear", "insert_ffn_bn", "POSITIONS", "INITS"]
+
+POSITIONS = ("after-first", "before-second")
+INITS = ("fresh", "identity")
+
+LINEAR_OPS = {"linear", "addmm", "mm", "matmul"}
+ACTIVATIONS = {
+    "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "mish", "hardswish", "hardsigmoid", "leaky_relu",
+    "elu", "selu", "celu", "softplus", "relu6", "hardtanh", "prelu", "rrelu", "glu", "gelu_", "relu_",
+    "silu_", "hardswish_", "hardtanh_", "elu_", "leaky_relu_", "sigmoid_", "tanh_",
+}
+_MOVES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "contiguous", "clone", "alias",
+          "detach", "lift_fresh_copy", "squeeze", "unsqueeze", "view_as", "reshape_as", "identity",
+          "to", "_to_copy", "type_as"}
+# Pointwise ops an FFN's activation region may hold (besides ACTIVATIONS).
+_POINTWISE = ACTIVATIONS | {
+    "mul", "add", "sub", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "abs", "square", "clamp", "clamp_min",
+    "clamp_max", "dropout", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
+    "alias", "detach", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "identity", "lift_fresh_copy",
+    "getitem",
+}
+_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "native_dropout"}
+_MAX_REGION = 64
+
+
+@dataclass
+class LinearUnit:
+    """One call of a linear-like op, with the nodes its module wraps around it."""
+
+    path: str  # module path; "parent:linear#k" for a functional call inside other code
+    op: GNode  # the matrix product
+    in_node: GNode  # the tensor it reads (outside the module call)
+    out_node: GNode  # the tensor it produces (last node of the module call)
+    module_type: str | None
+    reason: str | None = None  # why it cannot be wrapped in a Sequential (None: it can)
+
+    @property
+    def out_features(self) -> int | None:
+        return int(self.out_node.shape[-1]) if self.out_node.shape else None
+
+    @property
+    def in_features(self) -> int | None:
+        return int(self.in_node.shape[-1]) if self.in_node.shape else None
+
+
+@dataclass
+class FFNBlock:
+    """A feed-forward block: ``second(act(first(x)))`` or, gated, ``second(act(first(x)) * up(x))``."""
+
+    first: str  # path of the first linear (for a gated FFN: the gate projection)
+    second: str  # path of the second linear
+    hidden: int  # hidden width (the BN's channels)
+    activation: str  # activation module class or op name
+    gated: bool = False
+    up: str | None = None  # gated FFN: the up projection
+    dropout: bool = False  # a dropout between the linears
+    first_type: str | None = None
+    second_type: str | None = None
+    hidden_shape: list[int] | None = None
+    units: dict = field(default_factory=dict, repr=False, compare=False)  # role -> LinearUnit
+
+    @property
+    def path(self) -> str:
+        """Innermost module holding both linears (a name for the block)."""
+        a, b = self.first.split("."), self.second.split(".")
+        common = []
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            common.append(x)
+        return ".".join(common)
+
+    def describe(self) -> str:
+        act = f"{self.activation} (gated, up={self.up})" if self.gated else self.activation
+        return f"{self.first} -> {act}{' -> dropout' if self.dropout else ''} -> {self.second}"
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "first": self.first, "second": self.second, "up": self.up,
+                "activation": self.activation, "gated": self.gated, "hidden": self.hidden,
+                "dropout": self.dropout, "first_type": self.first_type, "second_type": self.second_type,
+                "hidden_shape": self.hidden_shape}
+
+
+# --- match -------------------------------------------------------------------------------------
+
+def find_ffn_blocks(graph: ModelGraph) -> list[FFNBlock]:
+    """Every FFN block of the captured graph (read-only), in graph order."""
+    return match_ffn_blocks(graph)[0]
+
+
+def match_ffn_blocks(graph: ModelGraph) -> tuple[list[FFNBlock], list[tuple[str, str]]]:
+    """FFN blocks, plus (path, reason) for linear pairs that look like an FFN but are not one
+    (hidden activations used elsewhere, ambiguous gating)."""
+    units = _linear_units(graph)
+    by_out = {id(u.out_node): u for u in units}
+    blocks: list[FFNBlock] = []
+    rejected: list[tuple[str, str]] = []
+    for second in units:
+        found = _match_block(second, by_out)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            rejected.append((second.path, found))
+        else:
+            blocks.append(found)
+    return blocks, rejected
+
+
+def _linear_units(graph: ModelGraph) -> list[LinearUnit]:
+    units = []
+    counter: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op not in LINEAR_OPS:
+            continue
+        data = node.arg(1) if node.op == "addmm" else node.arg(0)
+        if not isinstance(data, GNode) or data.op == "param":
+            continue
+        if node.op in ("mm", "matmul") and not _weight_like(node.arg(1)):
+            continue  # activation x activation (attention scores): not a linear layer
+        path = node.module_path or ""
+        module = graph.module(path)
+        reason = None
+        in_node, out_node = data, node
+        if module is not None and path and _is_linear_module(graph, module, path, node):
+            while in_node.op in _MOVES and in_node.call_key == node.call_key and in_node.inputs:
+                in_node = in_node.inputs[0]
+            while len(out_node.users) == 1 and out_node.users[0].op in _MOVES \
+                    and out_node.users[0].call_key == node.call_key:
+                out_node = out_node.users[0]
+            mtype = type(module).__name__
+        else:
+            key = f"{path}:linear" if path else "linear"
+            k = counter.get(key, 0)
+            counter[key] = k + 1
+            mtype = type(module).__name__ if module is not None else None
+            where = f"{path}.forward" if path else "the model's forward"
+            reason = (f"the matrix product is a functional call inside {where} ({mtype or 'root'}), not a "
+                      "module of its own: it cannot be wrapped in nn.Sequential(linear, bn)")
+            path = f"{key}#{k}"
+        units.append(LinearUnit(path, node, in_node, out_node, mtype, reason))
+    return units
+
+
+def _weight_like(a: Any) -> bool:
+    seen = 0
+    while isinstance(a, GNode) and a.op != "param" and seen < 4 and a.op in _MOVES | {"t", "transpose", "permute"}:
+        a = a.inputs[0] if a.inputs else None
+        seen += 1
+    return isinstance(a, GNode) and a.op == "param"
+
+
+def _is_linear_module(graph: ModelGraph, module: nn.Module, path: str, node: GNode) -> bool:
+    """A leaf module with a 2-D weight whose call runs exactly this one matrix product."""
+    if any(True for _ in module.children()):
+        return False
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    own = [n for n in graph.nodes if n.call_key == node.call_key and n.op not in ("param", "input", "output")]
+    return all(n is node or n.op in _MOVES for n in own)
+
+
+def _match_block(second: LinearUnit, by_out: dict[int, LinearUnit]) -> FFNBlock | str | None:
+    start = second.in_node
+    region: list[GNode] = []
+    seen: set[int] = set()
+    sources: list[LinearUnit] = []
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        unit = by_out.get(id(n))
+        if unit is not None:
+            if unit is second:
+                return None
+            if unit not in sources:
+                sources.append(unit)
+            continue
+        if n.op not in _POINTWISE or len(region) >= _MAX_REGION:
+            return None
+        region.append(n)
+        stack.extend(i for i in n.inputs if i.op != "param")
+    acts = [n for n in region if n.op in ACTIVATIONS]
+    if not sources or not acts or len(sources) > 2:
+        return None
+    region_ids = {id(n) for n in region}
+    # hidden activations only flow into the second linear
+    inside = region_ids | {id(s.out_node) for s in sources} | _unit_entry(second)
+    for n in [*region, *(s.out_node for s in sources)]:
+        for u in n.users:
+            if id(u) in inside:
+                continue
+            return (f"looks like an FFN ending in {second.path}, but its hidden activations "
+                    f"(from {' and '.join(s.path for s in sources)}) are also used by {u.module_path or '(root)'} "
+                    f"({u.op}): a BN there would change that use too")
+    hidden = second.in_features
+    if hidden is None or any(s.out_features != hidden for s in sources):
+        return None
+    act = acts[0]
+    act_name = _activation_name(act)
+    dropout = any(n.op in _DROPOUTS for n in region)
+    shape = list(start.shape) if start.shape else None
+    if len(sources) == 1:
+        first = sources[0]
+        return FFNBlock(first.path, second.path, hidden, act_name, dropout=dropout, first_type=first.module_type,
+                        second_type=second.module_type, hidden_shape=shape,
+                        units={"first": first, "second": second})
+    a, b = sources
+    if a.in_node is not b.in_node:
+        return None  # two linears of different inputs combined: not a gated FFN
+    feeds = {id(s): _reaches_activation(s, region_ids) for s in sources}
+    gates = [s for s in sources if feeds[id(s)]]
+    if len(gates) != 1:
+        return (f"gated FFN ending in {second.path}: cannot tell the gate from the up projection "
+                f"({a.path}, {b.path} both {'feed' if gates else 'skip'} the activation)")
+    gate = gates[0]
+    up = b if gate is a else a
+    return FFNBlock(gate.path, second.path, hidden, act_name, gated=True, up=up.path, dropout=dropout,
+                    first_type=gate.module_type, second_type=second.module_type, hidden_shape=shape,
+                    units={"first": gate, "up": up, "second": second})
+
+
+def _unit_entry(unit: LinearUnit) -> set[int]:
+    """The second linear's own nodes from its matrix product back to its input."""
+    ids = {id(unit.op)}
+    n = unit.op.arg(1) if unit.op.op == "addmm" else unit.op.arg(0)
+    while isinstance(n, GNode) and n is not unit.in_node:
+        ids.add(id(n))
+        n = n.inputs[0] if n.inputs else None
+    return ids
+
+
+def _reaches_activation(unit: LinearUnit, region_ids: set[int]) -> bool:
+    stack, seen = [unit.out_node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.op in ACTIVATIONS and id(n) in region_ids:
+            return True
+        if n.op == "mul" and n is not unit.out_node and len([i for i in n.inputs if i.op != "param"]) > 1:
+            continue  # the gating product: past it both branches have met
+        stack.extend(u for u in n.users if id(u) in region_ids)
+    return False
+
+
+def _activation_name(node: GNode) -> str:
+    if node.module_stack:
+        path, cls = node.module_stack[-1]
+        if path == node.module_path and cls and not cls.endswith(("MLP", "Block", "Layer", "FeedForward")):
+            return f"{cls} ({node.op})" if cls.lower() != node.op else cls
+    return node.op
+
+
+# --- check -------------------------------------------------------------------------------------
+
+def check(block: FFNBlock, graph: ModelGraph, position: str = "after-first") -> str | None:
+    """Why a BN cannot be inserted into ``block`` at ``position`` (None: it can)."""
+    unit: LinearUnit = block.units["first" if position == "after-first" else "second"]
+    if unit.reason:
+        return unit.reason
+    calls = len(graph.calls(unit.path))
+    if calls > 1:
+        return (f"{unit.path} is called {calls} times: wrapping it would put one BatchNorm (one set of "
+                "running statistics) on every call")
+    module = graph.module(unit.path)
+    aliases = [p for p, m in graph.model.named_modules(remove_duplicate=False) if m is module and p != unit.path]
+    if aliases:
+        return f"{unit.path} is the same module as {', '.join(aliases)}: wrapping one path would split them"
+    return None
+
+
+# --- rewrite -----------------------------------------------------------------------------------
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def wrap_linear(model: nn.Module, path: str, hidden: int, position: str, *, identity: bool = False) -> tuple[str, nn.Module]:
+    """Replace the linear at ``path`` by ``Sequential(linear, bn)`` (after-first) or
+    ``Sequential(bn, linear)`` (before-second). Returns (path of the new BN, the BN)."""
+    from .nn import ffn_batchnorm
+
+    parent, name = _parent(model, path)
+    linear = getattr(parent, name)
+    weight = getattr(linear, "weight", None)
+    factory = {"device": weight.device, "dtype": weight.dtype} if isinstance(weight, torch.Tensor) \
+        and weight.is_floating_point() else {}
+    bn = ffn_batchnorm(hidden, identity_init=identity, **factory).train(linear.training)
+    seq = nn.Sequential(linear, bn) if position == "after-first" else nn.Sequential(bn, linear)
+    seq.train(linear.training)
+    setattr(parent, name, seq)
+    return f"{path}.{1 if position == 'after-first' else 0}", bn
+
+
+def unwrap_linear(model: nn.Module, path: str, position: str) -> None:
+    """Undo :func:`wrap_linear`: put the original linear module back."""
+    parent, name = _parent(model, path)
+    seq = getattr(parent, name)
+    setattr(parent, name, seq[0] if position == "after-first" else seq[1])
+
+
+def insert_ffn_bn(model: nn.Module, example_inputs: Any = None, **kwargs):
+    """See :func:`normsurgeon.convert.insert_ffn_bn`."""
+    from .convert import insert_ffn_bn as _insert
+
+    return _insert(model, example_inputs, **kwargs)
