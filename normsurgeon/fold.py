@@ -65,7 +65,10 @@ _SHAPE_ONLY_OPS = {"size", "sym_size", "dim", "numel", "sym_numel", "stride", "s
 _SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
 _NONLINEAR = {"relu", "relu_", "relu6", "gelu", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid",
               "sigmoid", "tanh", "hardtanh", "hardtanh_", "leaky_relu", "elu", "selu", "celu", "mish",
-              "softplus", "softmax", "log_softmax", "prelu", "glu", "threshold", "module"}
+              "softplus", "softmax", "log_softmax", "prelu", "glu", "threshold"}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
+                       nn.LogSoftmax, nn.PReLU, nn.GLU, nn.Threshold)
 
 # Smallest tolerance worth asking for when the model computes in a low-precision dtype: the fold
 # itself is exact, but the folded weights are rounded once more to that dtype.
@@ -259,7 +262,12 @@ class _Context:
 # --- graph helpers -------------------------------------------------------------------------------
 
 def _where(node: GNode) -> str:
-    return f"{node.op} ({node.module_path})" if node.module_path else node.op
+    op = type(node.target).__name__ if node.op == "module" and isinstance(node.target, nn.Module) else node.op
+    return f"{op} ({node.module_path})" if node.module_path else op
+
+
+def _is_nonlinear(node: GNode) -> bool:
+    return node.op in _NONLINEAR or (node.leaf_module and isinstance(node.target, _ACTIVATION_MODULES))
 
 
 def _shape_only_use(user: GNode, node: GNode) -> bool:
@@ -321,7 +329,7 @@ def _map_axis(node: GNode, axis: int) -> tuple[int | None, str | None]:
     src = node.args[0]
     in_shape, out_shape = src.shape, node.shape
     if in_shape is None or (out_shape is None and node.op not in _IDENTITY_OPS | _DROPOUT_OPS):
-        return None, f"no shape information at {node.op}"
+        return None, f"no shape information at {node.op} (the captured graph has no shapes)"
     ndim = len(in_shape)
     op = node.op
     if op in _IDENTITY_OPS or op in _DROPOUT_OPS:
@@ -451,7 +459,7 @@ def _match_after(bn_node: GNode, ctx: _Context) -> tuple[Site | None, str]:
         return Site(norm_path, bn_node, "after", [Target(x.module_path or "", x, kind, chain)]), ""
     if x.op in ("input", "param"):
         return None, "its input is a graph input, not a Linear/Conv output"
-    if x.op in _NONLINEAR:
+    if _is_nonlinear(x):
         src = x.args[0] if x.args else None
         while isinstance(src, GNode) and _is_data_movement(src, ctx):
             src = src.args[0]
@@ -477,7 +485,7 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: _Context) -> tuple[Site |
                 targets.append(Target(u.module_path or "", u, _WEIGHTED_OPS[u.op][0], chain))
             elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
                 stack.append((u, chain + [u]))
-            elif u.op in _NONLINEAR:
+            elif _is_nonlinear(u):
                 return None, f"its output feeds a nonlinearity ({_where(u)})"
             else:
                 return None, f"its output feeds {_where(u)}, not only Linear/Conv layers"
@@ -633,7 +641,7 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: _Context) -> str | 
                 return f"{role} {path} {what} is also used by {_where(others[0])}"
         axis = _channel_axis(kind, spatial, node.shape)
         if axis is None:
-            return f"no shape information for {path}"
+            return f"no shape information for {path} (the captured graph has no shapes)"
         axis, why = _track(t.chain, axis)
         if axis is None:
             return f"between {path} and the BN: {why}"
@@ -654,7 +662,7 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: _Context) -> str | 
             return f"between the BN and {path}: {why}"
         want = _channel_axis(kind, spatial, src.shape)
         if want is None:
-            return f"no shape information for {path}'s input"
+            return f"no shape information for {path}'s input (the captured graph has no shapes)"
         if axis != want:
             return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
         n_in = mod.in_features if kind == "linear" else mod.in_channels

@@ -1,0 +1,529 @@
+"""The fold pass on real architectures: coverage, every refusal, axis tracking, rollback, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from normsurgeon import fold_math
+from normsurgeon.cli import main
+from normsurgeon.fold import fold
+from normsurgeon.graph import CapturedPart, ModelGraph, _fx_nodes
+from normsurgeon.inputs import CallArgs
+from normsurgeon.io import load_model
+from normsurgeon.outputs import compare_outputs
+
+_BN = nn.modules.batchnorm._BatchNorm
+x8, img = torch.randn(4, 8), torch.randn(2, 3, 8, 8)
+
+
+def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BN statistics (fresh ones are an identity map and hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BN) and m.running_mean is not None:
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def bns(model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if isinstance(m, _BN)]
+
+
+def rel_error(a: nn.Module, b: nn.Module, ci: CallArgs) -> float:
+    with torch.no_grad():
+        return compare_outputs(ci.call(a), ci.call(b)).max_rel_error
+
+
+def fold_one(model: nn.Module, *args: torch.Tensor, **kw):
+    """Fold a one-BN model; returns (folded, report, the BN's action)."""
+    randomize(model)
+    ci = CallArgs(tuple(args))
+    folded, report = fold(model, ci, **kw)
+    assert report.passed
+    assert rel_error(model, folded, ci) <= 1e-5
+    (action,) = [a for a in report.actions if a.path == "bn"]
+    return folded, report, action
+
+
+# --- coverage on the zoo ---------------------------------------------------------------------------
+
+ZOO_BN = {"levit": 27, "resnet": 8, "mobilenet_v2": 52, "efficientnet": 22, "regnet": 9, "mobilevit": 32}
+
+
+@pytest.mark.parametrize("name", list(ZOO_BN))
+def test_zoo_every_batchnorm_folds_exactly(zoo_model, name):
+    model, ci = zoo_model(name)
+    folded, report = fold(model, ci)
+    assert len(bns(model)) == ZOO_BN[name]
+    assert report.num_norms == ZOO_BN[name] and len(report.actions) == ZOO_BN[name]
+    assert [a.reason for a in report.skipped] == []
+    assert len(report.folded) == ZOO_BN[name]
+    assert report.passed and report.verify.max_rel_error <= 1e-5 and report.verified_inputs == 3
+    assert bns(folded) == []
+    fresh = ci.like(torch.Generator().manual_seed(7), batch=3)  # another batch size, unseen values
+    assert rel_error(model, folded, fresh) <= 1e-5
+    assert f"folded {ZOO_BN[name]} of {ZOO_BN[name]} BatchNorms" in report.summary()
+
+
+def test_levit_token_bns_fold_into_their_linears_and_the_head_bn_into_the_classifier(zoo_model):
+    model, ci = zoo_model("levit")
+    _, report = fold(model, ci)
+    by_norm = {f["norm"]: f for f in report.to_json()["folded"]}
+    qkv = by_norm["levit.encoder.stages.0.layers.0.module.queries_keys_values.batch_norm"]
+    assert qkv["into"] == ["levit.encoder.stages.0.layers.0.module.queries_keys_values.linear"]
+    assert qkv["position"] == "after" and qkv["via"] == ["flatten"]
+    head = by_norm["classifier.batch_norm"]
+    assert head["into"] == ["classifier.linear"] and head["position"] == "before"
+    conv = by_norm["levit.patch_embeddings.embedding_layer_1.batch_norm"]
+    assert conv["into"] == ["levit.patch_embeddings.embedding_layer_1.convolution"]
+
+
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_models_without_batchnorm_report_nothing(zoo_model, name):
+    model, ci = zoo_model(name)
+    folded, report = fold(model, ci)
+    assert report.actions == [] and report.passed
+    assert report.to_json()["folded"] == [] and report.to_json()["skipped"] == []
+    assert "nothing to fold" in report.summary()
+    assert rel_error(model, folded, ci) == 0
+
+
+def test_input_model_untouched_unless_inplace(zoo_model):
+    model, ci = zoo_model("resnet")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, _ = fold(model, ci)
+    assert folded is not model and len(bns(model)) == 8
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    same, report = fold(model, ci, inplace=True)
+    assert same is model and bns(model) == [] and report.passed
+
+
+# --- the patterns ----------------------------------------------------------------------------------
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convt = nn.ConvTranspose2d(8, 8, 3, stride=2, groups=2)  # in == out, grouped
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, dilation=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8, eps=1e-2, affine=False)
+        self.c1 = nn.Conv1d(8, 6, 1)
+        self.bn3 = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.bn2(self.dw(torch.tanh(self.bn1(self.convt(x)))))
+        return self.bn3(self.c1(torch.tanh(y).flatten(2)))
+
+
+def test_conv_transpose_depthwise_affine_free_and_conv1d_after_flatten():
+    model = randomize(Convs())
+    ci = CallArgs((torch.randn(2, 8, 5, 5),))
+    folded, report = fold(model, ci)
+    assert [(a.path, a.detail["into"]) for a in report.folded] == [
+        ("bn1", ["convt"]), ("bn2", ["dw"]), ("bn3", ["c1"])]
+    assert folded.dw.bias is not None  # created
+    assert rel_error(model, folded, ci) <= 1e-5
+
+
+class QKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):  # x: (B, C, T)
+        h = self.bn(torch.relu(x)).transpose(1, 2)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return torch.softmax(q @ k.transpose(1, 2), -1) @ v
+
+
+def test_one_bn_folds_into_q_k_and_v():
+    folded, _, action = fold_one(QKV(), torch.randn(2, 8, 5))
+    assert action.kind == "folded" and action.detail["position"] == "before"
+    assert action.detail["into"] == ["q", "k", "v"]
+    assert folded.v.bias is not None
+
+
+class EqualDims(nn.Module):
+    """(B, C, C) tokens: a BN over dim 1 is the token axis unless the tensor is permuted first."""
+
+    def __init__(self, permute: bool):
+        super().__init__()
+        self.fc, self.bn, self.permute = nn.Linear(8, 8), nn.BatchNorm1d(8), permute
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.permute:
+            return torch.relu(self.bn(y.permute(0, 2, 1)).permute(0, 2, 1))
+        return torch.relu(self.bn(y))
+
+
+def test_equal_dims_do_not_confuse_the_channel_axis():
+    _, _, folded = fold_one(EqualDims(permute=True), torch.randn(2, 8, 8))
+    assert folded.kind == "folded" and folded.detail["into"] == ["fc"]
+    assert folded.detail["via"] == ["permute"]
+    _, _, refused = fold_one(EqualDims(permute=False), torch.randn(2, 8, 8))
+    assert refused.kind == "skipped"
+    assert "normalizes axis 1 but fc's channels arrive on axis 2" in refused.reason
+
+
+class ChannelsLast(nn.Module):
+    """(B, H, W, C) with H == W == C, permuted to (B, C, H, W) by a permutation that is not its own inverse."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.fc(x).permute(0, 3, 1, 2)))
+
+
+def test_channels_last_linear_then_permute_to_bn2d():
+    _, _, action = fold_one(ChannelsLast(), torch.randn(2, 6, 6, 6))
+    assert action.kind == "folded" and action.detail["into"] == ["fc"] and action.detail["via"] == ["permute"]
+
+
+class TokenBN(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x.flatten(0, 1)).reshape_as(x)
+
+
+class FlatBN(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x.flatten(0, 1))
+
+
+class TokenModel(nn.Module):
+    def __init__(self, bn_cls):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), bn_cls(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.fc(x)))
+
+
+def test_batchnorm_subclass_reshaping_inside_its_forward():
+    folded, _, action = fold_one(TokenModel(TokenBN), torch.randn(2, 5, 6))
+    assert action.kind == "folded" and action.detail["into"] == ["fc"]
+    assert isinstance(folded.bn, nn.Identity)
+    _, _, refused = fold_one(TokenModel(FlatBN), torch.randn(2, 5, 6))
+    assert refused.kind == "skipped" and "changes the shape (2, 5, 8) → (10, 8)" in refused.reason
+
+
+def test_fx_graph_tied_weight_is_refused():
+    """FX leaf modules carry no weight nodes: only the model-level tie check can see this."""
+    model = randomize(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()))
+    model.head = nn.Linear(8, 8)
+    model.head.weight = model[0].weight
+    ci = CallArgs((x8,))
+    graph = ModelGraph(model, "fx", _fx_nodes(model, ci), [CapturedPart("", "fx")])
+    folded, report = fold(model, ci, graph=graph)
+    (action,) = report.actions
+    assert action.kind == "skipped" and "producer 0.weight is tied to head.weight" in action.reason
+    assert torch.equal(folded.head.weight, model.head.weight)
+
+
+def test_fx_graph_with_leaf_modules():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2),
+                                    nn.Linear(8 * 6 * 6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.BatchNorm1d(10),
+                                    nn.Linear(10, 4)))
+    ci = CallArgs((torch.randn(2, 3, 8, 8),))
+    graph = ModelGraph(model, "fx", _fx_nodes(model, ci), [CapturedPart("", "fx")])
+    folded, report = fold(model, ci, graph=graph)
+    assert report.capture == "fx"
+    assert [(a.path, a.detail["into"], a.detail["position"]) for a in report.folded] == [
+        ("1", ["0"], "after"), ("6", ["5"], "after"), ("8", ["9"], "before")]
+    assert rel_error(model, folded, ci) <= 1e-5
+
+
+# --- refusals: each gives its reason and the outputs still match ------------------------------------
+
+class SharedCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + self.fc(x * 2)
+
+
+class Alias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.other = nn.Sequential(self.conv)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class UsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.relu(self.bn(y)) + y
+
+
+class NonLin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.relu(self.conv(x))))
+
+
+class Tied(nn.Module):
+    def __init__(self, used: bool):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
+        self.b.weight, self.used = self.a.weight, used
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        return y + self.b(x) if self.used else y
+
+
+class Consumer(nn.Module):
+    def __init__(self, padding):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=padding)
+
+    def forward(self, x):
+        return self.conv(self.bn(torch.relu(x)))
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.bn = nn.Parameter(torch.randn(8, 8)), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(F.linear(x, self.w)))
+
+
+@pytest.mark.parametrize("model,x,reason", [
+    (SharedCall, x8, "producer fc is called 2 times (shared)"),
+    (Alias, img, "producer conv is the same module as other.0 (shared)"),
+    (UsedTwice, img, "producer conv output is also used by add"),
+    (NonLin, img, "a nonlinearity (relu) sits between conv2d conv and the BN"),
+    (lambda: Tied(used=True), x8, "producer a.weight is tied to b.weight"),
+    (lambda: Tied(used=False), x8, "producer a.weight is tied to b.weight"),
+    (lambda: Consumer(padding=1), img, "consumer conv zero-pads its input (padding=(1, 1))"),
+    (Functional, x8, "functional linear in <root> (Functional): its weight is not owned by an nn.Linear"),
+], ids=["shared-call", "alias", "output-used-twice", "nonlinearity", "tied-used", "tied-unused", "padded-consumer",
+        "functional"])
+def test_refusals_give_their_reason_and_keep_outputs(model, x, reason):
+    folded, report, action = fold_one(model(), x)
+    assert action.kind == "skipped"
+    assert reason in action.reason
+    assert isinstance(folded.bn, _BN) and report.verify.max_rel_error == 0
+
+
+def test_unpadded_conv_consumer_folds():
+    folded, _, action = fold_one(Consumer(padding=0), img)
+    assert action.kind == "folded" and action.detail == {"into": ["conv"], "position": "before", "via": []}
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_training_mode_bn_is_refused_and_its_running_stats_untouched():
+    model = randomize(ConvBN())
+    model.bn.train()
+    stats = model.bn.running_mean.clone()
+    folded, report = fold(model, CallArgs((img,)))
+    (action,) = report.actions
+    assert action.kind == "skipped" and "training mode" in action.reason
+    assert folded.bn.training and report.passed
+    assert torch.equal(model.bn.running_mean, stats) and torch.equal(folded.bn.running_mean, stats)
+
+
+def test_bn_without_running_stats_and_bn_never_called():
+    model = randomize(ConvBN())
+    model.bn = nn.BatchNorm2d(4, track_running_stats=False).eval()
+    model.unused = nn.BatchNorm1d(3).eval()
+    _, report = fold(model, CallArgs((img,)))
+    reasons = {a.path: a.reason for a in report.actions}
+    assert reasons == {"bn": "has no running statistics (track_running_stats=False): it always uses batch statistics",
+                       "unused": "never called in the forward pass on the example inputs"}
+
+
+# --- numerics, rollback ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_keeps_its_dtype(dtype):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(8 * 6 * 6, 10), nn.BatchNorm1d(10))).to(dtype)
+    ci = CallArgs((torch.randn(2, 3, 8, 8, dtype=dtype),))
+    folded, report = fold(model, ci)
+    assert len(report.folded) == 2 and report.passed
+    assert folded[0].weight.dtype == dtype and folded[0].bias.dtype == dtype
+    assert report.verify.max_rel_error <= report.tolerance
+
+
+class TwoSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.fc, self.bn2 = nn.Linear(36, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.fc(torch.relu(self.bn1(self.conv(x))).flatten(1))))
+
+
+def test_a_site_that_breaks_the_outputs_is_rolled_back(monkeypatch):
+    model = randomize(TwoSites())
+    ci = CallArgs((torch.randn(2, 3, 5, 5),))
+    real = fold_math.fold_bn_after_linear
+
+    def corrupt(*args, **kw):
+        w, b = real(*args, **kw)
+        return w, b + 1.0
+
+    monkeypatch.setattr(fold_math, "fold_bn_after_linear", corrupt)
+    folded, report = fold(model, ci)
+    kinds = {a.path: a.kind for a in report.actions}
+    assert kinds == {"bn1": "folded", "bn2": "rolled_back"}
+    (rolled,) = report.rolled_back
+    assert rolled.reason.startswith("rolled back: folding into fc changed the outputs (max rel error")
+    assert report.passed and report.verify.max_rel_error <= 1e-5
+    assert isinstance(folded.bn2, nn.BatchNorm1d) and torch.equal(folded.fc.bias, model.fc.bias)
+    assert isinstance(folded.bn1, nn.Identity)
+    assert report.to_json()["skipped"] == [{"norm": "bn2", "reason": rolled.reason, "rolled_back": True}]
+    assert rel_error(model, folded, ci) <= 1e-5
+
+
+class UsesBNAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn.num_features
+
+
+def test_a_site_that_breaks_the_model_is_rolled_back():
+    model = randomize(UsesBNAttribute())
+    folded, report = fold(model, CallArgs((img,)))
+    (action,) = report.actions
+    assert action.kind == "rolled_back" and "the model fails: AttributeError" in action.reason
+    assert report.passed and isinstance(folded.bn, nn.BatchNorm2d)
+
+
+class Drifting(nn.Module):
+    """Outputs change from call to call: nothing can be verified."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.calls = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x)) + self.calls
+
+
+def test_unverifiable_model_fails_and_keeps_nothing():
+    model = randomize(Drifting())
+    folded, report = fold(model, CallArgs((img,)))
+    assert report.passed is False and "FAILED" in report.summary()
+    assert report.rolled_back and isinstance(folded.bn, nn.BatchNorm2d)
+
+
+def test_report_json_and_table_contract(zoo_model):
+    model, ci = zoo_model("levit")
+    _, report = fold(model, ci)
+    data = json.loads(json.dumps(report.to_json()))
+    assert set(data) >= {"capture", "folded", "skipped", "verify"}
+    assert data["capture"] == "export"
+    assert set(data["verify"]) >= {"max_abs_error", "max_rel_error", "passed"} and data["verify"]["passed"] is True
+    assert all(set(f) >= {"norm", "into", "position"} for f in data["folded"])
+    (table,) = report.tables()
+    assert len(table.rows) == 27 and len({r[0] for r in table.rows}) == 27
+    assert table.notes[0].startswith("folded 27 of 27 BatchNorms; max rel error ")
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+def _run(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_levit_json_and_saved_model(tmp_path, zoo_model):
+    out = tmp_path / "levit_folded.pt"
+    code, stdout, _ = _run(["fold", "normsurgeon.zoo:levit", "-o", str(out), "--json"])
+    assert code == 0
+    data = json.loads(stdout)
+    assert len(data["folded"]) == 27 and data["skipped"] == [] and data["verify"]["passed"]
+    assert data["output"] == str(out) and data["dry_run"] is False
+    loaded = load_model(out, trust=True)
+    assert bns(loaded.model) == []
+    original, ci = zoo_model("levit")
+    assert rel_error(original, loaded.model, ci) <= 1e-5
+    code, _, stderr = _run(["fold", "normsurgeon.zoo:levit", "-o", str(out)])
+    assert code == 2 and "exists; pass --force" in stderr
+    code, stdout, stderr = _run(["fold", "normsurgeon.zoo:levit", "-o", str(out), "--force"])
+    assert code == 0 and "folded 27 of 27 BatchNorms" in stdout and "saved the folded model" in stderr
+
+
+def test_cli_dry_run_without_output(zoo_model):
+    code, stdout, stderr = _run(["fold", "normsurgeon.zoo:resnet"])
+    assert code == 0 and "folded 8 of 8" in stdout and "dry run: no output written" in stderr
+    code, stdout, _ = _run(["fold", "normsurgeon.zoo:resnet", "--json"])
+    assert code == 0 and json.loads(stdout)["dry_run"] is True and json.loads(stdout)["output"] is None
+
+
+def test_cli_pickled_model_needs_trust_and_never_overwrites_its_input(tmp_path):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    src = tmp_path / "model.pt"
+    torch.save(model, src)
+    args = ["fold", str(src), "--input-shape", "2,3,8,8"]
+    code, _, stderr = _run(args + ["-o", str(tmp_path / "out.pt")])
+    assert code == 2 and "--trust" in stderr
+    code, _, stderr = _run(args + ["--trust", "-o", str(src), "--force"])
+    assert code == 2 and "is the input file" in stderr
+    code, _, stderr = _run(args + ["--trust", "-o", str(tmp_path / "out.onnx")])
+    assert code == 2 and "must end in" in stderr
+    for name in ("out.pt", "out.pt2"):
+        code, stdout, _ = _run(args + ["--trust", "-o", str(tmp_path / name), "--json"])
+        assert code == 0 and json.loads(stdout)["folded"][0] == {
+            "norm": "1", "into": ["0"], "position": "after", "via": []}
+        folded = load_model(tmp_path / name, trust=True).model
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_cli_exit_1_when_verification_fails(tmp_path, monkeypatch):
+    from normsurgeon.cli import fold_cmd
+    from normsurgeon.fold import fold as real_fold
+
+    def failing(*args, **kw):
+        folded, report = real_fold(*args, **kw)
+        report.passed = False
+        return folded, report
+
+    monkeypatch.setattr(fold_cmd, "fold_model", failing)
+    out = tmp_path / "x.pt"
+    code, _, stderr = _run(["fold", "normsurgeon.zoo:resnet", "-o", str(out)])
+    assert code == 1 and "do not match" in stderr and not out.exists()
