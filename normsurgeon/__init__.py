@@ -1,13 +1,35 @@
-"""normsurgeon: find, convert, fold and export normalization layers of PyTorch models, verified."""
+"""normsurgeon: find, convert, fold and export normalization layers of PyTorch models, verified.
+
+    report = normsurgeon.inspect(model, example_inputs)
+    bn_model, report = normsurgeon.convert(model, to="bn", example_inputs=x, ffn_bn=True)
+    normsurgeon.calibrate(bn_model, batches)
+    folded, report = normsurgeon.fold(bn_model, x)
+    report = normsurgeon.export_onnx(folded, x, "model.onnx")
+    report = normsurgeon.measure_latency(["a.onnx", "b.onnx"])
+"""
 
 __version__ = "0.1.0"
 
+# The functions below share names with their modules (normsurgeon.fold is the function; the module
+# is normsurgeon.fold's home): importing them here, eagerly, binds the package attributes to them.
 from .errors import NormSurgeonError, VerificationError  # noqa: E402
 from .inputs import CallArgs  # noqa: E402
 from .io import load_model, save_model  # noqa: E402
 from .outputs import compare_outputs, flatten_outputs  # noqa: E402
+from .graph import capture  # noqa: E402
+from .find import inspect, find_norms  # noqa: E402
+from .fold import fold  # noqa: E402
+from .convert import convert, insert_ffn_bn  # noqa: E402
+from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: E402
+from .nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm  # noqa: E402
+from .onnx_export import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
+from .bench import measure_latency  # noqa: E402
 
 __all__ = [
     "__version__", "NormSurgeonError", "VerificationError", "CallArgs",
-    "load_model", "save_model", "compare_outputs", "flatten_outputs",
+    "load_model", "save_model", "compare_outputs", "flatten_outputs", "capture",
+    "inspect", "find_norms", "fold", "convert", "insert_ffn_bn",
+    "calibrate", "load_calibration_data", "synthetic_batches",
+    "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
+    "export_onnx", "verify_onnx", "count_norm_ops", "measure_latency",
 ]

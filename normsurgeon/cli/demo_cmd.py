@@ -1,14 +1,41 @@
-"""`normsurgeon demo` (not implemented yet)."""
+"""`normsurgeon demo`: the whole story on built-in models, in a few minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
 
 import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import NormSurgeonError
-from .common import guarded
+from ..demo import run_demo
+from .common import guarded, progress_console, render_table, stdout_console
 
 
-@click.command("demo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--debug", is_flag=True, hidden=True)
+@click.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Keep the ONNX files here (default: a temporary directory).")
+@click.option("--train-steps", type=click.IntRange(10, 10_000), default=150, show_default=True)
+@click.option("--bench-runs", type=click.IntRange(10, 100_000), default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
 @guarded
-def demo(debug: bool) -> None:
-    """(not implemented yet)"""
-    raise NormSurgeonError("'demo' is not implemented yet")
+def demo(workdir, train_steps, bench_runs, as_json, debug):
+    """Find a ViT's LayerNorms, convert them to BatchNorm (+ FFN BN), train, fold, export and time it."""
+    console = stdout_console()
+    steps = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=progress_console() if as_json else console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def tick(what, done, total):
+            bar.update(task, description=what, completed=done, total=max(total, 1))
+
+        for step in run_demo(workdir, train_steps=train_steps, bench_runs=bench_runs, progress=tick):
+            steps.append(step)
+            if not as_json:  # printed through the bar's console so the live bar stays below the tables
+                bar.console.print()
+                bar.console.rule(f"[bold]{step.title}")
+                for table in step.all_tables():
+                    render_table(table, bar.console)
+    if as_json:
+        click.echo(json.dumps({"steps": [s.to_json() for s in steps]}, indent=2, default=str))
