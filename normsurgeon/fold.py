@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 
 from . import fold_math
 from .errors import NormSurgeonError
@@ -246,6 +247,10 @@ class _Context:
         for n in graph.nodes:
             if n.module_path is not None and n.call_key is not None and n.op not in ("param", "input", "output"):
                 self.calls.setdefault(n.module_path, set()).add(n.call_key)
+        self.param_users: dict[str, int] = {}
+        for n in graph.nodes:
+            if n.op == "param" and n.param is not None:
+                self.param_users[n.param] = self.param_users.get(n.param, 0) + len(n.users)
         self.regions: dict[str, list[GNode]] = {}
         for n in graph.nodes:
             if n.call_key is not None and n.op not in ("param", "input", "output"):
@@ -519,6 +524,8 @@ def _check_norm(bn: nn.Module | None, node: GNode, ctx: _Context) -> str | None:
     paths = ctx.aliases(bn)
     if len(paths) > 1:
         return f"the same BatchNorm object is registered under {len(paths)} paths ({', '.join(paths)})"
+    if bn._forward_hooks or bn._forward_pre_hooks or getattr(bn, "_forward_hooks_with_kwargs", None):
+        return "has forward hooks, which replacing it by Identity would drop"
     calls = ctx.calls.get(path, set())
     if len(calls) > 1:
         return f"called {len(calls)} times in the forward pass"
@@ -563,6 +570,7 @@ def _bn_eps(node: GNode, bn: nn.Module) -> float:
 def _check_region(node: GNode, ctx: _Context) -> str | None:
     """The BN module's forward must become the identity once its batch_norm op is folded away."""
     region = ctx.regions.get(node.call_key, [node]) if node.call_key is not None else [node]
+    region = [n for n in region if n.op not in _SHAPE_ONLY_OPS]
     if region == [node]:
         return None
     members = set(map(id, region))
@@ -608,6 +616,8 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: _Context) -> str | 
     paths = ctx.aliases(mod)
     if len(paths) > 1:
         return f"{role} {path} is the same module as {', '.join(p for p in paths if p != path)} (shared)"
+    if torch.nn.utils.parametrize.is_parametrized(mod):
+        return f"{role} {path} is parametrized: its weight is computed in the forward"
     for pname in ("weight", "bias"):
         p = getattr(mod, pname, None)
         if p is None:
@@ -631,6 +641,11 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: _Context) -> str | 
                 return f"{role} {path}.{pname} is tied to {v.param}"
             if len(v.users) > 1:
                 return f"{role} {path}.{pname} is used by {len(v.users)} ops (shared)"
+    for pname in ("weight", "bias"):
+        # a leaf-module op reads its weight without a param node; any other read is a second use
+        uses = ctx.param_users.get(_join(path, pname), 0) - (0 if node.leaf_module else 1)
+        if getattr(mod, pname, None) is not None and uses > 0:
+            return f"{role} {path}.{pname} is also read outside {path} (shared)"
     if position == "after":
         users = [_data_users(n) for n in [node, *t.chain]]
         nxt = [*t.chain, site.node]

@@ -32,8 +32,8 @@ def bn_scale_shift(running_mean: Tensor, running_var: Tensor, eps: float,
 
     ``weight``/``bias`` are None for ``affine=False``.
     """
-    mean = running_mean.detach().to(torch.float64)
-    var = running_var.detach().to(torch.float64)
+    mean = running_mean.detach().to(device=_math_device(running_mean), dtype=torch.float64)
+    var = running_var.detach().to(device=mean.device, dtype=torch.float64)
     scale = torch.rsqrt(var + float(eps))
     if weight is not None:
         scale = scale * weight.detach().to(device=mean.device, dtype=torch.float64)
@@ -43,19 +43,25 @@ def bn_scale_shift(running_mean: Tensor, running_var: Tensor, eps: float,
     return scale, shift
 
 
+def _math_device(t: Tensor) -> torch.device:
+    """Where float64 math can run: the tensor's own device, except on backends without float64 (MPS)."""
+    return torch.device("cpu") if t.device.type == "mps" else t.device
+
+
 def _f64(t: Tensor, like: Tensor) -> Tensor:
-    return t.detach().to(device=like.device, dtype=torch.float64)
+    return t.detach().to(device=_math_device(like), dtype=torch.float64)
 
 
 def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
     if bias is None:
-        return torch.zeros(n, dtype=torch.float64, device=like.device)
+        return torch.zeros(n, dtype=torch.float64, device=_math_device(like))
     return _f64(bias, like)
 
 
 def _back(weight64: Tensor, bias64: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return weight64.to(weight.dtype), bias64.to(device=weight.device, dtype=bias_dtype)
+    return (weight64.to(device=weight.device, dtype=weight.dtype),
+            bias64.to(device=weight.device, dtype=bias_dtype))
 
 
 def _check_channels(what: str, n: int, scale: Tensor, shift: Tensor) -> None:

@@ -334,6 +334,39 @@ def test_refusals_give_their_reason_and_keep_outputs(model, x, reason):
     assert isinstance(folded.bn, _BN) and report.verify.max_rel_error == 0
 
 
+class WeightReadTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.fc(x))) + F.linear(x, self.fc.weight)
+
+
+@pytest.mark.parametrize("capture_with", ["export", "fx"])
+def test_weight_also_read_outside_its_module_is_refused(capture_with):
+    model = randomize(WeightReadTwice())
+    ci = CallArgs((x8,))
+    graph = ModelGraph(model, "fx", _fx_nodes(model, ci), [CapturedPart("", "fx")]) if capture_with == "fx" else None
+    folded, report = fold(model, ci, graph=graph)
+    (action,) = report.actions
+    assert action.kind == "skipped" and "producer fc.weight is" in action.reason and "(shared)" in action.reason
+    assert rel_error(model, folded, ci) == 0
+
+
+def test_parametrized_producer_and_hooked_bn_are_refused():
+    model = randomize(ConvBN())
+    torch.nn.utils.parametrizations.weight_norm(model.conv)
+    _, report = fold(model, CallArgs((img,)))
+    assert "producer conv is parametrized" in report.actions[0].reason
+    model = randomize(ConvBN())
+    seen = []
+    model.bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    folded, report = fold(model, CallArgs((img,)))
+    assert report.actions[0].reason == "has forward hooks, which replacing it by Identity would drop"
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+
+
 def test_unpadded_conv_consumer_folds():
     folded, _, action = fold_one(Consumer(padding=0), img)
     assert action.kind == "folded" and action.detail == {"into": ["conv"], "position": "before", "via": []}
