@@ -27,3 +27,4 @@ def _register() -> None:
 
 
 _register()
+
