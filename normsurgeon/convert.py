@@ -43,7 +43,7 @@ from . import ffn as _ffn
 from .calibrate import CalibrationReport, _as_positions, _Stats, calibrate
 from .errors import NormSurgeonError
 from .ffn import FFNBlock, find_ffn_blocks
-from .find import NormSite, find_norms
+from .find import DATA_MOVEMENT, NormSite, find_norms
 from .graph import GNode, ModelGraph, capture
 from .inputs import CallArgs, as_call_args
 from .nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm, batchnorm_to_groupnorm, make_identity
@@ -496,7 +496,7 @@ def _plan_from_bn(graph: ModelGraph, path: str, group: list[NormSite], to: str,
     reason = _shared_reason(group)
     if reason:
         return reason, None
-    shapes = {tuple(s.input_shape) if s.input_shape else None for s in group}
+    shapes = {_module_input_shape(s) for s in group}
     if None in shapes:
         return "input shape unknown (captured without shapes: pass example inputs)", None
     ranks = {len(s) for s in shapes}
@@ -535,6 +535,18 @@ def _plan_from_bn(graph: ModelGraph, path: str, group: list[NormSite], to: str,
                                      if module.training else "")
     return None, _Plan(path, "batchnorm", FrozenBatchNorm.from_batchnorm, True, channels, shape,
                        "; ".join(filter(None, [note, shared_note])))
+
+
+def _module_input_shape(site: NormSite) -> tuple | None:
+    """Shape of what the norm *module* receives: the op's input, followed back through the module's
+    own reshapes (TokenBatchNorm flattens (B, T, C) to (B*T, C) around its batch_norm)."""
+    node = site.node
+    x = node.arg(0) if isinstance(node, GNode) else None
+    if not isinstance(x, GNode):
+        return tuple(site.input_shape) if site.input_shape else None
+    while x.call_key == node.call_key and x.op in DATA_MOVEMENT and x.inputs:
+        x = x.inputs[0]
+    return tuple(x.shape) if x.shape else None
 
 
 def _bn_to_layernorm(bn: _BatchNorm) -> nn.LayerNorm:
