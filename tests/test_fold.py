@@ -194,6 +194,25 @@ def test_channels_last_linear_then_permute_to_bn2d():
     assert action.kind == "folded" and action.detail["into"] == ["fc"] and action.detail["via"] == ["permute"]
 
 
+class ChannelShuffle(nn.Module):
+    """ShuffleNet: channel counts match, but the view splits the channel axis and reorders channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 1, groups=2), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        return torch.relu(self.bn(y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)))
+
+
+def test_channel_shuffle_between_conv_and_bn_is_refused():
+    _, _, action = fold_one(ChannelShuffle(), torch.randn(2, 8, 4, 4))
+    assert action.kind == "skipped"
+    assert "view to (2, 2, 4, 4, 4) merges or splits the channel axis 1 of (2, 8, 4, 4)" in action.reason
+
+
 class TokenBN(nn.BatchNorm1d):
     def forward(self, x):
         return super().forward(x.flatten(0, 1)).reshape_as(x)
