@@ -184,6 +184,10 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
             x = src
     elif kind == "batchnorm" and rank is not None:
         site.dims = [d for d in range(rank) if d != 1]
+        if owner is not None:  # a BN subclass may reshape around the op (token BN: (B, T, C) -> (B*T, C))
+            src, axis = _module_input_channel_axis(x, owner[0])
+            if src is not x and axis is not None:
+                x, site.dims = src, [d for d in range(len(src.shape)) if d != axis]
     if isinstance(x, GNode) and x.shape is not None:
         site.input_shape = list(x.shape)
     site.producer = _describe(_producer(x)) if isinstance(x, GNode) else None
@@ -457,6 +461,37 @@ def _permuted_source(node: GNode, x: Any) -> tuple[Any, list[int] | None]:
         if isinstance(perm, (list, tuple)):
             return x.arg(0), list(perm)
     return x, None
+
+
+def _module_input_channel_axis(x: Any, path: str) -> tuple[Any, int | None]:
+    """Follow the module's own data-movement ops back to its input; where is the channel axis there?
+
+    The op sees channels on dim 1. An input axis j holds the same channel index iff it has the same
+    size and the same product of trailing sizes (row-major layout), so no size is guessed.
+    """
+    if not isinstance(x, GNode) or x.shape is None or len(x.shape) < 2:
+        return x, None
+    src = x
+    while src.op in DATA_MOVEMENT and src.inputs and _inside(src.module_path, path):
+        src = src.inputs[0]
+    if src is x or src.shape is None:
+        return x, None
+    channels, trailing = x.shape[1], _prod(x.shape[2:])
+    for j in range(len(src.shape)):
+        if src.shape[j] == channels and _prod(src.shape[j + 1:]) == trailing:
+            return src, j
+    return x, None
+
+
+def _inside(module_path: str | None, path: str) -> bool:
+    return module_path is not None and (module_path == path or module_path.startswith(path + "."))
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
 
 
 def _site_output(node: GNode) -> GNode:

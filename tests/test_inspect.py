@@ -222,3 +222,12 @@ def test_fx_capture_without_inputs():
     report = inspect(model)
     assert report.capture == "fx"
     assert [(s.path, s.kind) for s in report.sites] == [("1", "batchnorm")]
+
+
+def test_token_batchnorm_reports_the_module_input_and_its_channel_axis():
+    from normsurgeon.nn import TokenBatchNorm
+
+    model = nn.Sequential(nn.Linear(8, 6), TokenBatchNorm(6)).eval()
+    site = inspect(model, torch.randn(2, 5, 8)).sites[0]
+    assert (site.kind, site.input_shape, site.dims, site.channels) == ("batchnorm", [2, 5, 6], [0, 1], 6)
+    assert site.producer == "0 (linear)"
