@@ -328,7 +328,7 @@ def _whole_module(graph: ModelGraph, site: NormSite) -> nn.Module | None:
     return graph.module(site.path)
 
 
-def _shared_reason(group: list[NormSite]) -> str | None:
+def _unreached_reason(group: list[NormSite]) -> str | None:
     calls = max(s.calls for s in group)
     if calls == 0:
         return "not reached by the example inputs: its input layout is unknown"
@@ -347,7 +347,7 @@ def _plan_to_bn(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[st
         where = site.path.split(":")[0] or "the model"
         return (f"hand-written {name} inside {where}.forward, not a module of its own: module replacement "
                 "cannot swap it"), None
-    reason = _shared_reason(group)
+    reason = _unreached_reason(group)
     if reason:
         return reason, None
     calls = max(s.calls for s in group)
@@ -493,7 +493,7 @@ def _plan_from_bn(graph: ModelGraph, path: str, group: list[NormSite], to: str,
     if site.source != "module" or not isinstance(module, _BatchNorm):
         where = site.path.split(":")[0] or "the model"
         return (f"functional batch_norm call inside {where}.forward: module replacement cannot swap it"), None
-    reason = _shared_reason(group)
+    reason = _unreached_reason(group)
     if reason:
         return reason, None
     shapes = {_module_input_shape(s) for s in group}
@@ -689,7 +689,9 @@ def _run(original: nn.Module, target: nn.Module, ci: CallArgs, graph: ModelGraph
     new_bns = new_bns or (inserted and ffn_bn_init == "fresh")
     batches = list(calibrate_batches) if calibrate_batches is not None else None
     if batches is not None:
-        if new_bns or inserted:
+        # identity FFN BNs get their statistics below (eval mode, exact); calibrate() is for BNs that
+        # start from placeholder statistics, and it recalibrates every BN of the model
+        if new_bns:
             try:
                 report.calibration = calibrate(target, batches, progress=progress)
             except NormSurgeonError:
@@ -699,6 +701,13 @@ def _run(original: nn.Module, target: nn.Module, ci: CallArgs, graph: ModelGraph
                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             report.notes.append(f"recalibrated {report.calibration.recalibrated} BatchNorm(s) on "
                                 f"{report.calibration.batches} batch(es) ({report.calibration.samples} samples)")
+            new_paths = {a.path for a in report.actions if a.kind in ("converted", "inserted")}
+            older = [n["path"] for n in report.calibration.norms if n["path"] not in new_paths]
+            if older:
+                report.notes.append(f"calibration also recomputed the statistics of {len(older)} BatchNorm(s) the "
+                                    f"model had before the conversion (e.g. {older[0]})")
+        elif inserted and ffn_bn_init == "identity":
+            report.notes.append("identity FFN BatchNorms: statistics measured on the calibration data")
         else:
             report.notes.append("calibration skipped: the conversion created no BatchNorm with running statistics")
 

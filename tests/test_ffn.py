@@ -198,3 +198,39 @@ def test_conv1d_of_gpt2_is_wrapped_and_runs():
     assert torch.isfinite(y).all()
     y.sum().backward()
     assert c_proj[0].weight.grad is not None
+
+
+class ConvThenMLP(nn.Module):
+    """A trained-looking BN in front of an FFN: identity insertion must leave it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        t = self.bn(self.conv(x)).flatten(2).transpose(1, 2)  # (N, HW, 8) tokens
+        return self.fc2(F.gelu(self.fc1(t)))
+
+
+def test_identity_insertion_with_calibration_data_keeps_existing_bns():
+    torch.manual_seed(0)
+    model = ConvThenMLP().eval()
+    ci = CallArgs((torch.randn(2, 3, 6, 6),), {})
+    batches = [CallArgs((torch.randn(8, 3, 6, 6) * 2 + 1,), {}) for _ in range(3)]
+    mean0 = model.bn.running_mean.clone()
+    out, report = insert_ffn_bn(model, ci, init="identity", calibrate_batches=batches)
+    assert [a.path for a in report.inserted] == ["fc1.1"] and report.verify["passed"]
+    assert report.calibration is None  # calibrate() would also have recomputed self.bn
+    torch.testing.assert_close(out.bn.running_mean, mean0)
+    # the statistics are those of the calibration data, measured exactly (hidden = fc1 output)
+    with torch.no_grad():
+        hidden = torch.cat([model.fc1(model.bn(model.conv(b.args[0])).flatten(2).transpose(1, 2)).reshape(-1, 32)
+                            for b in batches])
+    torch.testing.assert_close(out.fc1[1].running_mean, hidden.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.fc1[1].running_var, hidden.var(0), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert compare_outputs(model(batches[0].args[0]), out(batches[0].args[0])).max_rel_error < 1e-5
