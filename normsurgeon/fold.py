@@ -59,6 +59,10 @@ _IDENTITY_OPS = {"contiguous", "clone", "alias", "detach", "identity", "lift_fre
 _DROPOUT_OPS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
                 "dropout1d", "dropout2d", "dropout3d"}
 _SLICE_OPS = {"slice", "select"}
+# Padding that copies existing values (per channel), unlike constant padding: commutes with a BN.
+_COPY_PAD_MODES = {"reflect", "replicate", "circular"}
+_COPY_PAD_OPS = {"reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
+                 "replication_pad2d", "replication_pad3d", "_pad_circular"}
 # Users that read only a tensor's shape/dtype/device (any argument).
 _SHAPE_ONLY_OPS = {"size", "sym_size", "dim", "numel", "sym_numel", "stride", "sym_stride", "getattr",
                    "empty_like", "zeros_like", "ones_like", "new_empty", "new_zeros", "new_ones"}
@@ -304,6 +308,9 @@ def _is_data_movement(node: GNode, ctx: _Context) -> bool:
         return bool(node.args) and isinstance(node.args[0], GNode)
     if op in _DROPOUT_OPS:
         return bool(node.args) and isinstance(node.args[0], GNode) and _dropout_is_identity(node, ctx)
+    if op == "pad" or op in _COPY_PAD_OPS:
+        return (bool(node.args) and isinstance(node.args[0], GNode) and _ints(node.arg(1, "pad")) is not None
+                and (op != "pad" or node.arg(2, "mode", "constant") in _COPY_PAD_MODES))
     return False
 
 
@@ -364,6 +371,11 @@ def _map_axis(node: GNode, axis: int) -> tuple[int | None, str | None]:
         if dim % ndim == axis and tuple(out_shape) != tuple(in_shape):
             return None, "slice drops channels"
         return axis, None
+    if op == "pad" or op in _COPY_PAD_OPS:
+        padded = len(_ints(node.arg(1, "pad"))) // 2  # pads the last `padded` dims
+        if axis >= ndim - padded:
+            return None, f"{op} pads the channel axis"
+        return axis, None
     if op == "select":
         dim = node.arg(1, "dim")
         if not isinstance(dim, int):
@@ -402,6 +414,10 @@ def _apply_move(node: GNode, t: torch.Tensor, ctx: _Context) -> torch.Tensor:
         return t[(slice(None),) * dim + (sl,)]
     if op == "select":
         return t.select(node.arg(1, "dim"), node.arg(2, "index"))
+    if op == "pad" or op in _COPY_PAD_OPS:
+        mode = node.arg(2, "mode", "constant") if op == "pad" else (
+            "reflect" if op.startswith("reflection") else "replicate" if op.startswith("replication") else "circular")
+        return F.pad(t.double(), _ints(node.arg(1, "pad")), mode=mode).long()
     raise ValueError(op)
 
 

@@ -386,6 +386,32 @@ def test_parametrized_producer_and_hooked_bn_are_refused():
     assert isinstance(folded.bn, nn.BatchNorm2d)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_consumer_padding_by_copying_values_folds(mode):
+    """Reflect/replicate/circular padding copies (shifted) values, so the fold stays exact."""
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode))
+    folded, report = fold(randomize(model), CallArgs((img,)))
+    (action,) = report.actions
+    assert action.kind == "folded" and action.detail == {"into": ["2"], "position": "before", "via": ["pad"]}
+    assert rel_error(model, folded, CallArgs((img,))) <= 1e-5
+
+
+class PadBetween(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.conv, self.bn, self.mode = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), mode
+
+    def forward(self, x):
+        return torch.relu(self.bn(F.pad(self.conv(x), (1, 1, 2, 0), mode=self.mode)))
+
+
+def test_pad_between_producer_and_bn():
+    _, _, action = fold_one(PadBetween("reflect"), img)
+    assert action.kind == "folded" and action.detail["via"] == ["pad"]
+    _, _, action = fold_one(PadBetween("constant"), img)  # padded zeros would be shifted by the BN
+    assert action.kind == "skipped" and "its input comes from pad, not from a Linear/Conv" in action.reason
+
+
 def test_unpadded_conv_consumer_folds():
     folded, _, action = fold_one(Consumer(padding=0), img)
     assert action.kind == "folded" and action.detail == {"into": ["conv"], "position": "before", "via": []}
