@@ -1,7 +1,7 @@
 """Norm swaps on real architectures (LN/RMSNorm <-> BN, GN, frozen), their reports, and the CLI."""
 
+import copy
 import json
-import math
 
 import pytest
 import torch
@@ -213,8 +213,6 @@ def test_frozen_site_that_deviates_is_rolled_back(monkeypatch):
         return frozen
 
     monkeypatch.setattr(FrozenBatchNorm, "from_batchnorm", classmethod(broken))
-    out = None
-    import copy
     work = copy.deepcopy(model)
     broken.target = work.get_submodule(bad)
     out, report = convert(work, "frozen", example_inputs=ci, inplace=True)
@@ -383,3 +381,44 @@ def test_cli_existing_output_needs_force(tmp_path):
     r = _cli(["convert", "normsurgeon.zoo:resnet", "--to", "frozen", "-o", str(out)])
     assert r.exit_code == 2 and "--force" in r.stderr
     assert out.read_bytes() == b"keep me"
+
+
+class GemmaStyleRMS(nn.Module):
+    """Hand-written RMSNorm scaling by (1 + weight), computed in float32."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(c) * 0.1), 1e-6
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class RMSThenLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rms, self.fc, self.ln = GemmaStyleRMS(8), nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.ln(self.fc(self.rms(x)))
+
+
+def test_one_plus_weight_rmsnorm_gets_the_offset():
+    torch.manual_seed(0)
+    model = RMSThenLN().eval()
+    out, report = convert(model, "bn", example_inputs=(torch.randn(2, 3, 8),))
+    assert {a.path for a in report.converted} == {"rms", "ln"}
+    torch.testing.assert_close(out.rms.weight, model.rms.weight.detach() + 1)
+    assert out.rms.eps == pytest.approx(1e-6)
+
+
+def test_dtype_and_train_mode_carry_over_in_bfloat16():
+    torch.manual_seed(0)
+    model = RMSThenLN().to(torch.bfloat16).train()
+    out, report = convert(model, "bn", example_inputs=(torch.randn(2, 3, 8, dtype=torch.bfloat16),))
+    for path in ("rms", "ln"):
+        bn = out.get_submodule(path)
+        assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.bfloat16 and bn.training
+    assert out(torch.randn(4, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
