@@ -37,7 +37,8 @@ from .inputs import CallArgs, as_call_args
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 from .report import Action, Table, fmt_float
 
-__all__ = ["fold", "FoldReport", "Site", "Target", "match", "check", "rewrite", "map_axis_through_reshape"]
+__all__ = ["fold", "FoldReport", "FoldContext", "Site", "Target", "NormEntry", "Undo", "match", "check", "rewrite",
+           "map_axis_through_reshape"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -118,7 +119,7 @@ class NormEntry:
     reason: str | None = None  # a reason that rules out every position
 
 
-class _Undo:
+class Undo:
     """Per-site undo information: restore callbacks, run last-in first-out."""
 
     def __init__(self) -> None:
@@ -234,7 +235,7 @@ def _finite(x: float) -> float | None:
 
 # --- context -------------------------------------------------------------------------------------
 
-class _Context:
+class FoldContext:
     """Lookups the checks need, computed once per model."""
 
     def __init__(self, model: nn.Module, graph: ModelGraph) -> None:
@@ -264,7 +265,7 @@ class _Context:
         return None if path is None else self.modules.get(path)
 
     def aliases(self, module: nn.Module) -> list[str]:
-        """Distinct paths of ``module`` that are not just the same path through an aliased parent."""
+        """Every path ``module`` is registered under (more than one: the object is shared)."""
         return self.paths_of.get(id(module), [])
 
 
@@ -291,7 +292,7 @@ def _data_users(node: GNode) -> list[GNode]:
     return [u for u in node.users if not _shape_only_use(u, node)]
 
 
-def _dropout_is_identity(node: GNode, ctx: _Context) -> bool:
+def _dropout_is_identity(node: GNode, ctx: FoldContext) -> bool:
     m = ctx.module(node.module_path)
     if isinstance(m, nn.modules.dropout._DropoutNd):
         return not m.training or m.p == 0
@@ -302,7 +303,7 @@ def _dropout_is_identity(node: GNode, ctx: _Context) -> bool:
     return train is False or p == 0
 
 
-def _is_data_movement(node: GNode, ctx: _Context) -> bool:
+def _is_data_movement(node: GNode, ctx: FoldContext) -> bool:
     op = node.op
     if op in _RESHAPE_OPS | _PERMUTE_OPS | _TRANSPOSE_OPS | _IDENTITY_OPS | _SLICE_OPS | {"t"}:
         return bool(node.args) and isinstance(node.args[0], GNode)
@@ -395,7 +396,7 @@ def _track(chain: list[GNode], axis: int) -> tuple[int | None, str | None]:
     return axis, None
 
 
-def _apply_move(node: GNode, t: torch.Tensor, ctx: _Context) -> torch.Tensor:
+def _apply_move(node: GNode, t: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
     """Run a data-movement op on a stand-in tensor (to check a module's forward is the identity)."""
     op = node.op
     if op in _IDENTITY_OPS or op in _DROPOUT_OPS or op == "batch_norm":
@@ -431,9 +432,9 @@ def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
 
 # --- match ---------------------------------------------------------------------------------------
 
-def match(model: nn.Module, graph: ModelGraph, ctx: _Context | None = None) -> list[NormEntry]:
+def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -> list[NormEntry]:
     """Every BatchNorm of ``model`` with the sites it could fold at (read-only)."""
-    ctx = ctx or _Context(model, graph)
+    ctx = ctx or FoldContext(model, graph)
     entries: dict[int, NormEntry] = {}
     for path, m in model.named_modules():
         if isinstance(m, _BN):
@@ -465,7 +466,7 @@ def match(model: nn.Module, graph: ModelGraph, ctx: _Context | None = None) -> l
     return list(entries.values()) + functional
 
 
-def _match_after(bn_node: GNode, ctx: _Context) -> tuple[Site | None, str]:
+def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
     chain: list[GNode] = []
     x = bn_node.args[0] if bn_node.args else None
     while isinstance(x, GNode) and _is_data_movement(x, ctx):
@@ -489,7 +490,7 @@ def _match_after(bn_node: GNode, ctx: _Context) -> tuple[Site | None, str]:
     return None, f"its input comes from {_where(x)}, not from a Linear/Conv"
 
 
-def _match_before(bn_node: GNode, norm_path: str, ctx: _Context) -> tuple[Site | None, str]:
+def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
     targets: list[Target] = []
     stack: list[tuple[GNode, list[GNode]]] = [(bn_node, [])]
     while stack:
@@ -516,7 +517,7 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: _Context) -> tuple[Site |
 
 # --- check ---------------------------------------------------------------------------------------
 
-def check(site: Site, ctx: _Context) -> str | None:
+def check(site: Site, ctx: FoldContext) -> str | None:
     """Why ``site`` must not be folded, or None when the fold is exact and safe."""
     bn = ctx.module(site.norm)
     why = _check_norm(bn, site.node, ctx)
@@ -529,7 +530,7 @@ def check(site: Site, ctx: _Context) -> str | None:
     return None
 
 
-def _check_norm(bn: nn.Module | None, node: GNode, ctx: _Context) -> str | None:
+def _check_norm(bn: nn.Module | None, node: GNode, ctx: FoldContext) -> str | None:
     path = node.module_path
     if not isinstance(bn, _BN):
         return "not an nn.BatchNorm module"
@@ -583,7 +584,7 @@ def _bn_eps(node: GNode, bn: nn.Module) -> float:
     return float(eps) if isinstance(eps, (int, float)) else float(bn.eps)
 
 
-def _check_region(node: GNode, ctx: _Context) -> str | None:
+def _check_region(node: GNode, ctx: FoldContext) -> str | None:
     """The BN module's forward must become the identity once its batch_norm op is folded away."""
     region = ctx.regions.get(node.call_key, [node]) if node.call_key is not None else [node]
     region = [n for n in region if n.op not in _SHAPE_ONLY_OPS]
@@ -616,7 +617,7 @@ def _check_region(node: GNode, ctx: _Context) -> str | None:
     return None
 
 
-def _check_target(t: Target, site: Site, bn: nn.Module, ctx: _Context) -> str | None:
+def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str | None:
     node, position = t.node, site.position
     kind, cls, spatial = _WEIGHTED_OPS[node.op]
     mod = ctx.module(node.module_path)
@@ -720,7 +721,7 @@ def _join(prefix: str | None, name: str) -> str:
 
 # --- rewrite -------------------------------------------------------------------------------------
 
-def rewrite(site: Site, ctx: _Context, undo: _Undo) -> Action:
+def rewrite(site: Site, ctx: FoldContext, undo: Undo) -> Action:
     """Fold ``site`` into the model's modules; ``undo`` learns how to take it back."""
     bn = ctx.module(site.norm)
     eps = _bn_eps(site.node, bn)
@@ -776,7 +777,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     graph = graph if graph is not None else capture(work, ci)
-    ctx = _Context(work, graph)
+    ctx = FoldContext(work, graph)
     report = FoldReport(graph.describe())
     tolerance = max([rtol] + [_DTYPE_TOLERANCE[p.dtype] for p in work.parameters() if p.dtype in _DTYPE_TOLERANCE])
     report.tolerance = tolerance
@@ -788,7 +789,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
 
     entries = match(work, graph, ctx)
     failed_paths = {p.path: p.error for p in graph.failed_parts()}
-    applied: list[tuple[Site, Action, _Undo]] = []
+    applied: list[tuple[Site, Action, Undo]] = []
     actions: dict[str, Action] = {}
     for entry in entries:
         reason = entry.reason or _entry_reason(entry, ctx, failed_paths)
@@ -806,7 +807,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
             why = {**entry.reasons, **why}
             actions[entry.norm] = Action("skipped", entry.norm, {}, _combine(why))
             continue
-        undo = _Undo()
+        undo = Undo()
         try:
             action = rewrite(chosen, ctx, undo)
         except Exception as e:  # noqa: BLE001 - a failed rewrite is a skipped site, never a half-edit
@@ -827,7 +828,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     return work, report
 
 
-def _entry_reason(entry: NormEntry, ctx: _Context, failed_paths: dict[str, str | None]) -> str | None:
+def _entry_reason(entry: NormEntry, ctx: FoldContext, failed_paths: dict[str, str | None]) -> str | None:
     if not entry.nodes:
         for path, error in failed_paths.items():
             if entry.norm == path or entry.norm.startswith(path + "."):
@@ -864,7 +865,7 @@ def _culprits(work, ctx, applied, actions, inputs, refs, tolerance, atol):
                                         "(the model is not deterministic?)")
         return stats, err
     for site, _, _ in applied:
-        undo = _Undo()
+        undo = Undo()
         try:
             action = rewrite(site, ctx, undo)
         except Exception as e:  # noqa: BLE001
