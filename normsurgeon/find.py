@@ -48,7 +48,16 @@ _CASTS = {"to", "_to_copy", "float", "type_as", "half", "bfloat16", "double"}
 def norm_kind(module: nn.Module | None) -> str | None:
     if module is None:
         return None
-    return next((kind for cls, kind in NORM_MODULES if isinstance(module, cls)), None)
+    kind = next((kind for cls, kind in NORM_MODULES if isinstance(module, cls)), None)
+    if kind is None and _is_frozen_bn(module):
+        return "batchnorm"
+    return kind
+
+
+def _is_frozen_bn(module: nn.Module) -> bool:
+    from .nn import FrozenBatchNorm  # nn.py imports nothing from here; local import keeps find light
+
+    return isinstance(module, FrozenBatchNorm)
 
 
 @dataclass
@@ -143,10 +152,21 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
         kind = norm_kind(module)
         if kind and path not in seen:
             site = _module_fields(NormSite(path, kind, "module", type(module).__name__), module)
-            inside_failed = any(path == f or path.startswith(f + ".") for f in failed)
-            site.note = "in a part that could not be captured" if inside_failed else \
-                "not called in the captured forward pass"
-            site.calls = 0
+            calls = graph.calls(path)
+            if calls and _is_frozen_bn(module):
+                # computed as x * scale + shift: no norm op in the graph, but it ran
+                site.calls, site.note = len(calls), "frozen: running statistics as buffers (scale and shift)"
+                x = next((i for n in graph.nodes if n.module_path == path for i in n.inputs
+                          if i.op != "param" and not _inside(i.module_path, path)), None)
+                if x is not None and x.shape is not None:
+                    site.input_shape = list(x.shape)
+                    site.dims = [d for d in range(len(x.shape)) if d != 1]
+                    site.producer = _describe(_producer(x))
+            else:
+                inside_failed = any(path == f or path.startswith(f + ".") for f in failed)
+                site.note = "in a part that could not be captured" if inside_failed else \
+                    "not called in the captured forward pass"
+                site.calls = 0
             sites.append(site)
     order = {p: i for i, (p, _) in enumerate(graph.model.named_modules())}
     sites.sort(key=lambda s: order.get(s.path.split(":")[0], len(order)))
@@ -207,7 +227,9 @@ def _norm_owner(graph: ModelGraph, node: GNode) -> tuple[str, nn.Module] | None:
 
 def _module_fields(site: NormSite, module: nn.Module) -> NormSite:
     site.eps = float(getattr(module, "eps", 0.0) or 0.0) if hasattr(module, "eps") else None
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if _is_frozen_bn(module):
+        site.channels, site.affine, site.track_running_stats = int(module.num_features), True, True
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         site.channels, site.affine = module.num_features, module.affine
         site.track_running_stats = module.track_running_stats and module.running_mean is not None
     elif isinstance(module, nn.modules.instancenorm._InstanceNorm):

@@ -267,8 +267,21 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_input
             raise NormSurgeonError(f"-o {out}: torch.export failed ({_one_line(e)}); save as .pt instead") from e
         atomic_write(out, lambda tmp: torch.export.save(ep, tmp))
     else:
+        _store_example_inputs(model)
         atomic_write(out, lambda tmp: torch.save(model, tmp))
     return out
+
+
+def _store_example_inputs(model: torch.nn.Module) -> None:
+    """A model carrying an ``example_inputs`` closure (a lambda in a factory) cannot be pickled: keep
+    the inputs themselves instead (``getattr_inputs`` reads either form back)."""
+    ex = model.__dict__.get("example_inputs")
+    if ex is None or not callable(ex):
+        return
+    try:
+        pickle.dumps(ex)
+    except Exception:  # noqa: BLE001 - lambdas, local functions
+        model.example_inputs = ex()
 
 
 def _one_line(e: BaseException) -> str:

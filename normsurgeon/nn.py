@@ -67,6 +67,16 @@ def _check_batchnorm(bn: nn.Module, what: str) -> None:
 # TokenBatchNorm
 # ---------------------------------------------------------------------------------------------------
 
+# LayerNorms often use eps=1e-12 (BERT, ViT). A per-sample LN variance is never near zero, but a BN
+# channel's variance over the batch can be (a constant channel, a CLS-only feature), and 1e-12 then
+# divides by ~1e-6: use BatchNorm's own default as the floor.
+MIN_BN_EPS = 1e-5
+
+
+def bn_eps(eps: float) -> float:
+    return max(float(eps), MIN_BN_EPS)
+
+
 class TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the last dim, with statistics over every leading position (batch x tokens).
 
@@ -100,7 +110,8 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
         The LN's weight/bias become the BN's weight/bias (LN without bias: BN bias 0; LN without
         affine: ``affine=False``); eps is kept. Running stats start at mean 0 / var 1, so the function
-        changes: calibrate (``normsurgeon.calibrate``) or train before using it in eval.
+        changes: calibrate (``normsurgeon.calibrate``) or train before using it in eval. eps is raised
+        to at least ``MIN_BN_EPS`` (see ``bn_eps``).
         """
         shape = tuple(getattr(ln, "normalized_shape", ()))
         if len(shape) != 1:
@@ -110,7 +121,7 @@ class TokenBatchNorm(nn.BatchNorm1d):
         weight = getattr(ln, "weight", None)
         bias = getattr(ln, "bias", None)
         affine = weight is not None
-        new = cls(shape[0], eps=ln.eps, momentum=momentum, affine=affine, **_like(ln))
+        new = cls(shape[0], eps=bn_eps(ln.eps), momentum=momentum, affine=affine, **_like(ln))
         if affine:
             _copy_param(new.weight, weight)
             _copy_param(new.bias, bias, fill=0.0)
@@ -149,7 +160,7 @@ class TokenBatchNorm(nn.BatchNorm1d):
         if weight_offset is None:
             weight_offset = 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
         affine = weight is not None
-        new = cls(shape[0], eps=float(eps), momentum=momentum, affine=affine, **_like(norm))
+        new = cls(shape[0], eps=bn_eps(float(eps)), momentum=momentum, affine=affine, **_like(norm))
         if affine:
             _copy_param(new.weight, weight)
             if weight_offset:

@@ -231,3 +231,15 @@ def test_token_batchnorm_reports_the_module_input_and_its_channel_axis():
     site = inspect(model, torch.randn(2, 5, 8)).sites[0]
     assert (site.kind, site.input_shape, site.dims, site.channels) == ("batchnorm", [2, 5, 6], [0, 1], 6)
     assert site.producer == "0 (linear)"
+
+
+def test_frozen_batchnorm_after_convert_is_listed():
+    from normsurgeon.convert import convert
+
+    model = zoo.resnet()
+    frozen, _ = convert(model, to="frozen", example_inputs=model.example_inputs())
+    report = inspect(frozen, model.example_inputs())
+    assert report.counts() == {"batchnorm": 8}
+    for site in report.sites:
+        assert site.module_type == "FrozenBatchNorm" and site.calls == 1 and "frozen" in site.note
+        assert len(site.input_shape) == 4 and site.input_shape[1] == site.channels

@@ -127,14 +127,14 @@ def test_token_batchnorm_torch_export_and_onnx_runtime():
 
 
 def test_token_batchnorm_from_layernorm_carries_params():
-    ln = nn.LayerNorm(8, eps=1e-6).to(torch.bfloat16)
+    ln = nn.LayerNorm(8, eps=1e-4).to(torch.bfloat16)
     with torch.no_grad():
         ln.weight.copy_(torch.randn(8))
         ln.bias.copy_(torch.randn(8))
     ln.bias.requires_grad_(False)
     ln.eval()
     tbn = TokenBatchNorm.from_layernorm(ln)
-    assert tbn.eps == 1e-6 and tbn.num_features == 8 and not tbn.training
+    assert tbn.eps == 1e-4 and tbn.num_features == 8 and not tbn.training
     assert tbn.weight.dtype == torch.bfloat16 and tbn.running_mean.dtype == torch.bfloat16
     assert torch.equal(tbn.weight, ln.weight) and torch.equal(tbn.bias, ln.bias)
     assert tbn.weight.requires_grad and not tbn.bias.requires_grad
@@ -174,7 +174,7 @@ def test_token_batchnorm_from_rmsnorm():
     with torch.no_grad():
         llama.weight.copy_(torch.arange(6.0))
     t = TokenBatchNorm.from_rmsnorm(llama)
-    assert t.eps == 1e-6 and torch.equal(t.weight, torch.arange(6.0))
+    assert t.eps == 1e-5 and torch.equal(t.weight, torch.arange(6.0))
 
     gemma = GemmaRMSNorm(6, eps=1e-6)  # scales by (1 + weight)
     with torch.no_grad():
@@ -361,3 +361,14 @@ def test_deepcopy_and_state_dict_interchange_with_batchnorm1d():
     clone = copy.deepcopy(tbn).eval()
     x = torch.randn(4, 5)
     np.testing.assert_allclose(clone(x).detach().numpy(), bn.eval()(x).detach().numpy(), rtol=0, atol=0)
+
+
+def test_layernorm_eps_1e12_becomes_a_safe_batchnorm_eps():
+    from normsurgeon.nn import MIN_BN_EPS, TokenBatchNorm
+
+    ln = torch.nn.LayerNorm(8, eps=1e-12)
+    assert TokenBatchNorm.from_layernorm(ln).eps == MIN_BN_EPS
+    assert TokenBatchNorm.from_layernorm(torch.nn.LayerNorm(8, eps=1e-3)).eps == 1e-3
+    bn = TokenBatchNorm.from_layernorm(ln).eval()
+    x = torch.zeros(4, 3, 8)  # constant channels: variance 0 over the batch
+    assert torch.isfinite(bn(x)).all()

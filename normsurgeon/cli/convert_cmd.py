@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 
 import click
 
@@ -91,7 +90,6 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
     if out_path is not None:
-        _picklable_inputs(converted)
         save_model(converted, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
         report.notes.append(f"wrote {out_path}")
     else:
@@ -113,18 +111,6 @@ def _check_batch_runs(model, batch, where) -> None:
         raise NormSurgeonError(f"calibration data {where}: the model rejects it ({type(e).__name__}: {first})") from e
     finally:
         model.train(was)
-
-
-def _picklable_inputs(model) -> None:
-    """A model carrying an ``example_inputs`` closure cannot be pickled; store the inputs themselves
-    (``io.getattr_inputs`` reads either form back)."""
-    ex = model.__dict__.get("example_inputs")
-    if ex is None or not callable(ex):
-        return
-    try:
-        pickle.dumps(ex)
-    except Exception:  # noqa: BLE001 - lambdas, local functions
-        model.example_inputs = ex()
 
 
 class _Progress:
