@@ -918,8 +918,9 @@ def _run(model: nn.Module, ci: CallArgs) -> list[torch.Tensor]:
     """One forward pass without side effects: no grad, fixed RNG, BN running stats restored."""
     saved = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, _BN) and m.training
              for b in m.buffers()]
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *ci.tensors()) if t.device.type == "cuda"})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)
             return [t.detach().clone() for t in flatten_outputs(ci.call(model))]
     finally:

@@ -447,6 +447,27 @@ def test_bn_without_running_stats_and_bn_never_called():
                        "unused": "never called in the forward pass on the example inputs"}
 
 
+class FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        bn = self.bn
+        return F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+
+
+def test_functional_batch_norm_is_listed_not_folded():
+    model = randomize(FunctionalBN())
+    folded, report = fold(model, CallArgs((img,)))
+    reasons = {a.path: a.reason for a in report.actions}
+    assert reasons["bn"] == "never called in the forward pass on the example inputs"
+    (functional,) = [p for p in reasons if p != "bn"]
+    assert functional.startswith("<root>:") and "functional batch_norm in FunctionalBN" in reasons[functional]
+    assert report.num_norms == 1 and "(+1 functional batch_norm calls, not folded)" in report.summary()
+    assert rel_error(model, folded, CallArgs((img,))) == 0
+
+
 # --- numerics, rollback ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
