@@ -82,7 +82,7 @@ class CalibrationReport:
 # statistics
 # ---------------------------------------------------------------------------------------------------
 
-class _Stats:
+class RunningStats:
     """Per-channel count / mean / M2 in float64, merged with Chan's formula."""
 
     def __init__(self, channels: int, device: torch.device) -> None:
@@ -111,12 +111,20 @@ class _Stats:
         m2 = (x - mean).square().sum(dim=0)
         self.add(float(n), mean, m2)
 
+    def write_to(self, bn: _BatchNorm) -> None:
+        """Set ``bn``'s running statistics to these exact ones (unbiased variance, as BN keeps)."""
+        var = self.m2 / (self.count - 1) if self.count > 1 else torch.zeros_like(self.m2)
+        bn.running_mean.copy_(self.mean)
+        bn.running_var.copy_(var)
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(self.calls)
+
     def pack(self) -> torch.Tensor:
         head = torch.tensor([self.count, float(self.calls)], dtype=torch.float64, device=self.mean.device)
         return torch.cat([head, self.mean, self.m2])
 
     @classmethod
-    def unpack(cls, flat: torch.Tensor, channels: int) -> "_Stats":
+    def unpack(cls, flat: torch.Tensor, channels: int) -> "RunningStats":
         s = cls(channels, flat.device)
         s.count = float(flat[0])
         s.calls = int(flat[1])
@@ -125,7 +133,7 @@ class _Stats:
         return s
 
 
-def _as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN."""
     if isinstance(bn, TokenBatchNorm):
         return x.reshape(-1, bn.num_features)
@@ -139,7 +147,7 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _gather_stats(stats: list[_Stats], channels: list[int], group) -> tuple[list[_Stats], int]:
+def _gather_stats(stats: list[RunningStats], channels: list[int], group) -> tuple[list[RunningStats], int]:
     """Merge every rank's stats in rank order (identical result on every rank)."""
     import torch.distributed as dist
 
@@ -156,11 +164,11 @@ def _gather_stats(stats: list[_Stats], channels: list[int], group) -> tuple[list
     local = torch.cat([s.pack().to(device) for s in stats]) if stats else torch.zeros(0, dtype=torch.float64, device=device)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local, group=group)
-    merged = [_Stats(c, torch.device("cpu")) for c in channels]
+    merged = [RunningStats(c, torch.device("cpu")) for c in channels]
     for flat in parts:
         offset = 0
         for m, c in zip(merged, channels):
-            r = _Stats.unpack(flat[offset:offset + 2 + 2 * c].cpu(), c)
+            r = RunningStats.unpack(flat[offset:offset + 2 + 2 * c].cpu(), c)
             offset += 2 + 2 * c
             m.add(r.count, r.mean, r.m2)
             m.calls += r.calls
@@ -233,7 +241,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
     modes = {m: m.training for m in model.modules()}
     saved = [(bn, bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
               None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for _, bn in targets]
-    stats = {bn: _Stats(bn.num_features, bn.running_mean.device) for _, bn in targets}
+    stats = {bn: RunningStats(bn.num_features, bn.running_mean.device) for _, bn in targets}
     handles = []
     forwards = {}
     device = _model_device(model)
@@ -243,7 +251,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
     def hook(bn, args, kwargs):
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            stats[bn].add_batch(_as_positions(bn, x.detach()))
+            stats[bn].add_batch(as_positions(bn, x.detach()))
 
     try:
         model.eval()
@@ -295,11 +303,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
                         bn.num_batches_tracked.copy_(nbt0)
                     report.skipped.append({"path": path, "reason": "no calibration batch reached it"})
                     continue
-                var = st.m2 / (st.count - 1) if st.count > 1 else torch.zeros_like(st.m2)
-                bn.running_mean.copy_(st.mean)
-                bn.running_var.copy_(var)
-                if bn.num_batches_tracked is not None:
-                    bn.num_batches_tracked.fill_(st.calls)
+                st.write_to(bn)
                 report.norms.append({"path": path, "kind": type(bn).__name__, "channels": bn.num_features,
                                      "positions": int(st.count), "calls": st.calls})
         ok = True

@@ -40,7 +40,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ffn as _ffn
-from .calibrate import CalibrationReport, _as_positions, _Stats, calibrate
+from .calibrate import CalibrationReport, RunningStats, as_positions, calibrate
 from .errors import NormSurgeonError
 from .ffn import FFNBlock, find_ffn_blocks
 from .find import DATA_MOVEMENT, NormSite, find_norms
@@ -801,11 +801,11 @@ def _identity_stats(model: nn.Module, bns: list[_BatchNorm], batches: list[Any])
     """Set each BN's running stats to the exact mean/unbiased var of its inputs, measured with the
     whole model in eval and every BN in ``bns`` an identity (so each sees what it will see)."""
     make_identity(bns)
-    stats = {bn: _Stats(bn.num_features, bn.running_mean.device) for bn in bns}
+    stats = {bn: RunningStats(bn.num_features, bn.running_mean.device) for bn in bns}
 
     def hook(bn, args):
         if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            stats[bn].add_batch(_as_positions(bn, args[0].detach()))
+            stats[bn].add_batch(as_positions(bn, args[0].detach()))
 
     handles = [bn.register_forward_pre_hook(hook) for bn in bns]
     try:
@@ -818,13 +818,8 @@ def _identity_stats(model: nn.Module, bns: list[_BatchNorm], batches: list[Any])
         for h in handles:
             h.remove()
     for bn, st in stats.items():
-        if st.count == 0:
-            continue
-        var = st.m2 / (st.count - 1) if st.count > 1 else torch.zeros_like(st.m2)
-        bn.running_mean.copy_(st.mean)
-        bn.running_var.copy_(var)
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.fill_(st.calls)
+        if st.count:
+            st.write_to(bn)
     make_identity(bns)
 
 
