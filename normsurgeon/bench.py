@@ -81,10 +81,13 @@ class BenchReport:
         t = Table(f"Latency in ONNX Runtime {self.ort_version} (CPU, {self.threads} threads, {self.runs} runs "
                   f"after {self.warmup} warm-up, interleaved)",
                   ["model", "median ms", "p10–p90 ms", "IQR ms", "ratio vs first", "norm ops", "max abs diff vs first"])
+        names = [Path(m.onnx).name for m in self.models]
+        if len(set(names)) < len(names):  # same file names in different folders: keep the paths
+            names = [m.onnx for m in self.models]
         for i, m in enumerate(self.models):
             ops = ", ".join(f"{k} {v}" for k, v in m.norm_ops.items()) or "-"
             diff = "-" if i == 0 else ("not comparable" if m.vs_first is None else fmt_float(m.vs_first["max_abs_error"]))
-            t.rows.append([m.onnx, f"{m.median_ms:.3f}", f"{m.p10_ms:.3f}–{m.p90_ms:.3f}", f"{m.iqr_ms:.3f}",
+            t.rows.append([names[i], f"{m.median_ms:.3f}", f"{m.p10_ms:.3f}–{m.p90_ms:.3f}", f"{m.iqr_ms:.3f}",
                            f"{m.ratio:.3f}", ops, diff])
         t.notes.append(f"inputs: {shapes}")
         t.notes.append("ratio = median / median of the first model (below 1 = faster). Models run round-robin on "
