@@ -208,6 +208,10 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
             src, axis = _module_input_channel_axis(x, owner[0])
             if src is not x and axis is not None:
                 x, site.dims = src, [d for d in range(len(src.shape)) if d != axis]
+    elif kind == "instancenorm" and rank is not None:
+        site.dims = list(range(2, rank))  # per sample and channel, over positions
+    elif kind == "groupnorm" and rank is not None:
+        site.dims = list(range(1, rank))  # per sample, over each group of channels and positions
     if isinstance(x, GNode) and x.shape is not None:
         site.input_shape = list(x.shape)
     site.producer = _describe(_producer(x)) if isinstance(x, GNode) else None

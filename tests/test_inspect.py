@@ -243,3 +243,31 @@ def test_frozen_batchnorm_after_convert_is_listed():
     for site in report.sites:
         assert site.module_type == "FrozenBatchNorm" and site.calls == 1 and "frozen" in site.note
         assert len(site.input_shape) == 4 and site.input_shape[1] == site.channels
+
+
+class EveryTorchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lazy = nn.LazyBatchNorm2d()
+        self.sync = nn.SyncBatchNorm(3)
+        self.inorm = nn.InstanceNorm2d(3, affine=True)
+        self.gn = nn.GroupNorm(1, 3)
+        self.rms = nn.RMSNorm(8)
+        self.w = nn.Parameter(torch.ones(8))
+
+    def forward(self, x, t):
+        x = self.gn(self.inorm(self.sync(self.lazy(x))))
+        return x, F.rms_norm(self.rms(t), (8,), self.w, 1e-6), F.instance_norm(x)
+
+
+def test_lazy_sync_instance_group_rms_modules_and_functions():
+    model = EveryTorchNorm()
+    inputs = (torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8))
+    model(*inputs)  # materialize the lazy BN
+    sites = {s.path: s for s in inspect(model.eval(), inputs).sites}
+    assert {p: (s.kind, s.source) for p, s in sites.items()} == {
+        "lazy": ("batchnorm", "module"), "sync": ("batchnorm", "module"), "inorm": ("instancenorm", "module"),
+        "gn": ("groupnorm", "module"), "rms": ("rmsnorm", "module"),
+        "rms_norm#0": ("rmsnorm", "function"), "instance_norm#0": ("instancenorm", "function")}
+    assert sites["inorm"].dims == [2, 3] and sites["gn"].dims == [1, 2, 3] and sites["lazy"].channels == 3
+    assert sites["rms_norm#0"].eps == 1e-6 and sites["rms"].dims == [-1]
