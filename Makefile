@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_fold.py
+	$(BIN)/python benchmarks/bench_fold.py --runs 300
 
 clean:
 	rm -rf $(VENV) *.egg-info

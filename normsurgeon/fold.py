@@ -78,7 +78,7 @@ _ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Har
 
 # Smallest tolerance worth asking for when the model computes in a low-precision dtype: the fold
 # itself is exact, but the folded weights are rounded once more to that dtype.
-_DTYPE_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
+_DTYPE_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
 
 
 # --- data model ----------------------------------------------------------------------------------
@@ -192,6 +192,10 @@ class FoldReport:
                  f"{self.verified_inputs} inputs): {'passed' if self.passed else 'FAILED'}")
         if self.verify_error:
             text += f" ({self.verify_error})"
+        training = sum(1 for a in self.skipped if (a.reason or "").startswith("in training mode"))
+        if training:
+            # The usual slip after a training loop: say it where the user looks, not only per row.
+            text += f". {training} BatchNorm(s) are in training mode: call model.eval() before folding"
         return text
 
     def to_json(self) -> dict:
@@ -635,6 +639,9 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
         return f"{role} {path} is the same module as {', '.join(p for p in paths if p != path)} (shared)"
     if torch.nn.utils.parametrize.is_parametrized(mod):
         return f"{role} {path} is parametrized: its weight is computed in the forward"
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        # An FX leaf hides what a hook does to the output or input; the fold would move past it.
+        return f"{role} {path} has forward hooks, which may change what the fold assumes it computes"
     for pname in ("weight", "bias"):
         p = getattr(mod, pname, None)
         if p is None:
@@ -772,7 +779,7 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     ``verify`` the outputs are compared with the original ones on ``example_inputs`` plus two random
     inputs like them; sites that push the max relative error (max abs error / max |expected|) above
     ``rtol`` (or the abs error above ``atol``) are rolled back. ``rtol`` is raised to 5e-3 for
-    float16 and 4e-2 for bfloat16 models.
+    float16 and 1.5e-2 for bfloat16 models.
     """
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
@@ -896,9 +903,13 @@ def _ok(stats: ErrorStats, err: str | None, tolerance: float, atol: float | None
 def _reference(model: nn.Module, ci: CallArgs) -> tuple[list[CallArgs], list[list[torch.Tensor]]]:
     device = next((t.device for t in ci.tensors()), None)
     candidates = [ci]
-    for seed in (1, 2):
+    batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
+    # Two random inputs like the example, and one at another batch size: code that branches on the
+    # batch size must not hide a changed path (the original model decides whether that size is valid).
+    variants = [dict(), dict()] + ([dict(batch=batch + 1)] if batch else [])
+    for seed, kw in enumerate(variants, start=1):
         try:
-            candidates.append(ci.like(torch.Generator().manual_seed(seed)).to(device=device))
+            candidates.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
         except Exception:  # noqa: BLE001 - a random input is a bonus
             pass
     inputs, refs = [], []

@@ -10,8 +10,11 @@ Accepted model arguments:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
+import re
 import pickle
 import sys
 import tempfile
@@ -101,16 +104,85 @@ def prepare_hf_model(model: torch.nn.Module) -> None:
         config.use_cache = False
 
 
+class ExportedModel(torch.nn.Module):
+    """A program loaded from a ``.pt2`` archive, callable like the model it was exported from.
+
+    Its train/eval behaviour was fixed when it was exported and its graph module refuses
+    ``train()``/``eval()``, so this wrapper records the flag without passing it on. Its norms are
+    functional ops on lifted weights: inspect and export see them, fold and convert cannot edit them.
+    """
+
+    def __init__(self, program: torch.nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, *args, **kwargs):
+        return self.program(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
+
+
+_PYTREE_TYPE = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+
+
 def _load_pt2(path: Path) -> LoadedModel:
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{path}: not a readable torch.export archive: {_one_line(e)}") from e
+    imported: set[str] = set()
+    while True:
+        logged: list[str] = []
+        try:
+            with _quiet_torch_logs(logged):
+                ep = torch.export.load(str(path))
+            break
+        except Exception as e:  # noqa: BLE001
+            # An output type (a transformers ModelOutput, say) registers itself as a pytree node when
+            # its module is imported: import it and try again.
+            m = _PYTREE_TYPE.search("\n".join([str(e), *logged]))
+            module = m.group(1).rsplit(".", 1)[0] if m else None
+            if module and module not in imported:
+                imported.add(module)
+                try:
+                    importlib.import_module(module)
+                    continue
+                except Exception:  # noqa: BLE001 - fall through to the error below
+                    pass
+            raise NormSurgeonError(f"{path}: not a readable torch.export archive: {_one_line(e)}") from e
     inputs = None
     if getattr(ep, "example_inputs", None) is not None:
         args, kwargs = ep.example_inputs
         inputs = CallArgs(tuple(args), dict(kwargs))
-    return LoadedModel(ep.module(), inputs, "pt2", path)
+    return LoadedModel(ExportedModel(ep.module()), inputs, "pt2", path)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+        if record.exc_info:
+            self.sink.append(logging.Formatter().formatException(record.exc_info))
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs(sink: list[str] | None = None):
+    """torch logs a warning with a full traceback before raising on a bad archive: collect it instead
+    of showing it (the error is said in one line)."""
+    # torch gives several of its loggers ("torch", "torch.export", ...) their own stderr handler.
+    names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    loggers = [lg for lg in loggers if lg.handlers or lg.name == "torch"]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    collect = _Collect(sink if sink is not None else [])
+    for lg in loggers:
+        lg.handlers, lg.propagate = [collect], False
+    try:
+        yield
+    finally:
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
 
 
 def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
@@ -233,6 +305,8 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False,
     if out.is_dir():
         raise NormSurgeonError(f"-o {out} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise NormSurgeonError(f"-o {out}: {parent} is a file, not a directory")
     if not parent.is_dir():
         raise NormSurgeonError(f"-o {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -265,7 +339,16 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_input
             ep = torch.export.export(model.eval(), ci.args, ci.kwargs, strict=False)
         except Exception as e:  # noqa: BLE001
             raise NormSurgeonError(f"-o {out}: torch.export failed ({_one_line(e)}); save as .pt instead") from e
-        atomic_write(out, lambda tmp: torch.export.save(ep, tmp))
+        def write(tmp: str) -> None:
+            torch.export.save(ep, tmp)
+            try:  # a file we report as saved must load back
+                with _quiet_torch_logs():
+                    torch.export.load(tmp)
+            except Exception as e:  # noqa: BLE001
+                raise NormSurgeonError(f"-o {out}: the archive does not load back ({_one_line(e)}); "
+                                       "save as .pt instead") from e
+
+        atomic_write(out, write)
     else:
         _store_example_inputs(model)
         atomic_write(out, lambda tmp: torch.save(model, tmp))

@@ -6,6 +6,7 @@ subclass); every comparison in normsurgeon goes through ``flatten_outputs``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -22,6 +23,8 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
         return [t for v in out for t in flatten_outputs(v)]
     if hasattr(out, "to_tuple"):
         return flatten_outputs(out.to_tuple())
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in flatten_outputs(getattr(out, f.name))]
     return []
 
 
@@ -55,6 +58,9 @@ def compare_outputs(expected: Any, actual: Any) -> ErrorStats:
     """Compare two model outputs (any structure, or sequences of numpy arrays) tensor by tensor."""
     exp = _as_tensors(expected)
     act = _as_tensors(actual)
+    if not exp:
+        # Comparing nothing must never read as "identical".
+        raise ValueError(f"the model's output ({type(expected).__name__}) holds no tensors to compare")
     if len(exp) != len(act):
         raise ValueError(f"outputs differ in structure: {len(exp)} tensors vs {len(act)}")
     stats = ErrorStats()

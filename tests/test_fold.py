@@ -69,7 +69,7 @@ def test_zoo_every_batchnorm_folds_exactly(zoo_model, name):
     assert report.num_norms == ZOO_BN[name] and len(report.actions) == ZOO_BN[name]
     assert [a.reason for a in report.skipped] == []
     assert len(report.folded) == ZOO_BN[name]
-    assert report.passed and report.verify.max_rel_error <= 1e-5 and report.verified_inputs == 3
+    assert report.passed and report.verify.max_rel_error <= 1e-5 and report.verified_inputs == 4  # example, 2 random, 1 at batch+1
     assert bns(folded) == []
     fresh = ci.like(torch.Generator().manual_seed(7), batch=3)  # another batch size, unseen values
     assert rel_error(model, folded, fresh) <= 1e-5
@@ -626,3 +626,55 @@ def test_cli_exit_1_when_verification_fails(tmp_path, monkeypatch):
     out = tmp_path / "x.pt"
     code, _, stderr = _run(["fold", "normsurgeon.zoo:resnet", "-o", str(out)])
     assert code == 1 and "do not match" in stderr and not out.exists()
+
+
+def _random_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.5, 3)
+        bn.weight.uniform_(-2, 2)
+    return bn
+
+
+def test_dataclass_output_and_hooked_producer_are_not_silently_folded():
+    """A dataclass output (not a ModelOutput) sends capture to FX, whose leaf Linear hides its hook."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(8, 8), _random_bn(nn.BatchNorm1d(8))
+
+        def forward(self, x):
+            return Out(self.bn(self.lin(x)))
+
+    model = M().eval()
+    model.lin.register_forward_hook(lambda mod, inp, out: out.clamp(min=0))
+    x = torch.randn(4, 8)
+    folded, report = fold(model, x)
+    assert "forward hooks" in report.skipped[0].reason
+    assert torch.equal(folded(x).logits, model(x).logits)
+
+
+def test_batch_size_branch_is_verified_too():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(8, 8), _random_bn(nn.BatchNorm1d(8))
+
+        def forward(self, x):
+            if x.shape[0] == 5:  # a path the example (batch 4) never takes
+                return self.bn(x)
+            return self.bn(self.lin(x))
+
+    model = Branchy().eval()
+    x = torch.randn(4, 8)
+    folded, report = fold(model, x)
+    assert report.folded == [] and report.rolled_back
+    for batch in (4, 5):
+        xb = torch.randn(batch, 8)
+        assert torch.allclose(folded(xb), model(xb))

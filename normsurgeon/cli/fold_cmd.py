@@ -17,7 +17,7 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
                    "Without it: report only (dry run).")
 @click.option("--rtol", type=float, default=1e-5, show_default=True,
               help="Largest accepted max relative error (max abs error / max |expected output|); a fold "
-                   "that exceeds it is rolled back. Raised to 5e-3 (float16) / 4e-2 (bfloat16) models.")
+                   "that exceeds it is rolled back. Raised to 5e-3 (float16) / 1.5e-2 (bfloat16) models.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @output_options
 @guarded
