@@ -83,3 +83,15 @@ def test_model_that_needs_inputs_and_got_none(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = run("--debug", "inspect", str(tmp_path / "missing.pt"))
     assert result.exit_code == 2
+
+
+def test_usage_errors_are_one_line_too():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "normsurgeon")
+    for args in (["export", "normsurgeon.zoo:resnet"], ["bench", "--runs", "0", "a.onnx"], ["nope"]):
+        proc = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr

@@ -44,7 +44,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rto
         emit(_Json(payload), True)
     else:
         emit(report, False)
-        stderr.print(_note(report, out_path), soft_wrap=True, highlight=False)
+        if report.passed or out_path is None:  # a failure is said once, by the error below
+            stderr.print(_note(report, out_path), soft_wrap=True, highlight=False)
     if not report.passed:
         raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
 
