@@ -159,7 +159,7 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGr
 
 def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
     """Run the model once, so that inputs it rejects give one clear error instead of a failed capture."""
-    modes = _eval(model)
+    modes = eval_modes(model)
     try:
         with torch.no_grad():
             example_inputs.call(model)
@@ -167,11 +167,11 @@ def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
         shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
         raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {_short(e)}") from e
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
 
 
-def _eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Put ``model`` in eval mode; returns every module's own mode for ``_restore_modes``.
+def eval_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Put ``model`` in eval mode; returns every module's own mode for ``restore_modes``.
 
     ``model.train(was_training)`` would reset the mode of every submodule to the root's, e.g. turn a
     BatchNorm the user left in training mode inside an eval model into an eval one.
@@ -181,7 +181,7 @@ def _eval(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return modes
 
 
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
     for m, training in modes:
         m.training = training
 
@@ -189,11 +189,11 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 # --- torch.export ------------------------------------------------------------------------------
 
 def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "") -> list[GNode]:
-    modes = _eval(model)
+    modes = eval_modes(model)
     try:
         ep = torch.export.export(model, ci.args, ci.kwargs, strict=False)
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
     sig = ep.graph_signature
     param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
                    **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
@@ -333,14 +333,14 @@ def _record_module_inputs(model: nn.Module, ci: CallArgs) -> dict[str, CallArgs]
     for path, module in model.named_modules():
         if path:
             handles.append(module.register_forward_pre_hook(hook_for(path), with_kwargs=True))
-    modes = _eval(model)
+    modes = eval_modes(model)
     try:
         with torch.no_grad():
             ci.call(model)
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"the model fails on its example inputs: {type(e).__name__}: {_short(e)}") from e
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
         for h in handles:
             h.remove()
     return recorded

@@ -37,6 +37,7 @@ import torch
 from .errors import NormSurgeonError
 from .inputs import CallArgs, as_call_args
 from .io import check_output_path
+from .graph import eval_modes, restore_modes
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 from .report import Table, fmt_float
 
@@ -538,8 +539,7 @@ def _verify(sess, model: torch.nn.Module, ci: CallArgs, *, rtol: float, atol: fl
     extra = [as_call_args(e) for e in (extra_inputs or [])]
     report = VerifyReport(rtol=rtol, atol=atol)
     out_names = [o.name for o in sess.get_outputs()]
-    modes = _modes(model)
-    model.eval()
+    modes = eval_modes(model)
     try:
         sets = _input_sets(sess, ci, num_random, seed, extra)
         for k, (label, args) in enumerate(sets):
@@ -564,7 +564,7 @@ def _verify(sess, model: torch.nn.Module, ci: CallArgs, *, rtol: float, atol: fl
             check.stats = compare_outputs(exp, act)
             check.passed = check.stats.within(rtol, atol)
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
     return report
 
 
@@ -989,8 +989,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     errors: dict[str, BaseException] = {}
     logs: dict[str, str] = {}
     caught: list[str] = []
-    modes = _modes(model)
-    model.eval()
+    modes = eval_modes(model)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     t0 = time.perf_counter()
     try:
@@ -1060,18 +1059,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
         os.replace(dest, out)
         return report
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
-    """Every module's own train/eval flag (``model.train(flag)`` would reset all children to the root's)."""
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
-    for m, training in modes:
-        m.training = training
 
 
 def _opset(path: Path) -> int | None:

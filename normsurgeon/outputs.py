@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -95,9 +95,3 @@ def _as_tensors(x: Any) -> list[torch.Tensor]:
             and not isinstance(x[0], (list, tuple, dict)):
         return [torch.as_tensor(v) for v in x]  # numpy arrays from ONNX Runtime
     return flatten_outputs(x)
-
-
-@torch.no_grad()
-def run_model(model: torch.nn.Module, inputs: Iterable) -> list:
-    """Eval-mode outputs of ``model`` on each CallArgs in ``inputs``."""
-    return [flatten_outputs(ci.call(model)) for ci in inputs]
