@@ -630,13 +630,30 @@ def _record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tu
     return seen
 
 
+def _verification_inputs(model: nn.Module, ci: CallArgs) -> list[CallArgs]:
+    """The example, two random inputs like it and one at another batch size (as fold checks), keeping
+    those the unconverted model accepts."""
+    batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
+    device = next((t.device for t in ci.tensors()), None)
+    out = [ci]
+    for seed, kw in enumerate([{}, {}] + ([{"batch": batch + 1}] if batch else []), start=1):
+        try:
+            candidate = ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device)
+            _eval_outputs(model, [candidate])
+        except Exception:  # noqa: BLE001 - an input the model rejects is no check
+            continue
+        out.append(candidate)
+    return out
+
+
 def _run(original: nn.Module, target: nn.Module, ci: CallArgs, graph: ModelGraph, plans: list[_Plan],
          blocks: list[FFNBlock], report: ConvertReport, *, to: str | None, ffn_bn_position: str, ffn_bn_init: str,
          calibrate_batches, progress) -> tuple[nn.Module, ConvertReport]:
     dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
     rtol, atol = _tolerance(dtype)
     exact_plans = [p for p in plans if p.exact]
-    ref = _eval_outputs(target, [ci])
+    checks = _verification_inputs(target, ci)
+    ref = _eval_outputs(target, checks)
     recorded = _record_io(target, [p.path for p in exact_plans], ci) if exact_plans else {}
 
     # norm swaps
@@ -754,7 +771,7 @@ def _run(original: nn.Module, target: nn.Module, ci: CallArgs, graph: ModelGraph
     all_exact = not any(a.kind == "converted" and not a.detail.get("exact") for a in report.actions) and \
         not (inserted and ffn_bn_init == "fresh")
     report.function_preserving = all_exact
-    out = _eval_outputs(target, [ci])
+    out = _eval_outputs(target, checks)
     change = _compare(ref, out)
     report.output_change = change.to_dict()
     if exact_done or rolled:
@@ -775,7 +792,7 @@ def _run(original: nn.Module, target: nn.Module, ci: CallArgs, graph: ModelGraph
                         _set_module(target, plan.path, undo.pop(plan.path))
                         _rollback(report, plan.path, "rolled back: whole-model output deviated "
                                                      f"({fmt_float(change.max_rel_error)} relative)")
-                out = _eval_outputs(target, [ci])
+                out = _eval_outputs(target, checks)
                 after = _compare(ref, out)
                 verify.update(rolled_back=rolled + len(inserted) + len(exact_plans),
                               max_abs_error=after.max_abs_error, max_rel_error=after.max_rel_error,
