@@ -271,3 +271,49 @@ def test_lazy_sync_instance_group_rms_modules_and_functions():
         "rms_norm#0": ("rmsnorm", "function"), "instance_norm#0": ("instancenorm", "function")}
     assert sites["inorm"].dims == [2, 3] and sites["gn"].dims == [1, 2, 3] and sites["lazy"].channels == 3
     assert sites["rms_norm#0"].eps == 1e-6 and sites["rms"].dims == [-1]
+
+
+def _ids():
+    return CallArgs((), {"input_ids": torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))})
+
+
+def _pixels(size=32):
+    return CallArgs((), {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))})
+
+
+MORE = {  # name -> (config class, model class, config kwargs, inputs, expected counts)
+    "t5": ("T5Config", "T5EncoderModel", dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0), _ids, {"rmsnorm": 3}),
+    "mistral": ("MistralConfig", "MistralModel", dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1), _ids, {"rmsnorm": 3}),
+    "gemma": ("GemmaConfig", "GemmaModel", dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16), _ids, {"rmsnorm": 3}),
+    "bloom": ("BloomConfig", "BloomModel", dict(vocab_size=100, hidden_size=32, n_layer=1, n_head=2), _ids,
+              {"layernorm": 4}),
+    "swin": ("SwinConfig", "SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+             num_heads=[1, 2], window_size=4), _pixels, {"layernorm": 7}),
+    "dinov2": ("Dinov2Config", "Dinov2Model", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+               num_attention_heads=2), _pixels, {"layernorm": 3}),
+    "convnextv2": ("ConvNextV2Config", "ConvNextV2Model", dict(image_size=32, hidden_sizes=[16, 32], depths=[1, 1],
+                   num_stages=2), _pixels, {"layernorm": 5}),
+    "mobilenet_v1": ("MobileNetV1Config", "MobileNetV1Model", dict(image_size=32, depth_multiplier=0.25), _pixels,
+                     {"batchnorm": 27}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_finds_every_norm_of_more_architectures(name):
+    import transformers
+
+    config_cls, model_cls, kwargs, inputs, expected = MORE[name]
+    config = getattr(transformers, config_cls)(**kwargs)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    report = inspect(model, inputs())
+    modules = expected_norm_modules(model)
+    assert modules <= {s.path for s in report.sites if s.calls >= 1}
+    assert report.counts() == expected
+    if name == "gemma":
+        assert all("scales by (1 + weight)" in s.differs for s in report.sites)
