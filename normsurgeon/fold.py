@@ -260,6 +260,7 @@ class FoldContext:
         for n in graph.nodes:
             if n.op == "param" and n.param is not None:
                 self.param_users[n.param] = self.param_users.get(n.param, 0) + len(n.users)
+        self.created_bias: set[int] = set()  # modules this pass gave a bias (ids)
         self.regions: dict[str, list[GNode]] = {}
         for n in graph.nodes:
             if n.call_key is not None and n.op not in ("param", "input", "output"):
@@ -657,6 +658,8 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
             own = getattr(mod, pname)
             if v is None and own is None:
                 continue
+            if v is None and pname == "bias" and id(mod) in ctx.created_bias:
+                continue  # an earlier fold in this pass gave it the bias the captured graph lacks
             if v is None:
                 return f"{role} {path} does not use its own {pname} in the forward"
             if not isinstance(v, GNode) or v.op != "param":
@@ -750,6 +753,8 @@ def rewrite(site: Site, ctx: FoldContext, undo: Undo) -> Action:
                 nw, nb = fold_math.fold_bn_before_conv(w, b, scale, shift, groups=mod.groups)
         undo.save_param(mod, "weight")
         undo.save_param(mod, "bias")
+        if mod.bias is None:
+            ctx.created_bias.add(id(mod))
         _set_param(mod, "weight", nw)
         _set_param(mod, "bias", nb)
     parent_path, _, name = site.norm.rpartition(".")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from normsurgeon import fold_math
+from normsurgeon import fold_math, zoo
 from normsurgeon.cli import main
 from normsurgeon.fold import fold
 from normsurgeon.graph import CapturedPart, ModelGraph, _fx_nodes
@@ -678,3 +678,27 @@ def test_batch_size_branch_is_verified_too():
     for batch in (4, 5):
         xb = torch.randn(batch, 8)
         assert torch.allclose(folded(xb), model(xb))
+
+
+def test_bias_free_linear_takes_folds_from_both_sides():
+    """The first fold gives the Linear a bias the captured graph never saw; the second must still fold."""
+    model = nn.Sequential(_random_bn(nn.BatchNorm1d(8)), nn.Linear(8, 6, bias=False), _random_bn(nn.BatchNorm1d(6)))
+    model.eval()
+    x = torch.randn(4, 8)
+    folded, report = fold(model, x)
+    assert len(report.folded) == 2 and report.passed
+    assert bns(folded) == [] and folded[1].bias is not None
+    assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+def test_llama_with_bn_ffn_folds_every_bn_but_the_final_norm():
+    from normsurgeon.calibrate import calibrate, synthetic_batches
+    from normsurgeon.convert import convert
+
+    model = zoo.llama()
+    ci = model.example_inputs()
+    bn_model, _ = convert(model, to="bn", example_inputs=ci, ffn_bn=True)
+    calibrate(bn_model, synthetic_batches(ci, 3))
+    folded, report = fold(bn_model.eval(), ci)
+    assert report.passed and [a.path for a in report.skipped] == ["norm"]  # feeds the model output
+    assert len(report.folded) == 2 * 2 + 2  # per layer: input + post-attention norm; plus the FFN BNs
