@@ -23,8 +23,10 @@ def demo(workdir, train_steps, bench_runs, as_json, debug):
     """Find a ViT's LayerNorms, convert them to BatchNorm (+ FFN BN), train, fold, export and time it."""
     console = stdout_console()
     steps = []
+    live = progress_console() if as_json else console
+    # A bar only means something on a terminal; in logs and pipes it would leave stray lines.
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=progress_console() if as_json else console, transient=True) as bar:
+                  TimeElapsedColumn(), console=live, transient=True, disable=not live.is_terminal) as bar:
         task = bar.add_task("starting", total=1)
 
         def tick(what, done, total):
