@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -49,7 +50,32 @@ _WEIGHTED_OPS: dict[str, tuple[str, type, int]] = {
     "conv_transpose1d": ("conv_transpose", nn.ConvTranspose1d, 1),
     "conv_transpose2d": ("conv_transpose", nn.ConvTranspose2d, 2),
     "conv_transpose3d": ("conv_transpose", nn.ConvTranspose3d, 3),
+    # transformers' Conv1D (GPT-2): a Linear with a (in, out) weight, ``addmm(bias, x2d, weight)``
+    "addmm": ("linear_t", nn.Module, 0),
 }
+
+# Where each weighted op reads its input, weight and bias: (input, weight, bias) as (index, name).
+_OP_ARGS: dict[str, tuple[tuple[int, str], tuple[int, str], tuple[int, str]]] = {
+    "addmm": ((1, "mat1"), (2, "mat2"), (0, "input")),
+}
+_DEFAULT_OP_ARGS = ((0, "input"), (1, "weight"), (2, "bias"))
+
+
+def _op_args(node: GNode) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
+    return _OP_ARGS.get(node.op, _DEFAULT_OP_ARGS)
+
+
+def _op_input(node: GNode) -> Any:
+    """The activation a weighted op reads (``args[1]`` for ``addmm``, ``args[0]`` otherwise)."""
+    i, name = _op_args(node)[0]
+    return node.arg(i, name)
+
+
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D``, if transformers is loaded (a model holding one has imported it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
 
 # Ops whose output is a row-major re-view of their input: the output shape says it all.
 _RESHAPE_OPS = {"view", "reshape", "_unsafe_view", "reshape_as", "view_as", "flatten", "unflatten",
@@ -89,7 +115,7 @@ class Target:
 
     path: str
     node: GNode
-    kind: str  # linear | conv | conv_transpose
+    kind: str  # linear | linear_t (transformers Conv1D: weight (in, out)) | conv | conv_transpose
     chain: list[GNode]  # data-movement nodes, in dataflow order (producer→BN or BN→consumer)
 
 
@@ -430,7 +456,7 @@ def _apply_move(node: GNode, t: torch.Tensor, ctx: FoldContext) -> torch.Tensor:
 def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
     if shape is None:
         return None
-    if kind == "linear":
+    if kind in ("linear", "linear_t"):
         return len(shape) - 1
     return 1 if len(shape) == spatial + 2 else 0 if len(shape) == spatial + 1 else None
 
@@ -506,8 +532,10 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Sit
         for u in users:
             if u.op == "output":
                 return None, "its output is a model output"
-            if u.args and u.args[0] is node and u.op in _WEIGHTED_OPS:
-                if any(a is node for a in u.args[1:]) or any(v is node for v in u.kwargs.values()):
+            if u.op in _WEIGHTED_OPS and _op_input(u) is node:
+                i_in, name_in = _op_args(u)[0]
+                if (any(a is node for i, a in enumerate(u.args) if i != i_in)
+                        or any(v is node for k, v in u.kwargs.items() if k != name_in)):
                     return None, f"its output is also a weight of {_where(u)}"
                 targets.append(Target(u.module_path or "", u, _WEIGHTED_OPS[u.op][0], chain))
             elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
@@ -628,7 +656,17 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
     mod = ctx.module(node.module_path)
     path = t.path
     role = "producer" if position == "after" else "consumer"
-    if not isinstance(mod, cls):
+    if kind == "linear_t":
+        conv1d = _conv1d_class()
+        if conv1d is None or not isinstance(mod, conv1d):
+            owner = type(mod).__name__ if mod is not None else "the model"
+            return (f"addmm in {path or '<root>'} ({owner}) is not a transformers Conv1D's forward: no "
+                    "module owns its weight as a Linear")
+        if node.arg(3, "beta", 1) != 1 or node.arg(4, "alpha", 1) != 1:
+            return f"{role} {path}: its addmm scales with beta/alpha, not the plain Conv1D forward"
+        if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+            return f"{role} {path} has no 2-D weight"
+    elif not isinstance(mod, cls):
         owner = type(mod).__name__ if mod is not None else "the model"
         return (f"functional {node.op} in {path or '<root>'} ({owner}): its weight is not owned by an "
                 f"nn.{cls.__name__}")
@@ -653,8 +691,9 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
         if not p.is_floating_point():
             return f"{role} {path}.{pname} is not floating point"
     if not node.leaf_module:
-        for i, pname in ((1, "weight"), (2, "bias")):
-            v = node.arg(i, pname)
+        _, (i_w, n_w), (i_b, n_b) = _op_args(node)
+        for i, aname, pname in ((i_w, n_w, "weight"), (i_b, n_b, "bias")):
+            v = node.arg(i, aname)
             own = getattr(mod, pname)
             if v is None and own is None:
                 continue
@@ -689,7 +728,8 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
             return f"between {path} and the BN: {why}"
         if axis != 1:
             return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
-        n_out = mod.out_features if kind == "linear" else mod.out_channels
+        n_out = (mod.out_features if kind == "linear" else mod.weight.shape[1] if kind == "linear_t"
+                 else mod.out_channels)
         if n_out != bn.num_features:
             return f"{path} has {n_out} output channels, the BN {bn.num_features}"
     else:
@@ -698,7 +738,7 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
         if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
             return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
                     "shift would not reach the padded border, so the fold would not be exact")
-        src = node.args[0]
+        src = _op_input(node)
         axis, why = _track(t.chain, 1)
         if axis is None:
             return f"between the BN and {path}: {why}"
@@ -707,7 +747,8 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
             return f"no shape information for {path}'s input (the captured graph has no shapes)"
         if axis != want:
             return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
-        n_in = mod.in_features if kind == "linear" else mod.in_channels
+        n_in = (mod.in_features if kind == "linear" else mod.weight.shape[0] if kind == "linear_t"
+                else mod.in_channels)
         if n_in != bn.num_features:
             return f"{path} has {n_in} input channels, the BN {bn.num_features}"
     return None
@@ -743,12 +784,16 @@ def rewrite(site: Site, ctx: FoldContext, undo: Undo) -> Action:
         if site.position == "after":
             if t.kind == "linear":
                 nw, nb = fold_math.fold_bn_after_linear(w, b, scale, shift)
+            elif t.kind == "linear_t":
+                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, scale, shift)
             else:
                 nw, nb = fold_math.fold_bn_after_conv(w, b, scale, shift, groups=mod.groups,
                                                       transposed=t.kind == "conv_transpose")
         else:
             if t.kind == "linear":
                 nw, nb = fold_math.fold_bn_before_linear(w, b, scale, shift)
+            elif t.kind == "linear_t":
+                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, scale, shift)
             else:
                 nw, nb = fold_math.fold_bn_before_conv(w, b, scale, shift, groups=mod.groups)
         undo.save_param(mod, "weight")

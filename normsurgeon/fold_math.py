@@ -13,7 +13,7 @@ Everything is computed in float64 and cast back to the dtype and device of the w
 so float16/bfloat16 models lose nothing to the fold beyond one final rounding. A missing bias is
 created (zeros). Weight layouts:
 
-- Linear ``(out, in)``; Conv ``(out, in / groups, *k)``;
+- Linear ``(out, in)``; transformers' Conv1D ``(in, out)`` (a transposed Linear); Conv ``(out, in / groups, *k)``;
 - ConvTranspose ``(in, out / groups, *k)``: output channel ``o = g * out_per_group + j`` lives at
   ``weight[g * in_per_group : (g + 1) * in_per_group, j]`` -- not on axis 0, and with groups > 1 not
   simply on axis 1 either.
@@ -81,6 +81,13 @@ def fold_bn_after_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shi
     return _back(w * s[:, None], s * b + t, weight, bias)
 
 
+def fold_bn_after_transposed_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+                                    ) -> tuple[Tensor, Tensor]:
+    """``BN(x @ W + b)`` with ``W`` ``(in, out)`` (transformers' Conv1D): ``W[:, o] *= s[o]``, ``b' = s·b + t``."""
+    nw, nb = fold_bn_after_linear(weight.t(), bias, scale, shift)
+    return nw.t().contiguous(), nb
+
+
 def fold_bn_after_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,
                        transposed: bool = False, groups: int = 1) -> tuple[Tensor, Tensor]:
     """``BN(conv(x))`` (or ``BN(conv_transpose(x))``) as one conv: returns ``(weight, bias)``."""
@@ -112,6 +119,13 @@ def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, sh
     s, t = _f64(scale, weight), _f64(shift, weight)
     b = _bias64(bias, weight.shape[0], weight)
     return _back(w * s[None, :], b + w @ t, weight, bias)
+
+
+def fold_bn_before_transposed_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+                                     ) -> tuple[Tensor, Tensor]:
+    """``BN(x) @ W + b`` with ``W`` ``(in, out)`` (transformers' Conv1D): ``W[i, :] *= s[i]``, ``b' = b + t @ W``."""
+    nw, nb = fold_bn_before_linear(weight.t(), bias, scale, shift)
+    return nw.t().contiguous(), nb
 
 
 def fold_bn_before_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,

@@ -702,3 +702,92 @@ def test_llama_with_bn_ffn_folds_every_bn_but_the_final_norm():
     folded, report = fold(bn_model.eval(), ci)
     assert report.passed and [a.path for a in report.skipped] == ["norm"]  # feeds the model output
     assert len(report.folded) == 2 * 2 + 2  # per layer: input + post-attention norm; plus the FFN BNs
+
+
+class Conv1DBlock(nn.Module):
+    """transformers' Conv1D (weight (in, out), ``addmm``) → token BN, and a BN → Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        from normsurgeon.nn import TokenBatchNorm
+
+        self.fc, self.bn1 = Conv1D(12, 8), TokenBatchNorm(12)  # Conv1D(nf=out, nx=in)
+        self.bn2, self.proj = TokenBatchNorm(12), Conv1D(6, 12)
+
+    def forward(self, x):  # x: (B, T, 8)
+        return self.proj(self.bn2(torch.tanh(self.bn1(self.fc(x)))))
+
+
+class AddmmBN(nn.Module):
+    """A plain ``torch.addmm`` (no Conv1D owns the weight) between BNs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6))
+        self.bn1, self.bn2 = nn.BatchNorm1d(8), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return torch.tanh(self.bn2(torch.addmm(self.b, self.bn1(x), self.w)))
+
+
+def test_transformers_conv1d_folds_as_a_transposed_linear_on_both_sides():
+    model = randomize(Conv1DBlock())
+    with torch.no_grad():
+        model.fc.bias.normal_()
+        model.proj.bias.normal_()
+    ci = CallArgs((torch.randn(2, 5, 8),))
+    folded, report = fold(model, ci)
+    assert report.passed
+    assert [(a.path, a.detail["into"], a.detail["position"]) for a in report.folded] == [
+        ("bn1", ["fc"], "after"), ("bn2", ["proj"], "before")]
+    assert bns(folded) == []
+    assert folded.fc.weight.shape == (8, 12) and folded.proj.weight.shape == (12, 6)  # layout kept
+    assert rel_error(model, folded, ci) <= 1e-5
+    assert rel_error(model, folded, ci.like(torch.Generator().manual_seed(3), batch=3)) <= 1e-5
+
+
+def test_transposed_linear_math_matches_the_linear_math():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(8, 6, generator=g), torch.randn(6, generator=g)  # (in, out)
+    s6, t6 = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    s8, t8 = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    x = torch.randn(5, 8, generator=g)
+    nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, s6, t6)
+    assert torch.allclose(torch.addmm(nb, x, nw), (torch.addmm(b, x, w)) * s6 + t6, atol=1e-5)
+    nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, s8, t8)
+    assert torch.allclose(nw, w * s8[:, None]) and torch.allclose(nb, b + t8 @ w, atol=1e-6)
+    assert torch.allclose(torch.addmm(nb, x, nw), torch.addmm(b, x * s8 + t8, w), atol=1e-5)
+
+
+def test_addmm_not_owned_by_a_conv1d_is_refused():
+    model = randomize(AddmmBN())
+    ci = CallArgs((torch.randn(4, 8),))
+    folded, report = fold(model, ci)
+    assert report.passed and report.folded == []
+    reasons = {a.path: a.reason for a in report.skipped}
+    assert "is not a transformers Conv1D's forward" in reasons["bn1"]
+    assert "is not a transformers Conv1D's forward" in reasons["bn2"]
+    assert rel_error(model, folded, ci) == 0
+
+
+def test_gpt2_with_bn_folds_into_its_conv1d_layers():
+    from normsurgeon.calibrate import calibrate, synthetic_batches
+    from normsurgeon.convert import convert
+
+    model = zoo.gpt2()
+    ci = model.example_inputs()
+    bn_model, _ = convert(model, to="bn", example_inputs=ci, ffn_bn=True)
+    calibrate(bn_model, synthetic_batches(ci, 3))
+    folded, report = fold(bn_model.eval(), ci)
+    assert report.passed and report.verify.max_rel_error <= 1e-5
+    assert [a.path for a in report.skipped] == ["ln_f"]  # feeds the model output
+    into = {a.path: (a.detail["into"], a.detail["position"]) for a in report.folded}
+    n_layers = len(model.h)
+    assert len(into) == 3 * n_layers
+    for i in range(n_layers):
+        assert into[f"h.{i}.ln_1"] == ([f"h.{i}.attn.c_attn"], "before")
+        assert into[f"h.{i}.ln_2"] == ([f"h.{i}.mlp.c_fc.0"], "before")
+        assert into[f"h.{i}.mlp.c_fc.1"] == ([f"h.{i}.mlp.c_fc.0"], "after")
+    assert bns(folded) == ["ln_f"]
