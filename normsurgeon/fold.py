@@ -13,8 +13,8 @@ The pass works on the user's ``nn.Module`` (its classes survive) guided by the c
   ``fold_math``), replaces the BN module by ``nn.Identity`` in its parent, and returns an
   ``Action`` plus the information needed to undo exactly that site.
 
-Afterwards the outputs are compared with the original ones on the example inputs plus two random
-inputs of the same shapes. If they deviate beyond tolerance, every site is undone and re-applied
+Afterwards the outputs are compared with the original ones on the example inputs, two random
+inputs of the same shapes and one at another batch size (where the original model accepts it). If they deviate beyond tolerance, every site is undone and re-applied
 one at a time, verifying after each: a site that breaks the model is rolled back and reported.
 """
 
@@ -826,8 +826,8 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     """Fold every foldable BatchNorm of ``model`` into its neighbours; see the module docstring.
 
     Returns ``(folded_model, report)``. ``model`` is untouched unless ``inplace=True``. With
-    ``verify`` the outputs are compared with the original ones on ``example_inputs`` plus two random
-    inputs like them; sites that push the max relative error (max abs error / max |expected|) above
+    ``verify`` the outputs are compared with the original ones on ``example_inputs``, two random
+    inputs like them and one at another batch size; sites that push the max relative error (max abs error / max |expected|) above
     ``rtol`` (or the abs error above ``atol``) are rolled back. ``rtol`` is raised to 5e-3 for
     float16 and 1.5e-2 for bfloat16 models.
     """
