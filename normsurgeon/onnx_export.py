@@ -306,22 +306,18 @@ def _decomposed_norms(nodes, initializers) -> Counter:
             name, seen = p.input[0], seen + 1
         return consts.get(name)
 
-    def src(name: str):
-        """The node producing ``name``, looking through Cast/Identity."""
-        for _ in range(6):
-            p = producer.get(name)
-            if p is None or p.op_type not in ("Cast", "Identity"):
-                return p
-            name = p.input[0]
-        return None
-
     def base(name: str) -> str:
+        """``name`` with Cast/Identity producers looked through."""
         for _ in range(6):
             p = producer.get(name)
             if p is None or p.op_type not in ("Cast", "Identity"):
                 return name
             name = p.input[0]
         return name
+
+    def src(name: str):
+        """The node producing ``name``, looking through Cast/Identity."""
+        return producer.get(base(name))
 
     def is_const_value(name: str, value: float) -> bool:
         c = const(name)

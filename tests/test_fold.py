@@ -691,15 +691,20 @@ def test_bias_free_linear_takes_folds_from_both_sides():
     assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
-def test_llama_with_bn_ffn_folds_every_bn_but_the_final_norm():
+def _fold_bn_converted(name):
+    """A zoo transformer converted to BN with FFN BNs, calibrated, then folded: (folded, report)."""
     from normsurgeon.calibrate import calibrate, synthetic_batches
     from normsurgeon.convert import convert
 
-    model = zoo.llama()
+    model = zoo.MODELS[name]()
     ci = model.example_inputs()
     bn_model, _ = convert(model, to="bn", example_inputs=ci, ffn_bn=True)
     calibrate(bn_model, synthetic_batches(ci, 3))
-    folded, report = fold(bn_model.eval(), ci)
+    return fold(bn_model.eval(), ci)
+
+
+def test_llama_with_bn_ffn_folds_every_bn_but_the_final_norm():
+    folded, report = _fold_bn_converted("llama")
     assert report.passed and [a.path for a in report.skipped] == ["norm"]  # feeds the model output
     assert len(report.folded) == 2 * 2 + 2  # per layer: input + post-attention norm; plus the FFN BNs
 
@@ -773,18 +778,11 @@ def test_addmm_not_owned_by_a_conv1d_is_refused():
 
 
 def test_gpt2_with_bn_folds_into_its_conv1d_layers():
-    from normsurgeon.calibrate import calibrate, synthetic_batches
-    from normsurgeon.convert import convert
-
-    model = zoo.gpt2()
-    ci = model.example_inputs()
-    bn_model, _ = convert(model, to="bn", example_inputs=ci, ffn_bn=True)
-    calibrate(bn_model, synthetic_batches(ci, 3))
-    folded, report = fold(bn_model.eval(), ci)
+    folded, report = _fold_bn_converted("gpt2")
     assert report.passed and report.verify.max_rel_error <= 1e-5
     assert [a.path for a in report.skipped] == ["ln_f"]  # feeds the model output
     into = {a.path: (a.detail["into"], a.detail["position"]) for a in report.folded}
-    n_layers = len(model.h)
+    n_layers = len(folded.h)
     assert len(into) == 3 * n_layers
     for i in range(n_layers):
         assert into[f"h.{i}.ln_1"] == ([f"h.{i}.attn.c_attn"], "before")
