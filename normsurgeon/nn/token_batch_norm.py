@@ -1,0 +1,103 @@
+"""TokenBatchNorm: BatchNorm over the last dim of (B, C), (B, T, C), (B, H, W, C) inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NormSurgeonError
+from ._common import _copy_param, _like, bn_eps
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dim, with statistics over every leading position (batch x tokens).
+
+    Accepts (B, C), (B, T, C), (B, H, W, C), ... . The forward flattens the input to (-1, C) (a view
+    for contiguous inputs; no transpose), runs ``BatchNorm1d`` and views the result back, so it is
+    exactly ``BatchNorm1d`` on ``x.reshape(-1, C)`` in train and eval mode, with running stats and
+    ``momentum=None`` (cumulative average) behaving the same. It exports as one
+    ``BatchNormalization`` op on a 2-D tensor between two ``Reshape`` ops.
+
+    This is the norm of BN-transformers (LeViT; Yao et al. 2021): it replaces a token LayerNorm, and
+    in eval it is a per-channel affine map that can be folded into the adjacent Linear.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 1 or input.shape[-1] != self.num_features:
+            raise ValueError(
+                f"TokenBatchNorm({self.num_features}) expects an input whose last dim is {self.num_features}, "
+                f"got shape {tuple(input.shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        shape = input.shape
+        out = super().forward(input.reshape(-1, self.num_features))
+        return out.view(shape)
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm, *, momentum: float | None = 0.1) -> "TokenBatchNorm":
+        """A TokenBatchNorm in place of a LayerNorm over the last dim.
+
+        The LN's weight/bias become the BN's weight/bias (LN without bias: BN bias 0; LN without
+        affine: ``affine=False``); eps is kept. Running stats start at mean 0 / var 1, so the function
+        changes: calibrate (``normsurgeon.calibrate``) or train before using it in eval. eps is raised
+        to at least ``MIN_BN_EPS`` (see ``bn_eps``).
+        """
+        shape = tuple(getattr(ln, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise NormSurgeonError(
+                f"TokenBatchNorm can replace a LayerNorm over the last dim only; this one normalizes over "
+                f"{shape} (normalized_shape must have one entry)")
+        weight = getattr(ln, "weight", None)
+        bias = getattr(ln, "bias", None)
+        affine = weight is not None
+        new = cls(shape[0], eps=bn_eps(ln.eps), momentum=momentum, affine=affine, **_like(ln))
+        if affine:
+            _copy_param(new.weight, weight)
+            _copy_param(new.bias, bias, fill=0.0)
+            if bias is None:
+                new.bias.requires_grad_(weight.requires_grad)
+        return new.train(ln.training)
+
+    @classmethod
+    def from_rmsnorm(cls, norm: nn.Module, *, weight_offset: float | None = None, eps: float | None = None,
+                     momentum: float | None = 0.1) -> "TokenBatchNorm":
+        """A TokenBatchNorm in place of an RMSNorm over the last dim.
+
+        Works with ``torch.nn.RMSNorm`` and the transformers family (``LlamaRMSNorm``, ``T5LayerNorm``:
+        a ``weight`` and ``variance_epsilon``/``eps``). The RMS weight becomes the BN weight, the BN
+        bias is 0. ``weight_offset`` is added to the weight: Gemma-style norms scale by
+        ``1 + weight``; ``None`` picks 1.0 for classes whose name starts with "Gemma", else 0.0.
+        eps: the norm's eps, or 1e-5 when it has none (``nn.RMSNorm(eps=None)``).
+        Running stats start at mean 0 / var 1: calibrate or train before eval.
+        """
+        weight = getattr(norm, "weight", None)
+        if isinstance(norm, nn.RMSNorm):
+            shape = tuple(norm.normalized_shape)
+        elif weight is not None:
+            shape = tuple(weight.shape)
+        else:
+            raise NormSurgeonError(f"cannot tell the feature size of {type(norm).__name__}: it has no weight")
+        if len(shape) != 1:
+            raise NormSurgeonError(
+                f"TokenBatchNorm can replace an RMSNorm over the last dim only; this one normalizes over {shape}")
+        if eps is None:
+            eps = getattr(norm, "eps", None)
+            if eps is None:
+                eps = getattr(norm, "variance_epsilon", None)
+            if eps is None:
+                eps = 1e-5
+        if weight_offset is None:
+            weight_offset = 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+        affine = weight is not None
+        new = cls(shape[0], eps=bn_eps(float(eps)), momentum=momentum, affine=affine, **_like(norm))
+        if affine:
+            _copy_param(new.weight, weight)
+            if weight_offset:
+                with torch.no_grad():
+                    new.weight.add_(weight_offset)
+            _copy_param(new.bias, None, fill=0.0)
+            new.bias.requires_grad_(weight.requires_grad)
+        return new.train(norm.training)
