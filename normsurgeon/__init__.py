@@ -10,19 +10,19 @@
 
 __version__ = "0.1.0"
 
-# The functions below share names with their modules (normsurgeon.fold is the function; the module
-# is normsurgeon.fold's home): importing them here, eagerly, binds the package attributes to them.
+# Every public name lives in the module of its concern (see docs/ARCHITECTURE.md); they are
+# gathered here, and in ``normsurgeon.api`` with everything the CLI can do.
 from .errors import NormSurgeonError, VerificationError  # noqa: E402
 from .inputs import CallArgs  # noqa: E402
-from .io import load_model, save_model  # noqa: E402
+from .loading import load_model, save_model  # noqa: E402
 from .outputs import compare_outputs, flatten_outputs  # noqa: E402
 from .graph import capture  # noqa: E402
 from .find import inspect, find_norms  # noqa: E402
-from .fold import fold  # noqa: E402
-from .convert import convert, insert_ffn_bn  # noqa: E402
+from .fold import fold  # noqa: E402 - after the module of that name: binds the function
+from .passes.convert import convert, insert_ffn_bn  # noqa: E402
 from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: E402
 from .nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm  # noqa: E402
-from .onnx_export import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
+from .onnx import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
 from .bench import measure_latency  # noqa: E402
 
 __all__ = [

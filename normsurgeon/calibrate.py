@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import NormSurgeonError
+from .files import read_tensors
 from .inputs import CallArgs, as_call_args
 from .nn import TokenBatchNorm
 from .report import Table
@@ -339,39 +340,6 @@ def synthetic_batches(example_inputs: Any, n: int, seed: int = 0, batch_size: in
     return [example.like(gen, batch=batch_size) for _ in range(n)]
 
 
-_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
-
-
-def _read(path: Path) -> Any:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".pt", ".pth"):
-            return torch.load(path, map_location="cpu", weights_only=True)
-        if suffix == ".npy":
-            import numpy as np
-            return _from_numpy(np.load(path, allow_pickle=False))
-        if suffix == ".npz":
-            import numpy as np
-            with np.load(path, allow_pickle=False) as z:
-                return {k: _from_numpy(z[k]) for k in z.files}
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path), device="cpu")
-    except NormSurgeonError:
-        raise
-    except Exception as e:  # unreadable file, pickled objects in .pt, object arrays in .npy
-        raise NormSurgeonError(f"cannot read calibration data {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    raise NormSurgeonError(f"calibration data {path}: unknown format {suffix or '(no suffix)'!r}; "
-                           f"use one of {', '.join(_SUFFIXES)}")
-
-
-def _from_numpy(a) -> torch.Tensor:
-    import numpy as np
-    if a.dtype == np.uint16 or a.dtype.kind not in "biuf":
-        raise NormSurgeonError(f"unsupported array dtype {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
 def _slots(example: CallArgs) -> list[tuple[str, torch.Tensor]]:
     """(name, example tensor) for each tensor input, in CallArgs.names() order."""
     values = [*example.args, *example.kwargs.values()]
@@ -470,7 +438,7 @@ def load_calibration_data(path: str | Path, example_inputs: Any, batch_size: int
     if not slots:
         raise NormSurgeonError("the model's example inputs hold no tensor to calibrate with")
     where = str(path)
-    chunks = _assign(_read(path), slots, where)
+    chunks = _assign(read_tensors(path, "calibration data", npz_positional=False), slots, where)
     examples = dict(slots)
     fitted = {n: [_fit(n, t, examples[n], where) for t in ts] for n, ts in chunks.items()}
 

@@ -115,10 +115,10 @@ def run_demo(workdir: str | Path | None = None, *, train_steps: int = 150, bench
     """Run the story; yields one Step per stage as soon as it is done."""
     from .bench import measure_latency
     from .calibrate import calibrate
-    from .convert import convert
+    from .passes.convert import convert
     from .find import inspect
-    from .fold import fold
-    from .onnx_export import export_onnx
+    from .passes.fold import fold
+    from .onnx import export_onnx
 
     tick = progress or (lambda what, done, total: None)
     tmp = None

@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from .graph import GNode, ModelGraph
+from .graph.ops import CASTS as _CASTS, DATA_MOVEMENT, batch_norm_args, map_axis_through_reshape
 
 NORM_MODULES: list[tuple[type, str]] = [
     (nn.modules.batchnorm._BatchNorm, "batchnorm"),
@@ -35,15 +36,6 @@ NORM_OPS = {
     "group_norm": "groupnorm", "native_group_norm": "groupnorm",
     "instance_norm": "instancenorm", "rms_norm": "rmsnorm", "_fused_rms_norm": "rmsnorm",
 }
-
-# Ops that only move or relabel data: the channel axis can be followed through them.
-DATA_MOVEMENT = {
-    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
-    "clone", "reshape_as", "view_as", "alias", "detach", "dropout", "feature_dropout", "identity",
-    "lift_fresh_copy", "squeeze", "unsqueeze", "expand_as",
-}
-_CASTS = {"to", "_to_copy", "float", "type_as", "half", "bfloat16", "double"}
-
 
 def norm_kind(module: nn.Module | None) -> str | None:
     if module is None:
@@ -258,8 +250,9 @@ def _module_fields(site: NormSite, module: nn.Module) -> NormSite:
 def _op_fields(site: NormSite, node: GNode) -> None:
     op = node.op
     if op in ("batch_norm", "native_batch_norm"):
-        w, eps, rm = node.arg(1, "weight"), node.arg(7, "eps"), node.arg(3, "running_mean")
-        site.track_running_stats = isinstance(rm, GNode)
+        args = batch_norm_args(node) or {}  # aten and F.batch_norm order their arguments differently
+        w, eps = args.get("weight"), args.get("eps")
+        site.track_running_stats = isinstance(args.get("running_mean"), GNode)
     elif op.startswith("_native_batch_norm_legit"):
         w, eps = node.arg(1), node.arg(6 if "no_training" in op else 7)
         site.track_running_stats = "no_training" in op or isinstance(node.arg(3), GNode)
@@ -502,22 +495,12 @@ def _module_input_channel_axis(x: Any, path: str) -> tuple[Any, int | None]:
         src = src.inputs[0]
     if src is x or src.shape is None:
         return x, None
-    channels, trailing = x.shape[1], _prod(x.shape[2:])
-    for j in range(len(src.shape)):
-        if src.shape[j] == channels and _prod(src.shape[j + 1:]) == trailing:
-            return src, j
-    return x, None
+    j = map_axis_through_reshape(x.shape, src.shape, 1)
+    return (src, j) if j is not None else (x, None)
 
 
 def _inside(module_path: str | None, path: str) -> bool:
     return module_path is not None and (module_path == path or module_path.startswith(path + "."))
-
-
-def _prod(xs) -> int:
-    out = 1
-    for v in xs:
-        out *= int(v)
-    return out
 
 
 def _site_output(node: GNode) -> GNode:

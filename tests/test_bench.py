@@ -15,7 +15,7 @@ from normsurgeon import zoo
 from normsurgeon.bench import measure_latency
 from normsurgeon.cli import main
 from normsurgeon.errors import NormSurgeonError
-from normsurgeon.onnx_export import export_onnx
+from normsurgeon.onnx import export_onnx
 
 
 def _save(path, nodes, inputs, outputs, inits=()):

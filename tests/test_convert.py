@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from normsurgeon import zoo
 from normsurgeon.calibrate import synthetic_batches
 from normsurgeon.cli import main
-from normsurgeon.convert import convert
+from normsurgeon.passes.convert import convert
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.find import inspect
 from normsurgeon.inputs import CallArgs

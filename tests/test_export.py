@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normsurgeon import zoo
 from normsurgeon.cli import main
-from normsurgeon.errors import NormSurgeonError
-from normsurgeon import onnx_export
-from normsurgeon.onnx_export import (count_norm_ops, export_onnx, load_inputs_file, optimized_norm_ops,
+from normsurgeon.errors import NormSurgeonError, VerificationError
+from normsurgeon.onnx import export as onnx_export
+from normsurgeon.onnx import (count_norm_ops, export_onnx, load_inputs_file, optimized_norm_ops,
                                      verify_onnx)
 
 
@@ -151,7 +151,12 @@ def test_fallback_to_torchscript_is_reported_and_verification_catches_the_baked_
     by_name = {c.name: c for c in report.verify.checks}
     assert by_name["example"].passed  # the traced branch is right for the example inputs ...
     assert not report.verify.passed  # ... and wrong for random inputs whose sum is negative
-    assert (tmp_path / "b.onnx").exists()
+    # a failed export never sits at the output path looking like a good one (issue 12.4) ...
+    assert not (tmp_path / "b.onnx").exists() and not report.written
+    assert not list(tmp_path.iterdir())  # ... nor its temporary directory
+    assert any("nothing written" in n for n in report.notes)
+    kept = export_onnx(model, model.example_inputs(), tmp_path / "b.onnx", keep_failed=True, num_random=1)
+    assert not kept.verify.passed and kept.written and (tmp_path / "b.onnx").exists()
 
 
 def test_export_failing_with_both_exporters_names_the_op_and_module(tmp_path):
@@ -355,7 +360,11 @@ def test_cli_export_exit_1_when_verification_fails(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output + result.stderr
     data = json.loads(result.stdout)
     assert data["verify"]["passed"] is False and data["exporter"] == "torchscript"
-    assert "disagrees with PyTorch" in _one_error_line(result)
+    assert data["written"] is False and not out.exists()
+    assert "disagrees with PyTorch" in _one_error_line(result) and "nothing written" in _one_error_line(result)
+    result = CliRunner().invoke(main, ["export", "test_export:branchy", "-o", str(out), "--keep-failed"])
+    assert result.exit_code == 1 and out.exists()
+    assert "written for inspection" in _one_error_line(result)
 
 
 def test_cli_export_bad_inputs_file(tmp_path):
@@ -373,9 +382,64 @@ def test_cli_export_fold(tmp_path):
     result = CliRunner().invoke(main, ["export", "normsurgeon.zoo:levit", "-o", str(out), "--fold", "--json"])
     assert result.exit_code == 0, result.output + result.stderr
     data = json.loads(result.stdout)
-    assert data["norm_ops_unfolded"] == {"BatchNormalization": 23}
-    assert data["norm_ops"].get("BatchNormalization", 0) < 23
-    assert data["verify"]["passed"] and "fold" in data
+    bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in zoo.levit().modules())
+    assert data["norm_ops_unfolded"] == {"BatchNormalization": bns}  # counted on the graph, not exported twice
+    assert data["norm_ops"].get("BatchNormalization", 0) == bns - data["fold"]["summary"]["folded"]
+    assert data["verify"]["passed"] and data["fold"]["verify"]["passed"]
+
+
+def test_export_fold_exports_once(tmp_path, monkeypatch):
+    from normsurgeon import api
+    from normsurgeon.onnx import export as export_mod
+
+    calls = []
+    real = export_mod._export_dynamo
+
+    def counting(*args, **kw):
+        calls.append(args[2])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(export_mod, "_export_dynamo", counting)
+    model = zoo.resnet()
+    report = api.export(model, model.example_inputs(), tmp_path / "r.onnx", fold=True, num_random=0)
+    assert len(calls) == 1 and report.fold.passed and report.verify.passed
+
+
+class Drifting(torch.nn.Module):
+    """Conv -> BN whose output drifts with every call (a counter buffer): no two runs agree, so the
+    fold's verification fails for real (even with nothing folded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x)) + self.calls
+
+
+def drifting():
+    torch.manual_seed(0)
+    model = Drifting().eval()
+    model.example_inputs = lambda: (torch.randn(2, 3, 4, 4),)
+    return model
+
+
+def test_cli_export_fold_honours_the_folds_verification(tmp_path, monkeypatch):
+    """Issue 12.1: a fold whose own verification failed must not be exported (exit 1, nothing written)."""
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))
+    out = tmp_path / "d.onnx"
+    result = CliRunner().invoke(main, ["export", "test_export:drifting", "-o", str(out), "--fold", "--json"])
+    assert result.exit_code == 1, result.output + result.stderr
+    data = json.loads(result.stdout)  # the fold report, as `fold --json` prints it
+    assert data["verify"]["passed"] is False and data["summary"]["rolled_back"] == 1
+    assert "do not match" in _one_error_line(result) and not out.exists()
+    with pytest.raises(VerificationError):
+        from normsurgeon import api
+        api.export(drifting(), drifting().example_inputs(), tmp_path / "d.onnx", fold=True)
+    assert not out.exists()
 
 
 def test_export_leaves_module_modes_alone(tmp_path):

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normsurgeon import zoo
-from normsurgeon.convert import insert_ffn_bn
-from normsurgeon.ffn import check, find_ffn_blocks, match_ffn_blocks
+from normsurgeon.passes.convert import insert_ffn_bn
+from normsurgeon.passes.ffn_bn import check, find_ffn_blocks, match_ffn_blocks
 from normsurgeon.graph import capture
 from normsurgeon.inputs import CallArgs
 from normsurgeon.nn import TokenBatchNorm

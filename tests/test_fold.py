@@ -12,10 +12,11 @@ from torch import nn
 
 from normsurgeon import fold_math, zoo
 from normsurgeon.cli import main
-from normsurgeon.fold import fold
-from normsurgeon.graph import CapturedPart, ModelGraph, _fx_nodes
+from normsurgeon.passes.fold import fold
+from normsurgeon.graph import CapturedPart, ModelGraph
+from normsurgeon.graph.capture import _fx_nodes
 from normsurgeon.inputs import CallArgs
-from normsurgeon.io import load_model
+from normsurgeon.loading import load_model
 from normsurgeon.outputs import compare_outputs
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -614,15 +615,15 @@ def test_cli_pickled_model_needs_trust_and_never_overwrites_its_input(tmp_path):
 
 
 def test_cli_exit_1_when_verification_fails(tmp_path, monkeypatch):
-    from normsurgeon.cli import fold_cmd
-    from normsurgeon.fold import fold as real_fold
+    from normsurgeon import api
+    from normsurgeon.passes.fold import fold as real_fold
 
     def failing(*args, **kw):
         folded, report = real_fold(*args, **kw)
         report.passed = False
         return folded, report
 
-    monkeypatch.setattr(fold_cmd, "fold_model", failing)
+    monkeypatch.setattr(api, "fold", failing)
     out = tmp_path / "x.pt"
     code, _, stderr = _run(["fold", "normsurgeon.zoo:resnet", "-o", str(out)])
     assert code == 1 and "do not match" in stderr and not out.exists()
@@ -694,7 +695,7 @@ def test_bias_free_linear_takes_folds_from_both_sides():
 def _fold_bn_converted(name):
     """A zoo transformer converted to BN with FFN BNs, calibrated, then folded: (folded, report)."""
     from normsurgeon.calibrate import calibrate, synthetic_batches
-    from normsurgeon.convert import convert
+    from normsurgeon.passes.convert import convert
 
     model = zoo.MODELS[name]()
     ci = model.example_inputs()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normsurgeon import fold_math as fm
-from normsurgeon.fold import map_axis_through_reshape
+from normsurgeon.graph.ops import map_axis_through_reshape
 
 
 def _bn(cls, n, *, affine=True, eps=1e-5, seed=0):

@@ -234,7 +234,7 @@ def test_token_batchnorm_reports_the_module_input_and_its_channel_axis():
 
 
 def test_frozen_batchnorm_after_convert_is_listed():
-    from normsurgeon.convert import convert
+    from normsurgeon.passes.convert import convert
 
     model = zoo.resnet()
     frozen, _ = convert(model, to="frozen", example_inputs=model.example_inputs())

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from normsurgeon import zoo
 from normsurgeon.calibrate import calibrate
-from normsurgeon.convert import convert
+from normsurgeon.passes.convert import convert
 from normsurgeon.find import inspect
 from normsurgeon.inputs import CallArgs
 from normsurgeon.nn import TokenBatchNorm
@@ -72,7 +72,7 @@ def test_bn_vit_trains_calibrates_and_folds():
     assert acc > 0.9, acc
 
     # fold the BNs away: every one of them folds into a neighbouring Linear, outputs unchanged
-    fold = pytest.importorskip("normsurgeon.fold").fold
+    from normsurgeon import fold
     folded, fold_report = fold(bn_vit, ci)
     assert len(fold_report.folded) == 7, fold_report.to_json()
     with torch.no_grad():

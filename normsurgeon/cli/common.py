@@ -13,9 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from ..errors import NormSurgeonError
-from ..inputs import CallArgs, inputs_from_shapes
-from ..io import LoadedModel, load_model
+from ..errors import NormSurgeonError, one_line
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -46,16 +44,11 @@ def output_options(fn: Callable) -> Callable:
 
 
 def load_from_options(model: str, trust: bool, imports, weights, input_shapes, input_dtypes,
-                      need_inputs: bool = False) -> LoadedModel:
-    loaded = load_model(model, trust=trust, imports=imports, weights=weights)
-    if input_shapes:
-        loaded.example_inputs = inputs_from_shapes(input_shapes, input_dtypes)
-    elif input_dtypes:
-        raise NormSurgeonError("--input-dtype needs --input-shape")
-    if need_inputs and loaded.example_inputs is None:
-        raise NormSurgeonError(f"{model}: cannot derive example inputs for this model; pass --input-shape "
-                               "(e.g. --input-shape 1,3,224,224)")
-    return loaded
+                      need_inputs: bool = False):
+    from ..api import load
+
+    return load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                input_dtypes=input_dtypes, need_inputs=need_inputs)
 
 
 def guarded(fn: Callable) -> Callable:
@@ -77,8 +70,7 @@ def guarded(fn: Callable) -> Callable:
         except Exception as e:  # noqa: BLE001 - a bug, but the user still gets one line
             if debug:
                 traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            stderr.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {first} "
+            stderr.print(f"[bold red]error:[/] unexpected {one_line(e, typed=True)} "
                          "(rerun with --debug for the traceback)", markup=True, soft_wrap=True)
             sys.exit(2)
 

@@ -46,24 +46,13 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
     calibration (--calibrate) or training. Every site is reported as converted, inserted or skipped
     with a reason. Without -o nothing is written.
     """
-    from ..calibrate import load_calibration_data, synthetic_batches
-    from ..convert import TARGETS, convert as convert_model
-    from ..ffn import INITS, POSITIONS
-    from ..io import check_output_path, save_model
+    from .. import api
+    from ..loading import check_output_path
 
     # options first: nothing is loaded or computed for a bad command line
     if to is None and not ffn_bn:
         raise NormSurgeonError("give --to bn|ln|gn|frozen (and/or --ffn-bn)")
-    if to is not None and to not in TARGETS:
-        raise NormSurgeonError(f"unknown --to {to!r}: use one of {', '.join(TARGETS)}")
-    if groups is not None and to != "gn":
-        raise NormSurgeonError("--groups only goes with --to gn")
-    if groups is not None and groups <= 0:
-        raise NormSurgeonError(f"--groups must be a positive integer, got {groups}")
-    if ffn_bn_position not in POSITIONS:
-        raise NormSurgeonError(f"unknown --ffn-bn-position {ffn_bn_position!r}: use {' or '.join(POSITIONS)}")
-    if ffn_bn_init not in INITS:
-        raise NormSurgeonError(f"unknown --ffn-bn-init {ffn_bn_init!r}: use {' or '.join(INITS)}")
+    api.validate_convert(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init)
     if not ffn_bn and (ffn_bn_position != "after-first" or ffn_bn_init != "fresh"):
         raise NormSurgeonError("--ffn-bn-position/--ffn-bn-init go with --ffn-bn")
     if calibrate_file is not None and calibrate_synthetic is not None:
@@ -77,40 +66,24 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
     batches = None
     if calibrate_file is not None:
-        batches = load_calibration_data(calibrate_file, loaded.example_inputs, batch_size=batch_size)
-        _check_batch_runs(loaded.model, batches[0], calibrate_file)
+        batches = api.load_calibration_data(calibrate_file, loaded.example_inputs, batch_size=batch_size)
+        api.check_calibration_batch(loaded.model, batches[0], calibrate_file)
     elif calibrate_synthetic is not None:
-        batches = synthetic_batches(loaded.example_inputs, calibrate_synthetic)
+        batches = api.synthetic_batches(loaded.example_inputs, calibrate_synthetic)
 
     with _Progress(enabled=batches is not None) as progress:
-        converted, report = convert_model(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
+        converted, report = api.convert(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
                                           ffn_bn=ffn_bn, ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init,
                                           calibrate_batches=batches, inplace=True, progress=progress)
-    if report.verify is not None and not report.verify.get("passed", True):
+    if report.verify is not None and report.verify.get("passed") is False:
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
     if out_path is not None:
-        save_model(converted, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save_model(converted, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
         report.notes.append(f"wrote {out_path}")
     else:
         report.notes.append("report only: no -o given, nothing written")
     emit(report, as_json)
-
-
-def _check_batch_runs(model, batch, where) -> None:
-    """One calibration batch through the model before any work: wrong data fails fast, in one line."""
-    import torch
-
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batch.call(model)
-    except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise NormSurgeonError(f"calibration data {where}: the model rejects it ({type(e).__name__}: {first})") from e
-    finally:
-        model.train(was)
 
 
 class _Progress:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import NormSurgeonError, VerificationError
+from ..errors import VerificationError
 from .common import emit, guarded, load_from_options, model_options, output_options, progress_console
 
 
@@ -39,73 +39,45 @@ def _status(enabled: bool = True):
               help="Pass if max relative error (max abs error / max |expected|) <= rtol ...")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="... or max abs error <= atol.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--keep-failed", is_flag=True,
+              help="Write the .onnx even when its verification fails (for inspection); default: nothing written.")
 @output_options
 @guarded
 def export(model, trust, imports, weights, input_shapes, input_dtypes, output, do_fold, opset, exporter,
-           dynamic_batch, dynamic_seq, inputs_file, num_random, rtol, atol, force, as_json, debug):
+           dynamic_batch, dynamic_seq, inputs_file, num_random, rtol, atol, force, keep_failed, as_json, debug):
     """Export MODEL to ONNX and prove it in ONNX Runtime.
 
     Verifies the file against PyTorch on the example inputs, random ones, a second batch/sequence size for
     dynamic axes and --inputs; counts normalization ops as exported and after ONNX Runtime's optimizations.
-    Exit 1 when verification fails (the file is still written, for inspection).
+    Exit 1 when verification fails; the file is then not written unless --keep-failed. With --fold, a fold
+    whose own verification fails is not exported (exit 1).
     """
-    from ..io import check_output_path
-    from ..onnx_export import export_onnx, load_inputs_file, norm_ops_of_model
+    from .. import api
+    from ..loading import check_output_path
 
     model_path = Path(model) if Path(model).exists() else None
     check_output_path(output, force=force, inputs=[model_path], suffixes=(".onnx",))  # fail before loading
     with _status() as progress:
         progress(f"loading {model}")
         loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-        inputs = loaded.example_inputs
-        extra = load_inputs_file(inputs_file, inputs) if inputs_file else None
-        net = loaded.model
-        unfolded_counts = fold_report = None
-        if do_fold:
-            try:
-                from ..fold import fold
-            except ImportError:
-                raise NormSurgeonError("--fold is not available yet") from None
-            progress("counting norm ops of the unfolded model")
-            unfolded_counts = norm_ops_of_model(net, inputs, opset=opset, exporter=exporter)
-            progress("folding")
-            net, fold_report = fold(net, inputs)
-        report = export_onnx(net, inputs, output, opset=opset, dynamic_batch=dynamic_batch, dynamic_seq=dynamic_seq,
-                             rtol=rtol, atol=atol, extra_inputs=extra, num_random=num_random, force=force,
-                             progress=progress, exporter=exporter, input_path=loaded.path)
-    if unfolded_counts is not None:
-        report.norm_ops_unfolded, report.norm_ops_unfolded_optimized = unfolded_counts
-        report.notes.append("ONNX verified against the folded PyTorch model; the fold itself was verified "
-                            "against the original (see the fold report)")
-    _emit(report, fold_report, as_json)
+        try:
+            # the CLI owns the model it loaded: fold it in place (no second copy in memory)
+            report = api.export(loaded.model, loaded.example_inputs, output, fold=do_fold, inplace=True,
+                                inputs_file=inputs_file, opset=opset, dynamic_batch=dynamic_batch,
+                                dynamic_seq=dynamic_seq, rtol=rtol, atol=atol, num_random=num_random, force=force,
+                                progress=progress, exporter=exporter, input_path=loaded.path,
+                                keep_failed=keep_failed)
+        except VerificationError as e:
+            if getattr(e, "report", None) is not None:
+                emit(e.report, as_json)
+            raise
+    emit(report, as_json)
     v = report.verify
     if v is not None and not v.passed:
         failed = [c.name for c in v.checks if not c.passed]
+        where = "the file was written for inspection" if report.written else \
+            "nothing written; --keep-failed writes it for inspection"
         raise VerificationError(
             f"{output} disagrees with PyTorch in ONNX Runtime on {len(failed)} of {len(v.checks)} input sets "
             f"({', '.join(failed)}): max abs {v.max_abs_error:.3g} > atol {atol:g} and max rel "
-            f"{v.max_rel_error:.3g} > rtol {rtol:g} (the file was written for inspection)")
-
-
-class _WithFold:
-    """The export report with the fold report attached (JSON key "fold", its tables first)."""
-
-    def __init__(self, report, fold_report):
-        self.report, self.fold_report = report, fold_report
-
-    def to_json(self) -> dict:
-        data = self.report.to_json()
-        if self.fold_report is not None:
-            data["fold"] = self.fold_report.to_json() if hasattr(self.fold_report, "to_json") else str(self.fold_report)
-        return data
-
-    def tables(self):
-        tables = []
-        if self.fold_report is not None and hasattr(self.fold_report, "tables"):
-            tables.extend(self.fold_report.tables())
-        return tables + self.report.tables()
-
-
-def _emit(report, fold_report, as_json: bool) -> None:
-    emit(_WithFold(report, fold_report), as_json)
-
+            f"{v.max_rel_error:.3g} > rtol {rtol:g} ({where})")

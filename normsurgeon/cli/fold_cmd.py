@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..errors import NormSurgeonError, VerificationError
-from ..fold import fold as fold_model
-from ..io import check_output_path, save_model
+from .. import api
+from ..loading import check_output_path
 from .common import emit, guarded, load_from_options, model_options, output_options, stderr
 
 
@@ -34,9 +34,9 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rto
     if output is not None:
         out_path = check_output_path(output, force=force, inputs=[model])
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    folded, report = fold_model(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol)
+    folded, report = api.fold(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol)
     if report.passed and out_path is not None:
-        save_model(folded, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save_model(folded, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
     if as_json:
         payload = report.to_json()
         payload["output"] = str(out_path) if (out_path is not None and report.passed) else None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..find import inspect as inspect_model
-from ..graph import capture
+from .. import api
 from .common import emit, guarded, load_from_options, model_options, output_options
 
 
@@ -20,5 +19,4 @@ def inspect(model, trust, imports, weights, input_shapes, input_dtypes, as_json,
     --trust) or package.module:factory.
     """
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes)
-    graph = capture(loaded.model, loaded.example_inputs)
-    emit(inspect_model(loaded.model, graph=graph), as_json)
+    emit(api.inspect(loaded.model, loaded.example_inputs), as_json)

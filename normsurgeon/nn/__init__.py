@@ -27,9 +27,10 @@ from .channel_layer_norm import ChannelLayerNorm
 from .factories import batchnorm_to_groupnorm, ffn_batchnorm, make_identity
 from .frozen_batch_norm import FrozenBatchNorm
 from .token_batch_norm import TokenBatchNorm
+from .registry import MODULES, module_class  # noqa: E402 - target name -> class
 
 __all__ = [
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
-    "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity",
+    "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity", "MODULES", "module_class",
 ]
 

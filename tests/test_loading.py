@@ -7,7 +7,7 @@ import torch.nn as nn
 from normsurgeon import zoo
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.inputs import CallArgs, inputs_from_shapes, parse_shape
-from normsurgeon.io import load_model, save_model
+from normsurgeon.loading import load_model, save_model
 from normsurgeon.outputs import compare_outputs, flatten_outputs
 
 

@@ -18,14 +18,14 @@ its ``call_key`` (which call of that module; a module called twice has two keys)
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .errors import NormSurgeonError
-from .inputs import CallArgs
+from ..errors import NormSurgeonError, one_line
+from ..inputs import CallArgs
+from .node import CapturedPart, GNode, ModelGraph
 
 # Modules FX keeps as leaves, mapped to the aten op name their export produces.
 _MODULE_OPS: list[tuple[type, str]] = [
@@ -51,90 +51,6 @@ _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "s
                 "_functional_assert_async", "_functional_assert_scalar"}
 
 
-@dataclass(eq=False)
-class GNode:
-    """One operation of the captured graph."""
-
-    name: str
-    op: str  # canonical op name; "input", "param", "output" for the graph's boundary
-    target: Any = None
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    module_path: str | None = None  # innermost module that ran this op ("" for the root)
-    call_key: str | None = None  # distinguishes calls of the same module
-    module_stack: list[tuple[str, str]] = field(default_factory=list)  # (path, class name), outer → inner
-    shape: tuple | None = None
-    dtype: torch.dtype | None = None
-    param: str | None = None  # "param" nodes: qualified name of the parameter or buffer
-    users: list["GNode"] = field(default_factory=list)
-    leaf_module: bool = False  # FX call_module: the module ran as one node
-
-    @property
-    def inputs(self) -> list["GNode"]:
-        return [a for a in _flat(self.args) if isinstance(a, GNode)] + \
-            [a for a in _flat(tuple(self.kwargs.values())) if isinstance(a, GNode)]
-
-    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
-        if index < len(self.args):
-            return self.args[index]
-        if name is not None and name in self.kwargs:
-            return self.kwargs[name]
-        return default
-
-    def __repr__(self) -> str:
-        return f"GNode({self.name}: {self.op} @ {self.module_path!r})"
-
-
-@dataclass
-class CapturedPart:
-    path: str  # "" for the whole model
-    method: str  # export | fx | failed
-    error: str | None = None
-
-
-@dataclass
-class ModelGraph:
-    """The captured dataflow of ``model`` (or of the parts of it that could be captured)."""
-
-    model: nn.Module
-    method: str  # export | fx | per-child
-    nodes: list[GNode]
-    parts: list[CapturedPart]
-    attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed)
-
-    def __post_init__(self) -> None:
-        self._modules = dict(self.model.named_modules(remove_duplicate=False))
-
-    @property
-    def has_shapes(self) -> bool:
-        return any(n.shape is not None for n in self.nodes)
-
-    def module(self, path: str | None) -> nn.Module | None:
-        if path is None:
-            return None
-        return self._modules.get(path)
-
-    def module_of(self, node: GNode) -> nn.Module | None:
-        return self.module(node.module_path)
-
-    def ops(self, *names: str) -> Iterator[GNode]:
-        wanted = set(names)
-        return (n for n in self.nodes if n.op in wanted)
-
-    def calls(self, path: str) -> set[str]:
-        """Distinct call keys of the module at ``path`` (more than one: the module is shared)."""
-        return {n.call_key for n in self.nodes if n.module_path == path and n.call_key is not None}
-
-    def failed_parts(self) -> list[CapturedPart]:
-        return [p for p in self.parts if p.method == "failed"]
-
-    def describe(self) -> str:
-        if self.method == "per-child":
-            ok = sum(p.method != "failed" for p in self.parts)
-            return f"per-child ({ok} parts captured, {len(self.failed_parts())} failed)"
-        return self.method
-
-
 def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGraph:
     """Capture ``model``'s graph; see the module docstring for the order of attempts."""
     attempts: list[tuple[str, str]] = []
@@ -144,12 +60,12 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGr
             nodes = _export_nodes(model, example_inputs)
             return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts)
         except Exception as e:  # noqa: BLE001 - any failure means: try the next method
-            attempts.append(("export", _short(e)))
+            attempts.append(("export", one_line(e, typed=True, limit=200)))
     try:
         nodes = _fx_nodes(model, example_inputs)
         return ModelGraph(model, "fx", nodes, [CapturedPart("", "fx")], attempts)
     except Exception as e:  # noqa: BLE001
-        attempts.append(("fx", _short(e)))
+        attempts.append(("fx", one_line(e, typed=True, limit=200)))
     if example_inputs is None:
         raise NormSurgeonError(
             "torch.fx cannot trace this model without example inputs "
@@ -165,7 +81,7 @@ def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
             example_inputs.call(model)
     except Exception as e:  # noqa: BLE001
         shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
-        raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {_short(e)}") from e
+        raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {one_line(e, typed=True, limit=200)}") from e
     finally:
         restore_modes(modes)
 
@@ -312,7 +228,7 @@ def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str,
                 if any(True for _ in child.children()):
                     visit(child_path, child)
                 else:
-                    parts.append(CapturedPart(child_path, "failed", _short(e)))
+                    parts.append(CapturedPart(child_path, "failed", one_line(e, typed=True, limit=200)))
 
     visit("", model)
     attempts.append(("per-child", f"{sum(p.method == 'export' for p in parts)} parts exported"))
@@ -338,7 +254,7 @@ def _record_module_inputs(model: nn.Module, ci: CallArgs) -> dict[str, CallArgs]
         with torch.no_grad():
             ci.call(model)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"the model fails on its example inputs: {type(e).__name__}: {_short(e)}") from e
+        raise NormSurgeonError(f"the model fails on its example inputs: {type(e).__name__}: {one_line(e, typed=True, limit=200)}") from e
     finally:
         restore_modes(modes)
         for h in handles:
@@ -360,16 +276,6 @@ def _map_arg(a: Any, mapping: dict) -> Any:
 
 def _map_args(args: tuple, mapping: dict) -> tuple:
     return tuple(_map_arg(a, mapping) for a in args)
-
-
-def _flat(xs: Any) -> Iterator[Any]:
-    for x in xs:
-        if isinstance(x, (list, tuple)):
-            yield from _flat(x)
-        elif isinstance(x, dict):
-            yield from _flat(tuple(x.values()))
-        else:
-            yield x
 
 
 def _link_users(nodes: list[GNode]) -> None:
@@ -399,8 +305,3 @@ def _join(prefix: str, path: str | None) -> str:
 
 def _pre(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
-
-
-def _short(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"

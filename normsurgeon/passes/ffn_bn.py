@@ -30,8 +30,9 @@ token statistics, no transposes.
 shared by every call), registered under several paths, or a matrix product that is not a module of
 its own (``F.linear`` inside forward code cannot be wrapped).
 
-The library entry point is :func:`normsurgeon.convert.insert_ffn_bn` (also importable from here);
-it adds the identity initialisation and its numerical verification.
+The identity initialisation (``measure_identity_stats``, ``identity_errors``) makes the insertion
+exact in eval; the library entry point is :func:`normsurgeon.insert_ffn_bn` (``passes.convert``),
+which runs it with its numerical verification.
 """
 
 from __future__ import annotations
@@ -42,31 +43,28 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .graph import GNode, ModelGraph
+from ..calibrate import RunningStats, as_positions
+from ..graph import GNode, ModelGraph, ops
+from ..inputs import CallArgs, as_call_args
+from ..nn import make_identity
+from ..verify import run_clean, site_error
 
 __all__ = ["FFNBlock", "LinearUnit", "find_ffn_blocks", "match_ffn_blocks", "check", "wrap_linear",
-           "unwrap_linear", "insert_ffn_bn", "POSITIONS", "INITS"]
+           "unwrap_linear", "measure_identity_stats", "identity_errors", "POSITIONS", "INITS"]
 
 POSITIONS = ("after-first", "before-second")
 INITS = ("fresh", "identity")
 
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul"}
-ACTIVATIONS = {
-    "gelu", "relu", "silu", "sigmoid", "tanh", "erf", "mish", "hardswish", "hardsigmoid", "leaky_relu",
-    "elu", "selu", "celu", "softplus", "relu6", "hardtanh", "prelu", "rrelu", "glu", "gelu_", "relu_",
-    "silu_", "hardswish_", "hardtanh_", "elu_", "leaky_relu_", "sigmoid_", "tanh_",
-}
-_MOVES = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "contiguous", "clone", "alias",
-          "detach", "lift_fresh_copy", "squeeze", "unsqueeze", "view_as", "reshape_as", "identity",
-          "to", "_to_copy", "type_as"}
+ACTIVATIONS = ops.ACTIVATIONS
+# What a linear module may do around its matrix product and still be a plain linear layer.
+_MOVES = ops.RESHAPE | ops.IDENTITY | ops.CASTS
 # Pointwise ops an FFN's activation region may hold (besides ACTIVATIONS).
-_POINTWISE = ACTIVATIONS | {
+_DROPOUTS = ops.DROPOUT | {"native_dropout"}
+_POINTWISE = ACTIVATIONS | _DROPOUTS | ops.IDENTITY | ops.CASTS | {
     "mul", "add", "sub", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "abs", "square", "clamp", "clamp_min",
-    "clamp_max", "dropout", "feature_dropout", "alpha_dropout", "native_dropout", "clone", "contiguous",
-    "alias", "detach", "to", "_to_copy", "type_as", "float", "half", "bfloat16", "identity", "lift_fresh_copy",
-    "getitem",
+    "clamp_max", "getitem",
 }
-_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "native_dropout"}
 _MAX_REGION = 64
 
 
@@ -190,7 +188,7 @@ def _linear_units(graph: ModelGraph) -> list[LinearUnit]:
 
 def _weight_like(a: Any) -> bool:
     seen = 0
-    while isinstance(a, GNode) and a.op != "param" and seen < 4 and a.op in _MOVES | {"t", "transpose", "permute"}:
+    while isinstance(a, GNode) and a.op != "param" and seen < 4 and a.op in _MOVES | ops.TRANSPOSE | ops.PERMUTE:
         a = a.inputs[0] if a.inputs else None
         seen += 1
     return isinstance(a, GNode) and a.op == "param"
@@ -314,7 +312,7 @@ def check(block: FFNBlock, graph: ModelGraph, position: str = "after-first") -> 
         return (f"{unit.path} is called {calls} times: wrapping it would put one BatchNorm (one set of "
                 "running statistics) on every call")
     module = graph.module(unit.path)
-    aliases = [p for p, m in graph.model.named_modules(remove_duplicate=False) if m is module and p != unit.path]
+    aliases = [p for p in graph.aliases(module) if p != unit.path]
     if aliases:
         return f"{unit.path} is the same module as {', '.join(aliases)}: wrapping one path would split them"
     return None
@@ -330,7 +328,7 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def wrap_linear(model: nn.Module, path: str, hidden: int, position: str, *, identity: bool = False) -> tuple[str, nn.Module]:
     """Replace the linear at ``path`` by ``Sequential(linear, bn)`` (after-first) or
     ``Sequential(bn, linear)`` (before-second). Returns (path of the new BN, the BN)."""
-    from .nn import ffn_batchnorm
+    from ..nn import ffn_batchnorm
 
     parent, name = _parent(model, path)
     linear = getattr(parent, name)
@@ -351,8 +349,46 @@ def unwrap_linear(model: nn.Module, path: str, position: str) -> None:
     setattr(parent, name, seq[0] if position == "after-first" else seq[1])
 
 
-def insert_ffn_bn(model: nn.Module, example_inputs: Any = None, **kwargs):
-    """See :func:`normsurgeon.convert.insert_ffn_bn`."""
-    from .convert import insert_ffn_bn as _insert
+# --- identity initialisation -------------------------------------------------------------------
 
-    return _insert(model, example_inputs, **kwargs)
+@torch.no_grad()
+def measure_identity_stats(model: nn.Module, bns: list[nn.Module], batches: list[Any]) -> None:
+    """Set each BN's running stats to the exact mean/unbiased var of its inputs, measured with the
+    whole model in eval and every BN in ``bns`` an identity (so each sees what it will see)."""
+    make_identity(bns)
+    stats = {bn: RunningStats(bn.num_features, bn.running_mean.device) for bn in bns}
+
+    def hook(bn, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            stats[bn].add_batch(as_positions(bn, args[0].detach()))
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
+    try:
+        device = next((t.device for t in model.parameters()), None)
+        calls = [as_call_args(b) for b in batches]
+        if device is not None:
+            calls = [c.to(device=device) for c in calls]
+        for c in calls:
+            run_clean(model, c, eval_mode=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for bn, st in stats.items():
+        if st.count:
+            st.write_to(bn)
+    make_identity(bns)
+
+
+def identity_errors(model: nn.Module, items: list[tuple[str, nn.Module]], ci: CallArgs) -> dict[str, float]:
+    errs: dict[str, float] = {}
+    handles = []
+    for path, bn in items:
+        def hook(_m, args, out, _p=path):
+            errs[_p] = max(errs.get(_p, 0.0), site_error(args[0], out))
+        handles.append(bn.register_forward_hook(hook))
+    try:
+        run_clean(model, ci, eval_mode=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return errs

@@ -1,0 +1,192 @@
+"""The fold pass: every foldable inference-mode BatchNorm folded into its neighbours, verified.
+
+Runs the ``fold_bn`` rule (match → check → rewrite) over the model, then compares the outputs with
+the original ones (``verify.References``: the example inputs, two random inputs like them and one at
+another batch size, where the original model accepts it). If they deviate beyond tolerance, every
+site is undone and the sites are re-applied in halves, verifying each group: a site that breaks the
+model is rolled back and reported (``passes.base.apply_verified``).
+
+Memory: the reference is the original model's *outputs*, not a copy of it. With ``inplace=True`` (the
+CLI always, since it owns the model it loaded) the model is rewritten in place and the weights a
+fold replaces go to an on-disk undo log, so the pass needs about one copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from ..graph import ModelGraph, capture
+from ..inputs import as_call_args
+from ..outputs import ErrorStats
+from ..report import Action, Table, fmt_float
+from ..verify import References, UndoStore, tolerance_for
+from .base import Applied, apply_verified
+from .fold_bn import FoldContext, Site, check, combine, entry_reason, match, rewrite
+
+__all__ = ["fold", "FoldReport"]
+
+
+@dataclass
+class FoldReport:
+    """Every BatchNorm of the model (folded into what, skipped why, rolled back why) + the check."""
+
+    capture: str
+    actions: list[Action] = field(default_factory=list)
+    verify: ErrorStats | None = None
+    verified_inputs: int = 0
+    tolerance: float | None = None
+    passed: bool | None = None
+    verify_error: str | None = None
+
+    @property
+    def folded(self) -> list[Action]:
+        return [a for a in self.actions if a.kind == "folded"]
+
+    @property
+    def skipped(self) -> list[Action]:
+        return [a for a in self.actions if a.kind in ("skipped", "rolled_back")]
+
+    @property
+    def rolled_back(self) -> list[Action]:
+        return [a for a in self.actions if a.kind == "rolled_back"]
+
+    @property
+    def num_norms(self) -> int:
+        return sum(1 for a in self.actions if not a.detail.get("functional"))
+
+    def summary(self) -> str:
+        if not self.actions:
+            return "no BatchNorm in this model: nothing to fold"
+        text = f"folded {len(self.folded)} of {self.num_norms} BatchNorms"
+        functional = sum(1 for a in self.actions if a.detail.get("functional"))
+        if functional:
+            text += f" (+{functional} functional batch_norm calls, not folded)"
+        if self.rolled_back:
+            text += f"; {len(self.rolled_back)} rolled back"
+        if self.passed is None:
+            return text + "; not verified"
+        err = self.verify.max_rel_error if self.verify else None
+        text += (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
+                 f"{self.verified_inputs} inputs): {'passed' if self.passed else 'FAILED'}")
+        if self.verify_error:
+            text += f" ({self.verify_error})"
+        training = sum(1 for a in self.skipped if (a.reason or "").startswith("in training mode"))
+        if training:
+            # The usual slip after a training loop: say it where the user looks, not only per row.
+            text += f". {training} BatchNorm(s) are in training mode: call model.eval() before folding"
+        return text
+
+    def to_json(self) -> dict:
+        verify: dict[str, Any] = {"max_abs_error": None, "max_rel_error": None, "passed": self.passed}
+        if self.verify is not None:
+            verify.update(max_abs_error=_finite(self.verify.max_abs_error),
+                          max_rel_error=_finite(self.verify.max_rel_error))
+        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs)
+        if self.verify_error:
+            verify["error"] = self.verify_error
+        return {
+            "capture": self.capture,
+            "folded": [{"norm": a.path, "into": a.detail["into"], "position": a.detail["position"],
+                        "via": a.detail.get("via", [])} for a in self.folded],
+            "skipped": [{"norm": a.path, "reason": a.reason, "rolled_back": a.kind == "rolled_back"}
+                        for a in self.skipped],
+            "verify": verify,
+            "summary": {"batchnorms": self.num_norms, "folded": len(self.folded),
+                        "skipped": len(self.skipped) - len(self.rolled_back),
+                        "rolled_back": len(self.rolled_back)},
+        }
+
+    def tables(self) -> list[Table]:
+        rows = []
+        for a in self.actions:
+            if a.kind == "folded":
+                via = " → ".join(a.detail.get("via", []))
+                what = ", ".join(a.detail["into"]) + (f"  (via {via})" if via else "")
+                rows.append([a.path, "folded", a.detail["position"], what])
+            else:
+                rows.append([a.path, a.kind.replace("_", " "), "", a.reason])
+        table = Table(f"BatchNorm folding (capture: {self.capture})",
+                      ["BatchNorm", "result", "position", "into / reason"], rows)
+        table.notes.append(self.summary())
+        return [table]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify: bool = True,
+         rtol: float = 1e-5, atol: float | None = None, graph: ModelGraph | None = None
+         ) -> tuple[nn.Module, FoldReport]:
+    """Fold every foldable BatchNorm of ``model`` into its neighbours; see the module docstring.
+
+    Returns ``(folded_model, report)``. ``model`` is untouched unless ``inplace=True``. With
+    ``verify`` the outputs are compared with the original ones on ``example_inputs``, two random
+    inputs like them and one at another batch size; sites that push the max relative error (max abs
+    error / max |expected|) above ``rtol`` (or the abs error above ``atol``) are rolled back. ``rtol``
+    is raised to the tolerance table's entry for float16/bfloat16 models (``verify.TOLERANCE``).
+    """
+    ci = as_call_args(example_inputs)
+    work = model if inplace else copy.deepcopy(model)
+    graph = graph if graph is not None else capture(work, ci)
+    ctx = FoldContext(work, graph)
+    report = FoldReport(graph.describe())
+    tol = tolerance_for(work, rtol, atol)
+    report.tolerance = tol.rtol
+    refs = References.record(work, ci) if verify else None
+    if refs is not None:
+        report.verified_inputs = len(refs)
+
+    # An in-place fold owns the model: spill replaced weights to disk instead of holding a copy.
+    with UndoStore(spill=inplace) as store:
+        actions, applied = _fold_all(work, graph, ctx, store)
+        if refs is not None:
+            verdict = apply_verified(work, applied, refs, tol, store, done="folded")
+            actions.update(verdict.actions)
+            report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
+    report.actions = list(actions.values())
+    return work, report
+
+
+def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
+              ) -> tuple[dict[str, Action], list[Applied]]:
+    """match → check → rewrite for every BatchNorm; the Action of each and the sites rewritten."""
+    failed_paths = {p.path: p.error for p in graph.failed_parts()}
+    applied: list[Applied] = []
+    actions: dict[str, Action] = {}
+    for entry in match(work, graph, ctx):
+        reason = entry.reason or entry_reason(entry, ctx, failed_paths)
+        if reason is not None:
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None}, reason)
+            continue
+        chosen, why = None, {}
+        for site in entry.sites:
+            r = check(site, ctx)
+            if r is None:
+                chosen = site
+                break
+            why[site.position] = r
+        if chosen is None:
+            actions[entry.norm] = Action("skipped", entry.norm, {}, combine({**entry.reasons, **why}))
+            continue
+        undo = store.log()
+        try:
+            action = rewrite(chosen, ctx, undo)
+        except Exception as e:  # noqa: BLE001 - a failed rewrite is a skipped site, never a half-edit
+            undo.restore()
+            actions[entry.norm] = Action("skipped", entry.norm, {}, f"rewrite failed: {type(e).__name__}: {e}")
+            continue
+        actions[entry.norm] = action
+        applied.append(Applied(entry.norm, chosen, action, undo, redo=lambda u, s=chosen: rewrite(s, ctx, u),
+                               rolled_back=lambda why, s=chosen: _rolled_back(s, why),
+                               describe=f"folding into {', '.join(chosen.into)}"))
+    return actions, applied
+
+
+def _rolled_back(site: Site, why: str) -> Action:
+    return Action("rolled_back", site.norm, {"into": site.into, "position": site.position}, why)

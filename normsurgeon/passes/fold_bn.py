@@ -1,0 +1,540 @@
+"""Fold an inference-mode BatchNorm into an adjacent Linear/Conv: the rule (match, check, rewrite).
+
+- **match** (read-only): for every BatchNorm call in the graph, walk *backwards* through ops that
+  only move data (``graph.ops``: view/reshape/flatten/permute/transpose/contiguous/clone/unflatten,
+  eval Dropout, Identity) to a producer (Linear, Conv, ConvTranspose, transformers Conv1D), and
+  *forwards* to the consumers (Linear, Conv). Returns ``NormEntry`` objects with candidate ``Site``s,
+  preferred direction first.
+- **check**: the reason a site must not be folded, or None. It tracks where the channel axis goes
+  through every data-movement op (never guessing it from sizes) and refuses shared modules, shared
+  or tied weights, outputs used elsewhere, training-mode BNs, padded conv consumers, ...
+- **rewrite**: changes the producer/consumer parameters in place (float64 math from ``fold_math``),
+  replaces the BN module by ``nn.Identity`` in its parent, and returns an ``Action``; the ``UndoLog``
+  learns how to take exactly that site back.
+
+The pass that runs this rule with verification and rollback is ``passes.fold``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize
+
+from .. import fold_math
+from ..graph import GNode, ModelGraph
+from ..graph.node import paths_by_module
+from ..graph import ops
+from ..graph.ops import batch_norm_args, data_users as _data_users, is_nonlinear as _is_nonlinear, track_axis as _track
+from ..report import Action
+from ..verify import UndoLog
+
+__all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+# canonical op name -> (kind, module class it must belong to, number of spatial dims)
+_WEIGHTED_OPS: dict[str, tuple[str, type, int]] = {
+    "linear": ("linear", nn.Linear, 0),
+    "conv1d": ("conv", nn.Conv1d, 1), "conv2d": ("conv", nn.Conv2d, 2), "conv3d": ("conv", nn.Conv3d, 3),
+    "conv_transpose1d": ("conv_transpose", nn.ConvTranspose1d, 1),
+    "conv_transpose2d": ("conv_transpose", nn.ConvTranspose2d, 2),
+    "conv_transpose3d": ("conv_transpose", nn.ConvTranspose3d, 3),
+    # transformers' Conv1D (GPT-2): a Linear with a (in, out) weight, ``addmm(bias, x2d, weight)``
+    "addmm": ("linear_t", nn.Module, 0),
+}
+
+# Where each weighted op reads its input, weight and bias: (input, weight, bias) as (index, name).
+_OP_ARGS: dict[str, tuple[tuple[int, str], tuple[int, str], tuple[int, str]]] = {
+    "addmm": ((1, "mat1"), (2, "mat2"), (0, "input")),
+}
+_DEFAULT_OP_ARGS = ((0, "input"), (1, "weight"), (2, "bias"))
+
+
+def _op_args(node: GNode) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
+    return _OP_ARGS.get(node.op, _DEFAULT_OP_ARGS)
+
+
+def _op_input(node: GNode) -> Any:
+    """The activation a weighted op reads (``args[1]`` for ``addmm``, ``args[0]`` otherwise)."""
+    i, name = _op_args(node)[0]
+    return node.arg(i, name)
+
+
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D``, if transformers is loaded (a model holding one has imported it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+
+# --- data model ----------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """One Linear/Conv a BN folds into, and the data-movement ops between them."""
+
+    path: str
+    node: GNode
+    kind: str  # linear | linear_t (transformers Conv1D: weight (in, out)) | conv | conv_transpose
+    chain: list[GNode]  # data-movement nodes, in dataflow order (producer→BN or BN→consumer)
+
+
+@dataclass
+class Site:
+    """A BatchNorm call and the neighbour(s) it could fold into."""
+
+    norm: str  # the BN module's path
+    node: GNode  # the batch_norm op
+    position: str  # "after" (BN after its producer) | "before" (BN before its consumers)
+    targets: list[Target]
+
+    @property
+    def into(self) -> list[str]:
+        return [t.path for t in self.targets]
+
+
+@dataclass
+class NormEntry:
+    """What ``match`` found for one BatchNorm: candidate sites, or why there is none."""
+
+    norm: str
+    module: nn.Module | None
+    nodes: list[GNode] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # position -> why no site matched
+    reason: str | None = None  # a reason that rules out every position
+
+
+class FoldContext:
+    """Lookups the checks need, computed once per model."""
+
+    def __init__(self, model: nn.Module, graph: ModelGraph) -> None:
+        self.model = model
+        self.graph = graph
+        if graph.model is model:  # the graph's maps are this model's: build them once
+            self.modules, self.paths_of = graph._modules, graph._paths_of
+        else:
+            self.modules = dict(model.named_modules(remove_duplicate=False))
+            self.paths_of = paths_by_module(self.modules)
+        self.param_names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), []).append(name)
+        self.calls: dict[str, set[str]] = {}
+        for n in graph.nodes:
+            if n.module_path is not None and n.call_key is not None and n.op not in ("param", "input", "output"):
+                self.calls.setdefault(n.module_path, set()).add(n.call_key)
+        self.param_users: dict[str, int] = {}
+        for n in graph.nodes:
+            if n.op == "param" and n.param is not None:
+                self.param_users[n.param] = self.param_users.get(n.param, 0) + len(n.users)
+        self.created_bias: set[int] = set()  # modules this pass gave a bias (ids)
+        self.regions: dict[str, list[GNode]] = {}
+        for n in graph.nodes:
+            if n.call_key is not None and n.op not in ("param", "input", "output"):
+                self.regions.setdefault(n.call_key, []).append(n)
+
+    def module(self, path: str | None) -> nn.Module | None:
+        return None if path is None else self.modules.get(path)
+
+    def aliases(self, module: nn.Module) -> list[str]:
+        """Every path ``module`` is registered under (more than one: the object is shared)."""
+        return self.paths_of.get(id(module), [])
+
+
+# --- graph helpers -------------------------------------------------------------------------------
+
+def _where(node: GNode) -> str:
+    op = type(node.target).__name__ if node.op == "module" and isinstance(node.target, nn.Module) else node.op
+    return f"{op} ({node.module_path})" if node.module_path else op
+
+
+def _is_data_movement(node: GNode, ctx: FoldContext) -> bool:
+    return ops.is_data_movement(node, ctx.module(node.module_path))
+
+
+def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
+    if shape is None:
+        return None
+    if kind in ("linear", "linear_t"):
+        return len(shape) - 1
+    return 1 if len(shape) == spatial + 2 else 0 if len(shape) == spatial + 1 else None
+
+
+# --- match ---------------------------------------------------------------------------------------
+
+def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -> list[NormEntry]:
+    """Every BatchNorm of ``model`` with the sites it could fold at (read-only)."""
+    ctx = ctx or FoldContext(model, graph)
+    entries: dict[int, NormEntry] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, _BN):
+            entries[id(m)] = NormEntry(path, m)
+    functional: list[NormEntry] = []
+    for node in graph.ops("batch_norm"):
+        m = ctx.module(node.module_path)
+        if isinstance(m, _BN):
+            entries[id(m)].nodes.append(node)
+        else:
+            where = node.module_path or "<root>"
+            functional.append(NormEntry(f"{where}:{node.name}", None, [node], reason=(
+                f"functional batch_norm in {type(m).__name__ if m is not None else 'the model'}: "
+                "not an nn.BatchNorm module, so it cannot be replaced")))
+    for entry in entries.values():
+        if len(entry.nodes) != 1:
+            continue
+        node = entry.nodes[0]
+        after, why = _match_after(node, ctx)
+        if after is not None:
+            entry.sites.append(after)
+        else:
+            entry.reasons["after"] = why
+        before, why = _match_before(node, entry.norm, ctx)
+        if before is not None:
+            entry.sites.append(before)
+        else:
+            entry.reasons["before"] = why
+    return list(entries.values()) + functional
+
+
+def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
+    chain: list[GNode] = []
+    x = bn_node.args[0] if bn_node.args else None
+    while isinstance(x, GNode) and _is_data_movement(x, ctx):
+        chain.append(x)
+        x = x.args[0]
+    if not isinstance(x, GNode):
+        return None, "no input node"
+    chain.reverse()
+    norm_path = bn_node.module_path
+    if x.op in _WEIGHTED_OPS:
+        kind = _WEIGHTED_OPS[x.op][0]
+        return Site(norm_path, bn_node, "after", [Target(x.module_path or "", x, kind, chain)]), ""
+    if x.op in ("input", "param"):
+        return None, "its input is a graph input, not a Linear/Conv output"
+    if _is_nonlinear(x):
+        src = x.args[0] if x.args else None
+        while isinstance(src, GNode) and _is_data_movement(src, ctx):
+            src = src.args[0]
+        if isinstance(src, GNode) and src.op in _WEIGHTED_OPS:
+            return None, f"a nonlinearity ({_where(x)}) sits between {src.op} {src.module_path} and the BN"
+    return None, f"its input comes from {_where(x)}, not from a Linear/Conv"
+
+
+def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
+    targets: list[Target] = []
+    stack: list[tuple[GNode, list[GNode]]] = [(bn_node, [])]
+    while stack:
+        node, chain = stack.pop()
+        users = _data_users(node)
+        if not users:
+            return None, "its output is not used"
+        for u in users:
+            if u.op == "output":
+                return None, "its output is a model output"
+            if u.op in _WEIGHTED_OPS and _op_input(u) is node:
+                i_in, name_in = _op_args(u)[0]
+                if (any(a is node for i, a in enumerate(u.args) if i != i_in)
+                        or any(v is node for k, v in u.kwargs.items() if k != name_in)):
+                    return None, f"its output is also a weight of {_where(u)}"
+                targets.append(Target(u.module_path or "", u, _WEIGHTED_OPS[u.op][0], chain))
+            elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
+                stack.append((u, chain + [u]))
+            elif _is_nonlinear(u):
+                return None, f"its output feeds a nonlinearity ({_where(u)})"
+            else:
+                return None, f"its output feeds {_where(u)}, not only Linear/Conv layers"
+    targets.sort(key=lambda t: t.node.name)
+    return Site(norm_path, bn_node, "before", targets), ""
+
+
+# --- check ---------------------------------------------------------------------------------------
+
+def check(site: Site, ctx: FoldContext) -> str | None:
+    """Why ``site`` must not be folded, or None when the fold is exact and safe."""
+    bn = ctx.module(site.norm)
+    why = _check_norm(bn, site.node, ctx)
+    if why:
+        return why
+    for t in site.targets:
+        why = _check_target(t, site, bn, ctx)
+        if why:
+            return why
+    return None
+
+
+def _check_norm(bn: nn.Module | None, node: GNode, ctx: FoldContext) -> str | None:
+    path = node.module_path
+    if not isinstance(bn, _BN):
+        return "not an nn.BatchNorm module"
+    if bn.training:
+        return "in training mode: it normalizes with batch statistics (call model.eval() first)"
+    if bn.running_mean is None or bn.running_var is None:
+        return "has no running statistics (track_running_stats=False): it always uses batch statistics"
+    paths = ctx.aliases(bn)
+    if len(paths) > 1:
+        return f"the same BatchNorm object is registered under {len(paths)} paths ({', '.join(paths)})"
+    if bn._forward_hooks or bn._forward_pre_hooks or getattr(bn, "_forward_hooks_with_kwargs", None):
+        return "has forward hooks, which replacing it by Identity would drop"
+    calls = ctx.calls.get(path, set())
+    if len(calls) > 1:
+        return f"called {len(calls)} times in the forward pass"
+    if not node.leaf_module:
+        args = _bn_args(node)
+        if args is None:
+            return "cannot read the arguments of its batch_norm op"
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            v = args.get(name)
+            own = getattr(bn, name)
+            if v is None and own is None:
+                continue
+            if not isinstance(v, GNode) or v.op != "param" or v.param != _join(path, name):
+                return f"its batch_norm op does not use the module's own {name}"
+        if args.get("training") is True:
+            return "its batch_norm op runs in training mode"
+    return _check_region(node, ctx)
+
+
+def _bn_args(node: GNode) -> dict | None:
+    return batch_norm_args(node)
+
+
+def _bn_eps(node: GNode, bn: nn.Module) -> float:
+    args = _bn_args(node) if not node.leaf_module else None
+    eps = args.get("eps") if args else None
+    return float(eps) if isinstance(eps, (int, float)) else float(bn.eps)
+
+
+def _check_region(node: GNode, ctx: FoldContext) -> str | None:
+    """The BN module's forward must become the identity once its batch_norm op is folded away."""
+    region = ctx.regions.get(node.call_key, [node]) if node.call_key is not None else [node]
+    region = [n for n in region if n.op not in ops.SHAPE_ONLY]
+    if region == [node]:
+        return None
+    members = set(map(id, region))
+    extra = [n for n in region if n is not node and not _is_data_movement(n, ctx)]
+    if extra:
+        return f"its forward does more than batch_norm ({', '.join(sorted({n.op for n in extra}))})"
+    inputs, outputs = [], []
+    for n in region:
+        src = n.args[0] if n.args else None
+        if isinstance(src, GNode) and id(src) not in members and src not in inputs:
+            inputs.append(src)
+        if any(id(u) not in members for u in n.users):
+            outputs.append(n)
+    if len(inputs) != 1 or len(outputs) != 1:
+        return "its forward is not a single chain from one input to one output"
+    x, y = inputs[0], outputs[0]
+    if x.shape is None or y.shape is None or any(n.shape is None for n in region if n.op in ops.RESHAPE):
+        return "no shape information for its forward"
+    if tuple(x.shape) != tuple(y.shape):
+        return (f"its forward changes the shape {tuple(x.shape)} → {tuple(y.shape)}: it cannot be "
+                "replaced by Identity")
+    env = {id(x): torch.arange(math.prod(x.shape), dtype=torch.int64).reshape(x.shape)}
+    for n in region:
+        env[id(n)] = ops.apply_move(n, env[id(n.args[0])])
+    if not torch.equal(env[id(y)], env[id(x)]):
+        return "its forward rearranges the data: it cannot be replaced by Identity"
+    return None
+
+
+def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str | None:
+    node, position = t.node, site.position
+    kind, cls, spatial = _WEIGHTED_OPS[node.op]
+    mod = ctx.module(node.module_path)
+    path = t.path
+    role = "producer" if position == "after" else "consumer"
+    if kind == "linear_t":
+        conv1d = _conv1d_class()
+        if conv1d is None or not isinstance(mod, conv1d):
+            owner = type(mod).__name__ if mod is not None else "the model"
+            return (f"addmm in {path or '<root>'} ({owner}) is not a transformers Conv1D's forward: no "
+                    "module owns its weight as a Linear")
+        if node.arg(3, "beta", 1) != 1 or node.arg(4, "alpha", 1) != 1:
+            return f"{role} {path}: its addmm scales with beta/alpha, not the plain Conv1D forward"
+        if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+            return f"{role} {path} has no 2-D weight"
+    elif not isinstance(mod, cls):
+        owner = type(mod).__name__ if mod is not None else "the model"
+        return (f"functional {node.op} in {path or '<root>'} ({owner}): its weight is not owned by an "
+                f"nn.{cls.__name__}")
+    calls = ctx.calls.get(path, set())
+    if len(calls) > 1:
+        return f"{role} {path} is called {len(calls)} times (shared): folding would change every call"
+    paths = ctx.aliases(mod)
+    if len(paths) > 1:
+        return f"{role} {path} is the same module as {', '.join(p for p in paths if p != path)} (shared)"
+    if torch.nn.utils.parametrize.is_parametrized(mod):
+        return f"{role} {path} is parametrized: its weight is computed in the forward"
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        # An FX leaf hides what a hook does to the output or input; the fold would move past it.
+        return f"{role} {path} has forward hooks, which may change what the fold assumes it computes"
+    for pname in ("weight", "bias"):
+        p = getattr(mod, pname, None)
+        if p is None:
+            continue
+        names = ctx.param_names.get(id(p), [])
+        if len(names) > 1:
+            return f"{role} {path}.{pname} is tied to {', '.join(n for n in names if n != _join(path, pname))}"
+        if not p.is_floating_point():
+            return f"{role} {path}.{pname} is not floating point"
+    if not node.leaf_module:
+        _, (i_w, n_w), (i_b, n_b) = _op_args(node)
+        for i, aname, pname in ((i_w, n_w, "weight"), (i_b, n_b, "bias")):
+            v = node.arg(i, aname)
+            own = getattr(mod, pname)
+            if v is None and own is None:
+                continue
+            if v is None and pname == "bias" and id(mod) in ctx.created_bias:
+                continue  # an earlier fold in this pass gave it the bias the captured graph lacks
+            if v is None:
+                return f"{role} {path} does not use its own {pname} in the forward"
+            if not isinstance(v, GNode) or v.op != "param":
+                return f"{role} {path}.{pname} is computed in the forward (parametrized?)"
+            if v.param != _join(path, pname):
+                return f"{role} {path}.{pname} is tied to {v.param}"
+            if len(v.users) > 1:
+                return f"{role} {path}.{pname} is used by {len(v.users)} ops (shared)"
+    for pname in ("weight", "bias"):
+        # a leaf-module op reads its weight without a param node; any other read is a second use
+        uses = ctx.param_users.get(_join(path, pname), 0) - (0 if node.leaf_module else 1)
+        if getattr(mod, pname, None) is not None and uses > 0:
+            return f"{role} {path}.{pname} is also read outside {path} (shared)"
+    if position == "after":
+        users = [_data_users(n) for n in [node, *t.chain]]
+        nxt = [*t.chain, site.node]
+        for n, us, expected in zip([node, *t.chain], users, nxt):
+            others = [u for u in us if u is not expected]
+            if others:
+                what = "output" if n is node else f"output (after {n.op})"
+                return f"{role} {path} {what} is also used by {_where(others[0])}"
+        axis = _channel_axis(kind, spatial, node.shape)
+        if axis is None:
+            return f"no shape information for {path} (the captured graph has no shapes)"
+        axis, why = _track(t.chain, axis)
+        if axis is None:
+            return f"between {path} and the BN: {why}"
+        if axis != 1:
+            return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
+        n_out = (mod.out_features if kind == "linear" else mod.weight.shape[1] if kind == "linear_t"
+                 else mod.out_channels)
+        if n_out != bn.num_features:
+            return f"{path} has {n_out} output channels, the BN {bn.num_features}"
+    else:
+        if kind == "conv_transpose":
+            return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
+        if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
+            return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
+                    "shift would not reach the padded border, so the fold would not be exact")
+        src = _op_input(node)
+        axis, why = _track(t.chain, 1)
+        if axis is None:
+            return f"between the BN and {path}: {why}"
+        want = _channel_axis(kind, spatial, src.shape)
+        if want is None:
+            return f"no shape information for {path}'s input (the captured graph has no shapes)"
+        if axis != want:
+            return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
+        n_in = (mod.in_features if kind == "linear" else mod.weight.shape[0] if kind == "linear_t"
+                else mod.in_channels)
+        if n_in != bn.num_features:
+            return f"{path} has {n_in} input channels, the BN {bn.num_features}"
+    return None
+
+
+def _reads_padding(conv: nn.Module) -> bool:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return False
+        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return any(p != 0 for p in conv.padding)
+
+
+def _fmt_padding(p: Any) -> str:
+    return repr(p) if isinstance(p, str) else str(tuple(p))
+
+
+def _join(prefix: str | None, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --- rewrite -------------------------------------------------------------------------------------
+
+def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
+    """Fold ``site`` into the model's modules; ``undo`` learns how to take it back."""
+    bn = ctx.module(site.norm)
+    eps = _bn_eps(site.node, bn)
+    scale, shift = fold_math.bn_scale_shift(bn.running_mean, bn.running_var, eps,
+                                            bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    for t in site.targets:
+        mod = ctx.module(t.path)
+        w, b = mod.weight, mod.bias
+        if site.position == "after":
+            if t.kind == "linear":
+                nw, nb = fold_math.fold_bn_after_linear(w, b, scale, shift)
+            elif t.kind == "linear_t":
+                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, scale, shift)
+            else:
+                nw, nb = fold_math.fold_bn_after_conv(w, b, scale, shift, groups=mod.groups,
+                                                      transposed=t.kind == "conv_transpose")
+        else:
+            if t.kind == "linear":
+                nw, nb = fold_math.fold_bn_before_linear(w, b, scale, shift)
+            elif t.kind == "linear_t":
+                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, scale, shift)
+            else:
+                nw, nb = fold_math.fold_bn_before_conv(w, b, scale, shift, groups=mod.groups)
+        undo.save_param(mod, "weight")
+        undo.save_param(mod, "bias")
+        if mod.bias is None:
+            ctx.created_bias.add(id(mod))
+        _set_param(mod, "weight", nw)
+        _set_param(mod, "bias", nb)
+    parent_path, _, name = site.norm.rpartition(".")
+    parent = ctx.module(parent_path)
+    undo.save_child(parent, name)
+    setattr(parent, name, nn.Identity())
+    via = [n.op for n in site.targets[0].chain] if len(site.targets) == 1 else []
+    return Action("folded", site.norm, {"into": site.into, "position": site.position, "via": via})
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    p = getattr(module, name)
+    if p is None:
+        setattr(module, name, nn.Parameter(value, requires_grad=module.weight.requires_grad))
+    else:
+        with torch.no_grad():
+            p.copy_(value)
+
+
+
+def entry_reason(entry: NormEntry, ctx: FoldContext, failed_paths: dict[str, str | None]) -> str | None:
+    if not entry.nodes:
+        for path, error in failed_paths.items():
+            if entry.norm == path or entry.norm.startswith(path + "."):
+                return f"in a part that could not be captured ({error})"
+        return "never called in the forward pass on the example inputs"
+    if len(entry.nodes) > 1:
+        return f"called {len(entry.nodes)} times in the forward pass"
+    why = _check_norm(entry.module, entry.nodes[0], ctx)
+    if why:
+        return why
+    if not entry.sites:
+        return combine(entry.reasons)
+    return None
+
+
+def combine(why: dict[str, str]) -> str:
+    parts = []
+    if "after" in why:
+        parts.append(f"no producer to fold into: {why['after']}")
+    if "before" in why:
+        parts.append(f"no consumer to fold into: {why['before']}")
+    return "; ".join(parts) or "no foldable neighbour"
+
+

@@ -1,0 +1,264 @@
+"""Numerical verification for every function-preserving rewrite: one place, one tolerance table.
+
+- **inputs**: the example inputs, two random inputs like them and one at another batch size (code
+  that branches on the batch size must not hide a changed path), plus any the user supplies; an
+  input the original model rejects is no check and is dropped (the example itself must run).
+- **reference outputs**: the original model's outputs on those inputs, kept instead of a copy of
+  the model (outputs are small; a model may be most of the machine's memory).
+- **comparison**: ``ErrorStats`` (max abs error, max rel error = max abs / max |expected|) against
+  ``TOLERANCE``; a model that raises is a failed check, never a skipped one.
+- **undo**: ``UndoLog`` records what an in-place rewrite replaced (parameter values, child modules)
+  so a rolled-back site is restored bit for bit; large tensors are spilled to a temporary file, so
+  rewriting a model in place needs no second copy of it in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import NormSurgeonError, one_line
+from .inputs import CallArgs
+from .outputs import ErrorStats, compare_outputs, flatten_outputs
+
+# The one tolerance table: (rtol, atol) a function-preserving rewrite must meet, by the dtype the
+# model computes in. The rewrite is exact in float64; rounding the new weights (or the new module's
+# arithmetic) once more to a low-precision dtype is what needs the room.
+TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (1e-4, 1e-6),
+    torch.float16: (5e-3, 1e-3),
+    torch.bfloat16: (1.5e-2, 1e-3),
+}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float | None = None  # None: the relative error alone decides
+
+    def ok(self, stats: ErrorStats, error: str | None = None) -> bool:
+        if error is not None:
+            return False
+        return stats.max_rel_error <= self.rtol or (self.atol is not None and stats.max_abs_error <= self.atol)
+
+
+def tolerance_for(model: nn.Module, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    """The tolerance for ``model``: the table's entry for the least precise dtype among its floating
+    parameters, or the caller's ``rtol``/``atol`` raised to at least the table's for float16/bfloat16
+    (a caller asking 1e-5 of a float16 model would roll back every exact rewrite)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} or {torch.float32}
+    worst = max((TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes), key=lambda t: t[0])
+    if rtol is None:
+        return Tolerance(*worst)
+    low = [TOLERANCE[d] for d in dtypes if d in _LOW_PRECISION]
+    return Tolerance(max([rtol] + [t[0] for t in low]), atol)
+
+
+# --- inputs and reference outputs ----------------------------------------------------------------
+
+def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[CallArgs]:
+    """The example, two random inputs like it and one at batch size + 1, then ``extra``."""
+    device = next((t.device for t in ci.tensors()), None)
+    batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
+    out = [ci]
+    for seed, kw in enumerate([{}, {}] + ([{"batch": batch + 1}] if batch else []), start=1):
+        try:
+            out.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
+        except Exception:  # noqa: BLE001 - a random input is a bonus
+            pass
+    return out + list(extra)
+
+
+def run_clean(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
+    """One forward pass without side effects: no grad, a fixed RNG, BatchNorm running statistics
+    restored, module modes restored (``eval_mode`` runs the model in eval)."""
+    modes = [(m, m.training) for m in model.modules()] if eval_mode else []
+    if eval_mode:
+        model.eval()
+    bn = nn.modules.batchnorm._BatchNorm
+    saved = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, bn) and m.training
+             for b in m.buffers()]
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *ci.tensors()) if t.device.type == "cuda"})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            return [t.detach().clone() for t in flatten_outputs(ci.call(model))]
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+        for m, mode in modes:
+            m.training = mode
+
+
+@dataclass
+class References:
+    """Verification inputs and the original model's outputs on them (not a copy of the model)."""
+
+    inputs: list[CallArgs] = field(default_factory=list)
+    outputs: list[list[torch.Tensor]] = field(default_factory=list)
+    eval_mode: bool = False
+
+    @classmethod
+    def record(cls, model: nn.Module, ci: CallArgs, *, extra: Sequence[CallArgs] = (),
+               eval_mode: bool = False) -> "References":
+        """Run ``model`` on the candidate inputs; the example must run, the others are kept if they do."""
+        refs = cls(eval_mode=eval_mode)
+        for i, c in enumerate(candidate_inputs(ci, extra)):
+            try:
+                out = run_clean(model, c, eval_mode=eval_mode)
+            except Exception as e:  # noqa: BLE001
+                if i == 0:
+                    raise NormSurgeonError(f"the model fails on its example inputs: {one_line(e, typed=True)}") from e
+                continue
+            refs.inputs.append(c)
+            refs.outputs.append(out)
+        return refs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def compare(self, model: nn.Module) -> tuple[ErrorStats, str | None]:
+        """``model``'s deviation from the references; (worst stats, why it could not be compared)."""
+        stats = ErrorStats()
+        for ci, ref in zip(self.inputs, self.outputs):
+            try:
+                stats = stats.merge(compare_outputs(ref, run_clean(model, ci, eval_mode=self.eval_mode)))
+            except Exception as e:  # noqa: BLE001 - a rewrite that breaks the model is a failed check
+                return ErrorStats(math.inf, math.inf, -1.0), f"the model fails: {one_line(e, typed=True, limit=200)}"
+        return stats, None
+
+
+def record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and eval output of the first call of each module at ``paths`` on ``ci`` (per-site checks)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for p in paths:
+        def hook(_m, args, out, _p=p):
+            if _p not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen[_p] = (args[0].detach().clone(), out.detach().clone())
+        handles.append(model.get_submodule(p).register_forward_hook(hook))
+    try:
+        run_clean(model, ci, eval_mode=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def site_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """Largest absolute deviation relative to the expected tensor's largest magnitude (one module)."""
+    e, a = expected.double(), actual.double()
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    diff = float((e - a).abs().max()) if e.numel() else 0.0
+    if diff != diff:  # NaN
+        return math.inf
+    return diff / scale if scale > 0 else diff
+
+
+# --- undo ------------------------------------------------------------------------------------------
+
+class _Spill:
+    """Bytes of replaced tensors in an anonymous temporary file (gone when closed or collected)."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+
+    def put(self, t: torch.Tensor) -> tuple[int, torch.Size, torch.dtype, torch.device]:
+        self._file.seek(0, 2)
+        offset = self._file.tell()
+        cpu = t.detach().to("cpu").contiguous()
+        self._file.write(memoryview(cpu.view(torch.uint8).reshape(-1).numpy()))
+        return offset, t.shape, t.dtype, t.device
+
+    def get(self, where: tuple[int, torch.Size, torch.dtype, torch.device]) -> torch.Tensor:
+        offset, shape, dtype, device = where
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._file.seek(offset)
+        data = bytearray(self._file.read(n))
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class UndoLog:
+    """What one rewrite replaced, restored last-in first-out by ``restore()``.
+
+    Tensors of ``spill_bytes`` or more go to a temporary file instead of memory: an in-place fold
+    of a large model then holds one copy of its weights, not two.
+    """
+
+    spill_bytes = 1 << 20
+
+    def __init__(self, spill: "_Spill | None" = None) -> None:
+        self._steps: list[Callable[[], None]] = []
+        self._spill = spill
+
+    def save_param(self, module: nn.Module, name: str) -> None:
+        p = getattr(module, name)
+        if p is None:
+            self._steps.append(lambda: setattr(module, name, None))
+            return
+        if self._spill is not None and p.numel() * p.element_size() >= self.spill_bytes:
+            where = self._spill.put(p)
+            self._steps.append(lambda: _copy_into(p, self._spill.get(where)))
+        else:
+            saved = p.detach().clone()
+            self._steps.append(lambda: _copy_into(p, saved))
+
+    def save_child(self, parent: nn.Module, name: str) -> None:
+        old = getattr(parent, name)
+        self._steps.append(lambda: setattr(parent, name, old))
+
+    def on_restore(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def restore(self) -> None:
+        for step in reversed(self._steps):
+            step()
+        self._steps.clear()
+
+
+class UndoStore:
+    """Where the undo logs of one pass keep spilled tensors; ``log()`` makes one log per site."""
+
+    def __init__(self, spill: bool = False) -> None:
+        self._spill = _Spill() if spill else None
+
+    def log(self) -> UndoLog:
+        return UndoLog(self._spill)
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+
+    def __enter__(self) -> "UndoStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _copy_into(p: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        p.copy_(value)
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module, undo: UndoLog | None = None) -> nn.Module:
+    """Replace the submodule at ``path``; ``undo`` learns how to put the old one back. Returns the old one."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if undo is not None:
+        undo.save_child(parent, name)
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    return old
+
