@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import NormSurgeonError, one_line
+from .errors import one_line
+from .graph.capture import rejected
 from .inputs import CallArgs
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
@@ -116,7 +117,7 @@ class References:
                 out = run_clean(model, c, eval_mode=eval_mode)
             except Exception as e:  # noqa: BLE001
                 if i == 0:
-                    raise NormSurgeonError(f"the model fails on its example inputs: {one_line(e, typed=True)}") from e
+                    raise rejected(c, e) from e
                 continue
             refs.inputs.append(c)
             refs.outputs.append(out)
