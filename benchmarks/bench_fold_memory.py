@@ -98,14 +98,23 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="also time `fold -o` (writes the folded model)")
     ap.add_argument("--seq", type=int, default=128, help="sequence length of the example inputs")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the built model here and reuse it on the next run (default: a temporary dir)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="normsurgeon-bench-mem-") as tmp:
-        model = Path(tmp) / "bn_bert.pt"
+        seq = 16 if args.quick else args.seq
+        where = args.workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        model = where / f"bn_bert_{'quick' if args.quick else 'large'}_seq{seq}.pt"
         t0 = time.perf_counter()
-        params = build(model, QUICK if args.quick else LARGE, 16 if args.quick else args.seq)
+        if model.exists():
+            import torch
+            params = sum(p.numel() for p in torch.load(model, weights_only=False).parameters())
+        else:
+            params = build(model, QUICK if args.quick else LARGE, seq)
         print(f"model: BERT {'(quick)' if args.quick else 'large'} converted to BN, {params / 1e6:.0f}M parameters, "
-              f"{model.stat().st_size / 2 ** 20:.0f} MiB on disk (built in {time.perf_counter() - t0:.0f} s)")
+              f"{model.stat().st_size / 2 ** 20:.0f} MiB on disk, seq {seq} (ready in {time.perf_counter() - t0:.0f} s)")
         python = sys.executable
         kinds = {"baseline": [python, "-c", BASELINE, str(model)],
                  "fold": [python, "-m", "normsurgeon", "fold", str(model), "--trust", "--json"]}
@@ -122,7 +131,7 @@ def main() -> None:
                 rows[kind].append((wall, rss))
                 print(f"round {r + 1}: {kind:9s} {wall:7.1f} s  peak RSS {rss:8.0f} MiB")
 
-    result = {"params": params, "quick": args.quick, "seq": 16 if args.quick else args.seq, "rounds": {}}
+    result = {"params": params, "quick": args.quick, "seq": seq, "rounds": {}}
     base = rows["baseline"]
     for kind in kinds:
         if kind == "baseline":
