@@ -177,7 +177,7 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
         site.calls = max(1, len(graph.calls(path)))
     else:
         module_path = node.module_path or ""
-        own_ops = [n for n in graph.nodes if n.module_path == module_path and n.op not in DATA_MOVEMENT
+        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT
                    and n.op not in ("param", "input", "output", "getitem")]
         path = module_path if own_ops == [node] and module_path else _numbered(module_path, node.op, counter)
         mod = graph.module(module_path)
@@ -296,7 +296,7 @@ def _pattern_sites(graph: ModelGraph, covered: set[int], counter: dict[str, int]
         dims = [d - rank if rank is not None and d >= 0 else d for d in dims]
         module_path = norm_out.module_path or ""
         region = _pattern_region(src, norm_out)
-        own_ops = [n for n in graph.nodes if n.module_path == module_path and n.op not in ("param", "input", "output")]
+        own_ops = [n for n in _call_nodes(graph, norm_out) if n.op not in ("param", "input", "output")]
         whole_module = module_path and all(id(n) in region for n in own_ops)
         path = module_path if whole_module else _numbered(module_path, kind, counter)
         mod = graph.module(module_path)
@@ -497,6 +497,12 @@ def _module_input_channel_axis(x: Any, path: str) -> tuple[Any, int | None]:
         return x, None
     j = map_axis_through_reshape(x.shape, src.shape, 1)
     return (src, j) if j is not None else (x, None)
+
+
+def _call_nodes(graph: ModelGraph, node: GNode) -> list[GNode]:
+    """The ops of the module call that ran ``node`` (a module called twice has two calls: a norm that
+    is all of one call's ops is the whole module)."""
+    return [n for n in graph.nodes if n.module_path == node.module_path and n.call_key == node.call_key]
 
 
 def _inside(module_path: str | None, path: str) -> bool:

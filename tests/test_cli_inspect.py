@@ -95,3 +95,41 @@ def test_usage_errors_are_one_line_too():
         proc = subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stdout == ""
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+
+
+BRANCHY = '''
+import torch, torch.nn as nn
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if float(h.sum()) > 1e9:  # data-dependent control flow: torch.export and torch.fx both fail
+            h = h * 2
+        return self.ln(h)
+
+def make():
+    return Branchy()
+'''
+
+
+def test_failed_capture_attempts_reach_the_terminal_as_one_line_each(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    cli = str(Path(sys.executable).parent / "normsurgeon")
+    for args in (["inspect", "branchy:make", "--input-shape", "2,5,8"],
+                 ["convert", "branchy:make", "--to", "bn", "--input-shape", "2,5,8"]):
+        proc = subprocess.run([cli, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stderr == "", proc.stderr[:2000]  # no graph dump, log line or warning
+        assert "def forward" not in proc.stdout
+        assert "capture: per-child" in proc.stdout
+        if args[0] == "inspect":
+            failed = [ln for ln in proc.stdout.splitlines() if " failed: " in ln]
+            assert [ln.split()[0] for ln in failed] == ["export", "fx"], proc.stdout  # and per-child is not one

@@ -154,6 +154,45 @@ def test_every_site_converted_or_skipped_with_reason():
     json.dumps(js)
 
 
+class SharedNorms(nn.Module):
+    """``shared_ln`` and the hand-written ``hand`` are each called at two places. With ``branch``, the
+    forward branches on a tensor's value: neither torch.export nor torch.fx captures the root, so
+    capture falls back to per child, which exports each child on the inputs it received."""
+
+    def __init__(self, branch):
+        super().__init__()
+        self.branch = branch
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.shared_ln, self.hand, self.ln = nn.LayerNorm(8), HandLN(8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.hand(self.shared_ln(self.a(x)))
+        if self.branch and float(h.sum()) > 1e9:
+            h = h * 2
+        return self.ln(self.hand(self.shared_ln(self.b(h) * 3 + 1)))
+
+
+@pytest.mark.parametrize("method", ["export", "fx", "per-child"])
+def test_shared_norm_refused_under_every_capture(method):
+    from normsurgeon.graph import capture
+
+    model = SharedNorms(branch=method == "per-child").eval()
+    ci = CallArgs((torch.randn(4, 5, 8),), {})
+    graph = capture(model, None if method == "fx" else ci)  # fx: the capture used without inputs
+    assert graph.method == method
+    calls = {}
+    for s in inspect(model, graph=graph).sites:
+        calls.setdefault(s.path, []).append(s.calls)
+    assert calls == {"shared_ln": [2, 2], "hand": [2, 2], "ln": [1]}  # one site per call, each call counted
+    out, report = convert(model, "bn", example_inputs=ci, graph=graph)
+    skipped = {a.path: a.reason for a in report.skipped}
+    for path in ("shared_ln", "hand"):
+        assert "called 2 times" in skipped[path] and "running statistics" in skipped[path], skipped
+    assert isinstance(out.shared_ln, nn.LayerNorm) and isinstance(out.hand, HandLN)
+    if method != "fx":  # fx has no shapes without inputs: ln is skipped for that, with its reason
+        assert [a.path for a in report.converted] == ["ln"]
+
+
 def test_ln_to_bn_calibrates_when_given_data():
     model = zoo.vit()
     ci = model.example_inputs()

@@ -317,3 +317,51 @@ def test_finds_every_norm_of_more_architectures(name):
     assert report.counts() == expected
     if name == "gemma":
         assert all("scales by (1 + weight)" in s.differs for s in report.sites)
+
+
+class BranchOnValue(nn.Module):
+    """Branches on a tensor's value: torch.export fails (data-dependent control flow) and so does
+    torch.fx; the per-child capture takes over."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if float(h.sum()) > 1e9:
+            h = h * 2
+        return self.ln(h)
+
+
+def test_failed_capture_attempts_say_one_line_each_and_print_nothing(capfd):
+    import logging
+    import warnings
+
+    class Sink(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    sink = Sink()
+    torch_logger = logging.getLogger("torch")  # torch's own handlers write to stderr directly
+    torch_logger.addHandler(sink)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = inspect(BranchOnValue(), torch.randn(2, 5, 8))
+    finally:
+        torch_logger.removeHandler(sink)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out + err)[:2000]
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in sink.records if r.levelno >= logging.WARNING] == []
+    assert report.capture.startswith("per-child")
+    attempts = dict(report.attempts)
+    assert "data-dependent" in attempts["export"] and "Proxy" in attempts["fx"]
+    assert all("\n" not in e and len(e) < 300 for e in attempts.values())
+    lines = [n.split()[0] for t in report.tables() for n in t.notes if " failed: " in n]
+    assert lines == ["export", "fx"]  # one line per failed attempt (per-child worked: not one of them)
