@@ -16,7 +16,7 @@ from normsurgeon.passes.convert import convert
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.find import inspect
 from normsurgeon.inputs import CallArgs
-from normsurgeon.nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm
+from normsurgeon.nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm, bn_eps
 from normsurgeon.outputs import compare_outputs
 
 
@@ -67,8 +67,48 @@ def test_llama_rmsnorm_pattern_carries_eps_and_weight():
         model.norm.weight.uniform_(0.5, 1.5)
     out, report = convert(model, "bn", example_inputs=model.example_inputs())
     assert isinstance(out.norm, TokenBatchNorm)
-    assert out.norm.eps == pytest.approx(model.norm.variance_epsilon)
+    assert out.norm.eps == pytest.approx(bn_eps(model.norm.variance_epsilon))  # read, then floored
     torch.testing.assert_close(out.norm.weight, model.norm.weight.detach())
+
+
+class TinyEpsNorms(nn.Module):
+    """Every kind of LN/RMS the finder converts, each with an eps far below BatchNorm's default."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_ln = nn.LayerNorm(8, eps=1e-12)
+        self.module_rms = nn.RMSNorm(8, eps=1e-12)
+        self.hand = HandLN(8, eps=1e-12)
+        self.cf = nn.Conv2d(8, 8, 1)
+        self.cf_ln = ChannelsFirstLN(8, eps=1e-12)
+
+    def forward(self, x):  # (N, 5, 8)
+        x = self.hand(self.module_rms(self.module_ln(x)))
+        y = self.cf(x.transpose(1, 2).unsqueeze(-1))  # (N, 8, 5, 1)
+        return self.cf_ln(y)
+
+
+class ChannelsFirstLN(nn.LayerNorm):
+    """LN over dim 1 (ConvNeXt's channels-first form): becomes a BatchNorm2d."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_eps_floor_applies_to_every_ln_to_bn_site():
+    from normsurgeon.nn import MIN_BN_EPS
+
+    model = TinyEpsNorms().eval()
+    out, report = convert(model, "bn", example_inputs=torch.randn(4, 5, 8))
+    converted = {a.path: a for a in report.converted}
+    assert set(converted) == {"module_ln", "module_rms", "hand", "cf_ln"}
+    for path in converted:
+        assert out.get_submodule(path).eps == MIN_BN_EPS, path
+        assert "eps raised from 1e-12" in converted[path].detail["note"], converted[path].detail
+    llama = zoo.llama()
+    out, report = convert(llama, "bn", example_inputs=llama.example_inputs())
+    assert llama.norm.variance_epsilon < MIN_BN_EPS  # LlamaRMSNorm keeps eps as variance_epsilon
+    assert {m.eps for m in out.modules() if isinstance(m, TokenBatchNorm)} == {MIN_BN_EPS}
 
 
 def test_convnext_channels_first_ln_becomes_batchnorm2d():
@@ -139,7 +179,7 @@ def test_every_site_converted_or_skipped_with_reason():
     assert converted == {"hand": "TokenBatchNorm", "rms": "TokenBatchNorm"}
     torch.testing.assert_close(out.hand.weight, model.hand.a_2.detach())  # a_2 found as the weight
     torch.testing.assert_close(out.hand.bias, model.hand.b_2.detach())
-    assert out.hand.eps == pytest.approx(1e-6)
+    assert out.hand.eps == pytest.approx(bn_eps(1e-6))
     skipped = {a.path: a.reason for a in report.skipped}
     assert "called 2 times" in skipped["shared"] and "running statistics" in skipped["shared"]
     assert "jointly" in skipped["two_dims"]
@@ -450,7 +490,8 @@ def test_one_plus_weight_rmsnorm_gets_the_offset():
     out, report = convert(model, "bn", example_inputs=(torch.randn(2, 3, 8),))
     assert {a.path for a in report.converted} == {"rms", "ln"}
     torch.testing.assert_close(out.rms.weight, model.rms.weight.detach() + 1)
-    assert out.rms.eps == pytest.approx(1e-6)
+    assert out.rms.eps == bn_eps(1e-6)
+    assert "eps raised from 1e-06" in next(a for a in report.converted if a.path == "rms").detail["note"]  # read
 
 
 def test_dtype_and_train_mode_carry_over_in_bfloat16():
@@ -461,3 +502,24 @@ def test_dtype_and_train_mode_carry_over_in_bfloat16():
         bn = out.get_submodule(path)
         assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.bfloat16 and bn.training
     assert out(torch.randn(4, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("to", ["bn", "frozen"])
+def test_every_module_keeps_its_own_train_eval_mode(to):
+    """The model in eval with one module left in training mode (a BN, a dropout): after the
+    calibration check, the conversion and the calibration, each module is in the mode it was."""
+    from normsurgeon import api
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.LayerNorm(8), nn.Dropout(0.1), nn.Linear(8, 8),
+                          nn.LayerNorm(8)).eval()
+    model[1].train()  # (N, 5, 8): BatchNorm1d over dim 1
+    model[3].train()
+    ci = CallArgs((torch.randn(4, 5, 8),), {})
+    batches = synthetic_batches(ci, 2, seed=1)
+    api.check_calibration_batch(model, batches[0], "data.pt")  # what `convert --calibrate` runs first
+    assert [m.training for m in model] == [False, True, False, True, False, False]
+    out, report = api.convert(model, to, example_inputs=ci, calibrate_batches=batches, inplace=True)
+    assert report.converted
+    modes = {path: m.training for path, m in out.named_modules() if path}
+    assert modes == {"0": False, "1": True, "2": False, "3": True, "4": False, "5": False}, modes
