@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from .graph import GNode, ModelGraph
-from .graph.ops import CASTS as _CASTS, DATA_MOVEMENT, batch_norm_args, map_axis_through_reshape
+from .graph.ops import CASTS as _CASTS, DATA_MOVEMENT, batch_norm_args, track_axis
 
 NORM_MODULES: list[tuple[type, str]] = [
     (nn.modules.batchnorm._BatchNorm, "batchnorm"),
@@ -485,18 +485,21 @@ def _permuted_source(node: GNode, x: Any) -> tuple[Any, list[int] | None]:
 def _module_input_channel_axis(x: Any, path: str) -> tuple[Any, int | None]:
     """Follow the module's own data-movement ops back to its input; where is the channel axis there?
 
-    The op sees channels on dim 1. An input axis j holds the same channel index iff it has the same
-    size and the same product of trailing sizes (row-major layout), so no size is guessed.
+    The op sees channels on dim 1: the module input's channel axis is the one ``track_axis`` carries
+    to dim 1 through those ops (reshapes by the row-major rule, transposes and permutes by their
+    dims), so nothing is guessed from sizes (a (B, T, C) input with T == C is no puzzle).
     """
     if not isinstance(x, GNode) or x.shape is None or len(x.shape) < 2:
         return x, None
-    src = x
+    chain, src = [], x
     while src.op in DATA_MOVEMENT and src.inputs and _inside(src.module_path, path):
+        chain.append(src)
         src = src.inputs[0]
     if src is x or src.shape is None:
         return x, None
-    j = map_axis_through_reshape(x.shape, src.shape, 1)
-    return (src, j) if j is not None else (x, None)
+    chain.reverse()
+    found = [j for j in range(len(src.shape)) if track_axis(chain, j)[0] == 1]
+    return (src, found[0]) if len(found) == 1 else (x, None)
 
 
 def _call_nodes(graph: ModelGraph, node: GNode) -> list[GNode]:

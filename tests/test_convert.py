@@ -379,6 +379,67 @@ def test_bn_layouts_from_the_graph():
     assert isinstance(out2.shared, FrozenBatchNorm) and report2.verify["passed"]
 
 
+class TransposedBN(nn.BatchNorm1d):
+    """A token BN written by hand: BatchNorm1d over the channels of a (B, T, C) input."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class HandTokenBN(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.tbn = TransposedBN(c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):  # (B, T, C)
+        y = self.tbn(self.fc(x))
+        return self.bn(y.transpose(1, 2))  # a plain BN on (B, C, T)
+
+
+def _trained_stats(model, ci):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            ci.call(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tokens", [4, 6])  # 6 = C: the wrong axis would even have the right size
+def test_bn_subclass_that_transposes_keeps_its_layout(tokens):
+    torch.manual_seed(0)
+    ci = CallArgs((torch.randn(3, tokens, 6),), {})
+    model = _trained_stats(HandTokenBN(), ci)
+    site = next(s for s in inspect(model, ci).sites if s.path == "tbn")
+    assert (site.input_shape, site.dims) == ([3, tokens, 6], [0, 1])  # channels on the last dim of its input
+    # frozen / gn normalize dim 1: that site is skipped with the reason, the plain BN still converts
+    for to, cls in (("frozen", FrozenBatchNorm), ("gn", nn.GroupNorm)):
+        out, report = convert(model, to, example_inputs=ci)
+        skipped = {a.path: a.reason for a in report.skipped}
+        assert set(skipped) == {"tbn"} and "last dim" in skipped["tbn"] and "dim 1" in skipped["tbn"], skipped
+        assert isinstance(out.tbn, TransposedBN) and isinstance(out.bn, cls)
+    # ln: the same layout, LN over the channels (the last dim) of each position
+    out, report = convert(model, "ln", example_inputs=ci)
+    assert isinstance(out.tbn, nn.LayerNorm) and out.tbn.normalized_shape == (6,)
+    x = ci.args[0]
+    with torch.no_grad():
+        h = model.fc(x)
+        torch.testing.assert_close(out.tbn(h), F.layer_norm(h, (6,), model.tbn.weight, model.tbn.bias, model.tbn.eps))
+
+
+def test_cli_frozen_on_a_transposing_bn_subclass(tmp_path):
+    torch.manual_seed(0)
+    ci = CallArgs((torch.randn(3, 4, 6),), {})
+    path = tmp_path / "m.pt"
+    torch.save(_trained_stats(HandTokenBN(), ci), path)
+    r = _cli(["convert", str(path), "--trust", "--input-shape", "3,4,6", "--to", "frozen", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [c["path"] for c in data["converted"]] == ["bn"] and data["verify"]["passed"]
+    assert [s["path"] for s in data["skipped"]] == ["tbn"]
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
