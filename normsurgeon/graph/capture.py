@@ -53,12 +53,13 @@ _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "s
                 "_functional_assert_async", "_functional_assert_scalar"}
 
 
-def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGraph:
-    """Capture ``model``'s graph; see the module docstring for the order of attempts.
+def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked: bool = False) -> ModelGraph:
+    """Capture ``model``'s graph; see the module docstring for the order of attempts. ``checked``: the
+    caller has just run the model on ``example_inputs`` (one forward pass less on a large model).
 
     A failed attempt is one line in ``ModelGraph.attempts``; what torch printed, logged or warned
     while failing (e.g. the partial graph of a failed export) is kept off the terminal."""
-    if example_inputs is not None:
+    if example_inputs is not None and not checked:
         check_inputs(model, example_inputs)
     with quiet_torch():
         return _capture(model, example_inputs)
@@ -91,10 +92,15 @@ def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
         with torch.no_grad():
             example_inputs.call(model)
     except Exception as e:  # noqa: BLE001
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
-        raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {one_line(e, typed=True, limit=200)}") from e
+        raise rejected(example_inputs, e) from e
     finally:
         restore_modes(modes)
+
+
+def rejected(example_inputs: CallArgs, e: BaseException) -> NormSurgeonError:
+    """The one error for a model that fails on its own example inputs."""
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
+    return NormSurgeonError(f"the model rejects its example inputs ({shapes}): {one_line(e, typed=True, limit=200)}")
 
 
 def eval_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
@@ -239,8 +245,9 @@ def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str,
                 continue
             try:
                 # every call, each on its own inputs: a module called twice shows two calls, as in export
-                nodes.extend(n for i, ci in enumerate(recorded[child_path])
-                             for n in _export_nodes(child, ci, prefix=child_path, call=i))
+                calls = [_export_nodes(child, args, prefix=child_path, call=i)
+                         for i, args in enumerate(recorded[child_path])]  # all or none of its calls
+                nodes.extend(n for call_nodes in calls for n in call_nodes)
                 parts.append(CapturedPart(child_path, "export"))
             except Exception as e:  # noqa: BLE001
                 if any(True for _ in child.children()):

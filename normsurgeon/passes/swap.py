@@ -181,3 +181,22 @@ def bn_channel_axis(site: NormSite, module_shape: tuple | None) -> int | None:
     rank = len(module_shape)
     rest = [d for d in range(rank) if d not in {d % rank for d in site.dims}]
     return rest[0] if len(rest) == 1 else None
+
+
+class FromBnRule(SwapRule):
+    """A rule that replaces BatchNorm modules: reads the site once (``read_bn_site``), then ``plan_bn``."""
+
+    sources = ("batchnorm",)
+    channels_first_only = True  # the replacement normalizes dim 1: refuse a token BN (last dim)
+
+    def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
+        reason, bn = read_bn_site(graph, path, group)
+        if bn is None:
+            return reason, None
+        if bn.token and self.channels_first_only:
+            return (f"{type(bn.module).__name__} normalizes the last dim of a rank-{bn.rank} input; "
+                    f"{self.target_name} normalizes dim 1"), None
+        return self.plan_bn(path, bn)
+
+    def plan_bn(self, path: str, bn: BnSite) -> tuple[str | None, Plan | None]:
+        raise NotImplementedError

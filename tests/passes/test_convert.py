@@ -238,7 +238,7 @@ def test_ln_to_bn_calibrates_when_given_data():
     ci = model.example_inputs()
     batches = synthetic_batches(ci, 3, seed=1)
     out, report = convert(model, "bn", example_inputs=ci, calibrate_batches=batches)
-    assert report.calibration is not None and report.calibration.recalibrated == 5
+    assert report.calibration is not None and report.calibration.recalibrated == len(_ln_like_paths(model))
     bn = out.vit.layers[0].layernorm_before
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     # on the data it was calibrated on, BN in eval is close to BN with batch statistics
@@ -299,7 +299,7 @@ def test_frozen_site_that_deviates_is_rolled_back(monkeypatch):
     skipped = {a.path: a.reason for a in report.skipped}
     assert list(skipped) == [bad] and "rolled back" in skipped[bad]
     assert report.verify["rolled_back"] == 1 and report.verify["passed"]
-    assert len(report.converted) == 7
+    assert len(report.converted) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - 1
     with torch.no_grad():
         assert compare_outputs(ci.call(model), ci.call(out)).max_rel_error < 1e-5
 
@@ -454,9 +454,11 @@ def test_cli_convert_json_and_round_trip(tmp_path):
               "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     js = json.loads(r.stdout)
-    assert len(js["converted"]) == 5 and len(js["inserted"]) == 2 and js["skipped"] == []
+    vit = zoo.vit()
+    lns, ffns = len(_ln_like_paths(vit)), vit.config.num_hidden_layers  # one FFN per encoder layer
+    assert len(js["converted"]) == lns and len(js["inserted"]) == ffns and js["skipped"] == []
     assert all({"path", "from", "to"} <= set(d) for d in js["converted"])
-    assert js["function_preserving"] is False and js["calibration"]["recalibrated"] == 7
+    assert js["function_preserving"] is False and js["calibration"]["recalibrated"] == lns + ffns
     assert out.is_file()
     r = _cli(["inspect", str(out), "--trust", "--json"])
     assert r.exit_code == 0, r.output
@@ -584,3 +586,85 @@ def test_every_module_keeps_its_own_train_eval_mode(to):
     assert report.converted
     modes = {path: m.training for path, m in out.named_modules() if path}
     assert modes == {"0": False, "1": True, "2": False, "3": True, "4": False, "5": False}, modes
+
+
+class _ThreeBNs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c3, self.c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.c(self.c3(self.b(self.c2(self.a(self.c1(x))))))
+
+
+class _WrongAtOtherBatch(nn.Module):
+    """Right on the example's batch size (so its per-site check passes), wrong at any other."""
+
+    def __init__(self, inner, batch):
+        super().__init__()
+        self.inner, self.batch = inner, batch
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y if x.shape[0] == self.batch else y + 1.0
+
+
+def test_rolled_back_count_counts_each_rolled_back_site_once(monkeypatch):
+    """Issue 12.3: sites rolled back by their own check and by the whole-model check are each counted
+    once, and sites the whole-model check keeps are not counted at all."""
+    model = _ThreeBNs().eval()
+    for bn in (model.a, model.b, model.c):
+        _randomize(bn)
+    x = torch.randn(2, 3, 5, 5)
+    real = FrozenBatchNorm.from_batchnorm.__func__
+
+    def build(cls, bn):
+        frozen = real(cls, bn)
+        if bn is work.a:
+            with torch.no_grad():
+                frozen.bias.add_(0.5)  # wrong everywhere: caught by the per-site check
+        if bn is work.b:
+            return _WrongAtOtherBatch(frozen, 2)  # caught only by the whole-model check (batch 3 input)
+        return frozen
+
+    monkeypatch.setattr(FrozenBatchNorm, "from_batchnorm", classmethod(build))
+    work = copy.deepcopy(model)
+    out, report = convert(work, "frozen", example_inputs=(x,), inplace=True)
+    rolled = [a.path for a in report.skipped if a.detail.get("rolled_back")]
+    assert sorted(rolled) == ["a", "b"]
+    assert report.verify["rolled_back"] == 2 and report.verify["passed"] is True
+    assert isinstance(out.c, FrozenBatchNorm) and isinstance(out.a, nn.BatchNorm2d)
+
+
+def test_frozen_with_fresh_ffn_bn_never_reports_an_unmade_check_as_passed():
+    """Issue 12.2: a fresh FFN BN changes the function, so no whole-model comparison is possible; the
+    frozen sites are checked one by one, and the report must not say the model "passed"."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(self.bn(x))))
+
+    model = Block().eval()
+    _randomize(model.bn)
+    out, report = convert(model, "frozen", example_inputs=(torch.randn(4, 8),), ffn_bn=True)
+    assert [a.path for a in report.converted] == ["bn"] and len(report.inserted) == 1
+    assert not report.function_preserving
+    assert report.verify["sites_checked"] == 1 and report.verify["max_site_error"] < 1e-5
+    assert report.verify["passed"] is None and "not compared" in report.verify["whole_model"]
+    assert "passed" not in " ".join(n for t in report.tables() for n in t.notes)
+
+
+def _randomize(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
