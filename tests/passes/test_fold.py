@@ -59,22 +59,23 @@ def fold_one(model: nn.Module, *args: torch.Tensor, **kw):
 
 # --- coverage on the zoo ---------------------------------------------------------------------------
 
-ZOO_BN = {"levit": 27, "resnet": 8, "mobilenet_v2": 52, "efficientnet": 22, "regnet": 9, "mobilevit": 32}
+ZOO_BN = ["levit", "resnet", "mobilenet_v2", "efficientnet", "regnet", "mobilevit"]  # every BN of these folds
 
 
-@pytest.mark.parametrize("name", list(ZOO_BN))
+@pytest.mark.parametrize("name", ZOO_BN)
 def test_zoo_every_batchnorm_folds_exactly(zoo_model, name):
     model, ci = zoo_model(name)
+    n = len(bns(model))  # from the architecture in the installed transformers
+    assert n > 0
     folded, report = fold(model, ci)
-    assert len(bns(model)) == ZOO_BN[name]
-    assert report.num_norms == ZOO_BN[name] and len(report.actions) == ZOO_BN[name]
+    assert report.num_norms == n and len(report.actions) == n
     assert [a.reason for a in report.skipped] == []
-    assert len(report.folded) == ZOO_BN[name]
+    assert len(report.folded) == n
     assert report.passed and report.verify.max_rel_error <= 1e-5 and report.verified_inputs == 4  # example, 2 random, 1 at batch+1
     assert bns(folded) == []
     fresh = ci.like(torch.Generator().manual_seed(7), batch=3)  # another batch size, unseen values
     assert rel_error(model, folded, fresh) <= 1e-5
-    assert f"folded {ZOO_BN[name]} of {ZOO_BN[name]} BatchNorms" in report.summary()
+    assert f"folded {n} of {n} BatchNorms" in report.summary()
 
 
 def test_levit_token_bns_fold_into_their_linears_and_the_head_bn_into_the_classifier(zoo_model):
@@ -102,9 +103,9 @@ def test_models_without_batchnorm_report_nothing(zoo_model, name):
 
 def test_input_model_untouched_unless_inplace(zoo_model):
     model, ci = zoo_model("resnet")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state, before = {k: v.clone() for k, v in model.state_dict().items()}, bns(model)
     folded, _ = fold(model, ci)
-    assert folded is not model and len(bns(model)) == 8
+    assert folded is not model and bns(model) == before and before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     same, report = fold(model, ci, inplace=True)
     assert same is model and bns(model) == [] and report.passed
@@ -558,9 +559,10 @@ def test_report_json_and_table_contract(zoo_model):
     assert data["capture"] == "export"
     assert set(data["verify"]) >= {"max_abs_error", "max_rel_error", "passed"} and data["verify"]["passed"] is True
     assert all(set(f) >= {"norm", "into", "position"} for f in data["folded"])
+    n = len(bns(model))  # every BN of LeViT folds
     (table,) = report.tables()
-    assert len(table.rows) == 27 and len({r[0] for r in table.rows}) == 27
-    assert table.notes[0].startswith("folded 27 of 27 BatchNorms; max rel error ")
+    assert len(table.rows) == n and len({r[0] for r in table.rows}) == n
+    assert table.notes[0].startswith(f"folded {n} of {n} BatchNorms; max rel error ")
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -575,7 +577,7 @@ def test_cli_levit_json_and_saved_model(tmp_path, zoo_model):
     code, stdout, _ = _run(["fold", "normsurgeon.zoo:levit", "-o", str(out), "--json"])
     assert code == 0
     data = json.loads(stdout)
-    assert len(data["folded"]) == 27 and data["skipped"] == [] and data["verify"]["passed"]
+    assert len(data["folded"]) == len(bns(zoo.levit())) and data["skipped"] == [] and data["verify"]["passed"]
     assert data["output"] == str(out) and data["dry_run"] is False
     loaded = load_model(out, trust=True)
     assert bns(loaded.model) == []
