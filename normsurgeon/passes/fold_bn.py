@@ -305,9 +305,8 @@ def _stats(site: Site, ctx: FoldContext) -> _Stats:
     args = _bn_args(site.node)
     t = {k: None if args.get(k) is None else _tensor(ctx, args[k].param)
          for k in ("running_mean", "running_var", "weight", "bias")}
-    eps = args.get("eps")
     return _Stats(t["running_mean"].shape[0], t["running_mean"], t["running_var"], t["weight"], t["bias"],
-                  float(eps) if isinstance(eps, (int, float)) else 1e-5)
+                  float(args["eps"]))
 
 
 def _tensor(ctx: FoldContext, qualname: str) -> torch.Tensor | None:
@@ -342,6 +341,8 @@ def _check_functional(node: GNode, ctx: FoldContext) -> str | None:
     for name in ("running_mean", "running_var"):
         if args.get(name) is None:
             return "functional batch_norm without running statistics: it normalizes with batch statistics"
+    if not isinstance(args.get("eps"), (int, float)):
+        return "functional batch_norm whose eps is not a constant"
     for name in ("running_mean", "running_var", "weight", "bias"):
         v = args.get(name)
         if v is None:
