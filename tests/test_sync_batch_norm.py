@@ -241,3 +241,13 @@ def test_calibrate_runs_sync_token_batch_norm_locally():
     h = torch.cat([model[0](b).reshape(-1, 4) for b in batches]).detach()
     _close(model[1].running_mean.double(), h.mean(0).double(), "running mean", atol=1e-6)
     _close(model[1].running_var.double(), h.var(0).double(), "running var", atol=1e-6)
+
+
+def test_synchronized_vit_calibrates_and_folds_like_a_token_bn_vit():
+    from normsurgeon.fold import fold
+    bn_vit = convert_sync_batchnorm(_vit_bn())
+    gen = torch.Generator().manual_seed(0)
+    calibrate(bn_vit, [{"pixel_values": torch.randn(8, 3, 32, 32, generator=gen)} for _ in range(2)])
+    folded, report = fold(bn_vit.eval(), zoo.vit().example_inputs())
+    assert len(report.folded) == 7 and report.num_norms == 7
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
