@@ -286,7 +286,8 @@ def main(argv=None) -> int:
                                   ("zoo levit (tiny)", tiny, tiny.example_inputs(), 10 * args.runs)]:
         rows, ratios[name] = bench_one(name, model, ci, args, runs)
         results["latency"][name] = rows
-    print(f"ONNX Runtime {ort.__version__} CPU, {args.threads} thread{'s' if args.threads != 1 else ''}, {args.warmup} warm-up runs per model; "
+    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
+    print(f"ONNX Runtime {ort.__version__} CPU, {threads}, {args.warmup} warm-up runs per model; "
           f"[{time.time() - t_start:.0f} s]")
     results.update(ratios=ratios, onnxruntime=ort.__version__, threads=args.threads, runs=args.runs,
                    batch=args.batch)

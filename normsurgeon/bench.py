@@ -11,10 +11,10 @@ and the report says so (``within_noise``) instead of letting a ratio read as a r
 
 Threads: one ONNX Runtime intra-op thread by default (``DEFAULT_THREADS``). Ratios, not absolute
 speed, are what bench reports, and one thread gives the stable ones: with 2 threads on a 2-vCPU
-machine, LeViT-128S at batch 1 measured 17-22 ms (median over repeated runs) with paired ratios of a
-model against itself spread 0.75-1.33, against 10 ms and +-2% with one thread, because the extra
-thread competes with the OS and with every other process for the same cores and its spin-waits turn
-that into latency. ``threads=N`` measures the deployment setting; the report notes when N is not below
+machine, LeViT-128S at batch 1 measured 17-22 ms (median over repeated runs) with paired ratios
+spread 0.75-1.33, against 10 ms and +-2% with one thread: the extra thread competes with the OS and
+every other process for the same cores (ORT's pool threads also spin while they wait), so any
+contention becomes latency. ``threads=N`` measures the deployment setting; the report notes when N is not below
 the number of CPUs available to the process.
 """
 

@@ -16,9 +16,9 @@ hooks do not have that flaw, and their result replaces whatever the BN accumulat
 
 The BNs still run in train mode (normalizing with batch statistics), as in
 ``torch.optim.swa_utils.update_bn``, so that each BN sees inputs shaped by the BNs before it the
-way they behave in training. SyncBatchNorm (and SyncTokenBatchNorm) runs as a local BN during calibration: its statistics
-are gathered exactly by the hooks anyway, and its own collective would need every rank to run
-the same number of batches (and a GPU).
+way they behave in training. SyncBatchNorm (and SyncTokenBatchNorm) runs as a local BN during
+calibration: its statistics are gathered exactly by the hooks anyway, and its own collective would
+need every rank to run the same number of batches (and, for SyncBatchNorm, a GPU).
 """
 
 from __future__ import annotations
