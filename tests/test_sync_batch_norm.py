@@ -55,11 +55,11 @@ C = T = 5  # tokens == channels: the case torch's idiom gets silently wrong
 def _small_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(C, C), TokenBatchNorm(C, momentum=0.1), nn.GELU(), nn.Linear(C, C),
-                          TokenBatchNorm(C, momentum=None), nn.Linear(C, 3)).double()
+                          TokenBatchNorm(C, momentum=None, bias=False), nn.Linear(C, 3)).double()
     with torch.no_grad():  # non-trivial affine, so weight/bias gradients are tested too
         for bn in (model[1], model[4]):
             bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
+        model[1].bias.uniform_(-0.5, 0.5)
     return model
 
 
@@ -76,6 +76,7 @@ def _exact_worker(rank):
     ref = _small_model()
     model = convert_sync_batchnorm(copy.deepcopy(ref))
     assert [type(m) for m in model if isinstance(m, _BatchNorm)] == [SyncTokenBatchNorm] * 2
+    assert model[4].bias is None  # bias=False kept
     lo = sum(SPLIT[:rank])
     hi = lo + SPLIT[rank]
     for step, union in enumerate(_batches()):
@@ -98,6 +99,9 @@ def _exact_worker(rank):
             _close(b.double(), b_ref.double(), f"step {step} buffer {name}")
         model.zero_grad()
         ref.zero_grad()
+    # one value per channel over all ranks cannot be normalized: every rank raises, none hangs
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model[1](torch.randn(1 - rank, C, dtype=torch.float64))
     # eval: the running statistics alone, identical on both ranks
     model.eval()
     ref.eval()

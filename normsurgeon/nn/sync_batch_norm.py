@@ -67,8 +67,10 @@ class SyncTokenBatchNorm(TokenBatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -88,10 +90,10 @@ class SyncTokenBatchNorm(TokenBatchNorm):
             x = x.float()
         totals = _all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]), self.process_group)
         count = totals[c]
-        n = int(count.item())
-        if n <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {n} over all ranks "
-                             f"(input size {list(input.shape)} on this rank)")
+        # the global count is at least the local one: only a rank with <= 1 row pays a host sync to check it
+        if x.shape[0] <= 1 and int(count.item()) <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(count.item())} over "
+                             f"all ranks (input size {list(input.shape)} on this rank)")
         mean = totals[:c] / count
         centered = x - mean
         var = _all_reduce((centered * centered).sum(0), self.process_group) / count
@@ -104,7 +106,7 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         if self.training and self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
-                unbiased = var.detach() * (n / (n - 1))
+                unbiased = var.detach() * (count / (count - 1))
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
         return out.to(input.dtype).view(input.shape)
 
@@ -114,7 +116,7 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         ``convert_sync_batchnorm`` does, so an optimizer built before still holds the right tensors);
         takes its train/eval mode and ``qconfig``."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                  process_group=process_group, device="meta")
+                  process_group=process_group, device="meta", bias=bn.bias is not None)
         new.weight, new.bias = bn.weight, bn.bias
         new.running_mean, new.running_var = bn.running_mean, bn.running_var
         new.num_batches_tracked = bn.num_batches_tracked
