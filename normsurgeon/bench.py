@@ -14,8 +14,8 @@ speed, are what bench reports, and one thread gives the stable ones: with 2 thre
 machine, LeViT-128S at batch 1 measured 17-22 ms (median over repeated runs) with paired ratios
 spread 0.75-1.33, against 10 ms and +-2% with one thread: the extra thread competes with the OS and
 every other process for the same cores (ORT's pool threads also spin while they wait), so any
-contention becomes latency. ``threads=N`` measures the deployment setting; the report notes when N is not below
-the number of CPUs available to the process.
+contention becomes latency. ``threads=N`` measures the deployment setting; the report notes when N is
+not below the number of CPUs available to the process.
 """
 
 from __future__ import annotations
