@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
 from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: F401
+from .demo import run_demo as demo  # noqa: F401 - the `demo` command
 from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
@@ -34,8 +35,8 @@ from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file
 
 __all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
-           "synthetic_batches", "check_calibration_batch", "validate_convert", "export", "bench", "save_model",
-           "save", "check_output", "check_recipe_base", "apply_recipe", "load_inputs_file"]
+           "synthetic_batches", "check_calibration_batch", "validate_convert", "export", "bench", "demo",
+           "save_model", "save", "check_output", "check_recipe_base", "apply_recipe", "load_inputs_file"]
 
 # How each norm kind shows up in an exported ONNX graph (op type, or the counting's decomposed_* key).
 _ONNX_OP = {"batchnorm": "BatchNormalization", "layernorm": "LayerNormalization", "groupnorm": "GroupNormalization",

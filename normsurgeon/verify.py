@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .errors import NormSurgeonError, one_line
 from .files import read_tensors
+from .graph.capture import rejected
 from .inputs import CallArgs, as_call_args
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
@@ -123,7 +124,7 @@ class References:
                 out = run_clean(model, c, eval_mode=eval_mode)
             except Exception as e:  # noqa: BLE001
                 if i == 0:
-                    raise NormSurgeonError(f"the model fails on its example inputs: {one_line(e, typed=True)}") from e
+                    raise rejected(c, e) from e
                 if i >= len(candidates):
                     raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it before "
                                            f"any change ({one_line(e, typed=True, limit=200)})") from e
@@ -132,10 +133,6 @@ class References:
             refs.outputs.append(out)
         refs.user_inputs = len(extra)
         return refs
-
-    def counts(self) -> dict[str, int]:
-        """How many inputs of each kind the checks ran on (for reports)."""
-        return {"total": len(self.inputs), "user": self.user_inputs}
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -207,20 +204,27 @@ def _fit_inputs(obj: Any, ci: CallArgs, what: str) -> CallArgs:
     return CallArgs(tuple(out[:k]), dict(zip(list(ci.kwargs), out[k:])))
 
 
-def record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Input and eval output of the first call of each module at ``paths`` on ``ci`` (per-site checks)."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for p in paths:
-        def hook(_m, args, out, _p=p):
-            if _p not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                seen[_p] = (args[0].detach().clone(), out.detach().clone())
-        handles.append(model.get_submodule(p).register_forward_hook(hook))
+def run_hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], ci: CallArgs) -> None:
+    """One clean eval forward pass (``run_clean``) with forward hooks on some modules, removed after."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
     try:
         run_clean(model, ci, eval_mode=True)
     finally:
         for h in handles:
             h.remove()
+
+
+def record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and eval output of the first call of each module at ``paths`` on ``ci`` (per-site checks)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook_for(p: str) -> Callable:
+        def hook(_m, args, out):
+            if p not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen[p] = (args[0].detach().clone(), out.detach().clone())
+        return hook
+
+    run_hooked(model, [(model.get_submodule(p), hook_for(p)) for p in paths], ci)
     return seen
 
 
