@@ -1,6 +1,6 @@
 """Prove an ONNX file in ONNX Runtime: sessions, feeding ``CallArgs`` in, comparing with PyTorch on
 the example inputs, random inputs like them, a second batch/sequence size for dynamic axes and the
-user's own inputs (``load_inputs_file``, read by ``files.read_tensors``)."""
+user's own inputs (read by ``verify.load_inputs_file``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
