@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ..errors import NormSurgeonError
+from ..errors import NormSurgeonError, one_line
 from ..graph import ModelGraph, capture
 from ..inputs import CallArgs, as_call_args
 from ..outputs import ErrorStats
@@ -210,7 +210,7 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
             action = rewrite(chosen, ctx, undo)
         except Exception as e:  # noqa: BLE001 - a failed rewrite is a skipped site, never a half-edit
             undo.restore()
-            actions[entry.norm] = Action("skipped", entry.norm, {}, f"rewrite failed: {type(e).__name__}: {e}")
+            actions[entry.norm] = Action("skipped", entry.norm, {}, f"rewrite failed: {one_line(e, typed=True)}")
             continue
         actions[entry.norm] = action
         applied.append(Applied(entry.norm, chosen, action, undo, redo=lambda u, s=chosen: rewrite(s, ctx, u),
