@@ -7,8 +7,8 @@ parameters) and what their verification found. Replaying the actions on a freshl
 the converted *architecture*; the weights come from the safetensors file saved beside it
 (``normsurgeon.replay``). The format is in docs/recipes.md.
 
-The passes record what they did on the model they return (``record``), in a plain attribute that
-survives training, ``copy.deepcopy`` and pickling, so ``normsurgeon.save(model, DIR)`` works on a
+The passes record what they did on the model they return (``record``), in a plain-data attribute that
+survives training, ``copy.deepcopy`` and pickling (a pickle of it needs no normsurgeon class), so ``normsurgeon.save(model, DIR)`` works on a
 model converted by the tool and trained since.
 """
 
@@ -26,7 +26,7 @@ from .inputs import CallArgs
 
 FORMAT = "normsurgeon-recipe"
 FORMAT_VERSION = 1  # bump when a reader of the old version would misread the new one
-ATTR = "_normsurgeon_recipe"  # where a model carries its recipe (a Recipe in its __dict__)
+ATTR = "_normsurgeon_recipe"  # where a model carries its recipe (plain data in its __dict__)
 
 
 @dataclass
@@ -71,13 +71,25 @@ class Recipe:
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:
-    r = model.__dict__.get(ATTR)
-    return r if isinstance(r, Recipe) else None
+    """The recipe ``model`` carries (a fresh ``Recipe`` each call: change it through ``attach``)."""
+    d = model.__dict__.get(ATTR)
+    if not isinstance(d, dict):
+        return None
+    ex = d.get("example_inputs")
+    ci = CallArgs(tuple(ex.get("args") or ()), dict(ex.get("kwargs") or {})) if isinstance(ex, dict) else None
+    return Recipe(base=d.get("base"), actions=list(d.get("actions") or []), example_inputs=ci,
+                  base_unknown=d.get("base_unknown"))
 
 
 def attach(model: nn.Module, recipe: Recipe) -> None:
-    # object.__setattr__: a plain attribute, never a submodule/parameter/buffer (state dicts stay as they are)
-    object.__setattr__(model, ATTR, recipe)
+    """Store ``recipe`` on ``model`` as plain data (dicts, lists, strings, tensors): a pickle of the
+    model then loads without normsurgeon's classes. object.__setattr__: never a submodule, parameter
+    or buffer, so state dicts stay as they are."""
+    ci = recipe.example_inputs
+    object.__setattr__(model, ATTR, {
+        "base": copy.deepcopy(recipe.base), "actions": copy.deepcopy(list(recipe.actions)),
+        "example_inputs": {"args": list(ci.args), "kwargs": dict(ci.kwargs)} if ci is not None else None,
+        "base_unknown": recipe.base_unknown})
 
 
 def set_base(model: nn.Module, base: dict | None, *, unknown: str | None = None) -> None:
@@ -90,20 +102,14 @@ def set_base(model: nn.Module, base: dict | None, *, unknown: str | None = None)
 
 def record(model: nn.Module, action: dict, example_inputs: CallArgs) -> None:
     """Append what a pass did to ``model``'s recipe (``action["op"]`` names the pass)."""
-    r = recipe_of(model)
-    if r is None:
-        r = Recipe()
-        attach(model, r)
-    else:  # copy-on-write: a model deep-copied before the pass must not share the list with its source
-        r = copy.copy(r)
-        r.actions = list(r.actions)
-        attach(model, r)
+    r = recipe_of(model) or Recipe()
     if r.example_inputs is None:
         r.example_inputs = CallArgs(tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t
                                           for t in example_inputs.args),
                                     {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                                      for k, v in example_inputs.kwargs.items()})
     r.actions.append(json_safe(action))
+    attach(model, r)
 
 
 def transformers_base(model: nn.Module) -> dict | None:

@@ -201,3 +201,22 @@ def test_fold_of_a_recipe_appends_to_it(tmp_path):
     assert isinstance(model.vit.layers[0].mlp.fc1[1], torch.nn.Identity)
     ci = zoo.vit().example_inputs()
     assert same(outputs(model, ci), outputs(api.fold(normsurgeon.load(tmp_path / "a"), ci)[0], ci))
+
+
+def test_the_recipe_a_model_carries_is_plain_data(tmp_path):
+    # a .pt of a folded torch/transformers model must not start needing normsurgeon's classes to unpickle
+    import pickletools
+    import zipfile
+
+    model = zoo.resnet()
+    folded, report = normsurgeon.fold(model, model.example_inputs())
+    assert report.folded and recipe_of(folded).actions[0]["op"] == "fold"
+    assert recipe_of(model) is None  # the input model is untouched
+    del folded.example_inputs  # zoo's own input helper is a normsurgeon class; the recipe must not be
+    torch.save(folded, tmp_path / "f.pt")
+    with zipfile.ZipFile(tmp_path / "f.pt") as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    names = {str(arg) for op, arg, _ in pickletools.genops(data) if op.name in ("GLOBAL", "STACK_GLOBAL")}
+    strings = [str(arg) for op, arg, _ in pickletools.genops(data) if "UNICODE" in op.name]
+    assert "_normsurgeon_recipe" in strings
+    assert not [n for n in names if "normsurgeon" in n] and not [s for s in strings if s.startswith("normsurgeon.")]
