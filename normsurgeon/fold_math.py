@@ -142,3 +142,20 @@ def fold_bn_before_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shif
     b = _bias64(bias, out, weight)
     bias_add = (wg * tg).flatten(2).sum(2).reshape(out)
     return _back((wg * sg).reshape(w.shape), b + bias_add, weight, bias)
+
+
+def fold_bn_into(kind: str, position: str, weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
+                 *, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """The fold for a weighted op of ``kind`` (linear | linear_t | conv | conv_transpose) with the BN
+    ``position``ed "after" it (its producer) or "before" it (its consumer): ``(weight, bias)``."""
+    if position == "after":
+        if kind == "linear":
+            return fold_bn_after_linear(weight, bias, scale, shift)
+        if kind == "linear_t":
+            return fold_bn_after_transposed_linear(weight, bias, scale, shift)
+        return fold_bn_after_conv(weight, bias, scale, shift, groups=groups, transposed=kind == "conv_transpose")
+    if kind == "linear":
+        return fold_bn_before_linear(weight, bias, scale, shift)
+    if kind == "linear_t":
+        return fold_bn_before_transposed_linear(weight, bias, scale, shift)
+    return fold_bn_before_conv(weight, bias, scale, shift, groups=groups)

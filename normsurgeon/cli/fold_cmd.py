@@ -6,7 +6,7 @@ import click
 
 from ..errors import NormSurgeonError, VerificationError
 from .. import api
-from ..loading import check_output_path
+from ..loading import check_output_path, check_program_output
 from .common import emit, guarded, load_from_options, model_options, output_options, stderr
 
 
@@ -26,7 +26,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rto
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
     BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
-    and why. Exit 1 if the folded model's outputs do not match.
+    and why. Exit 1 if the folded model's outputs do not match. A .pt2 (torch.export program) is folded
+    in its own graph and saved as a .pt2 program; its example inputs come from the program.
     """
     if rtol <= 0:
         raise NormSurgeonError("--rtol must be positive")
@@ -34,7 +35,11 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rto
     if output is not None:
         out_path = check_output_path(output, force=force, inputs=[model])
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    folded, report = api.fold(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol)
+    if loaded.program is not None and out_path is not None:
+        check_program_output(out_path)  # before any work, like every output check
+    # a .pt2 folds in its own graph (a new program, saved as .pt2); a module in place (the CLI owns it)
+    target = loaded.program if loaded.program is not None else loaded.model
+    folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol)
     if report.passed and out_path is not None:
         api.save_model(folded, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
     if as_json:
@@ -45,16 +50,17 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rto
     else:
         emit(report, False)
         if report.passed or out_path is None:  # a failure is said once, by the error below
-            stderr.print(_note(report, out_path), soft_wrap=True, highlight=False)
+            stderr.print(_note(report, out_path, "program" if loaded.program is not None else "model"),
+                         soft_wrap=True, highlight=False)
     if not report.passed:
         raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
 
 
-def _note(report, out_path) -> str:
+def _note(report, out_path, what: str) -> str:
     if out_path is None:
-        return "dry run: no output written (pass -o FILE to save the folded model)"
+        return f"dry run: no output written (pass -o FILE to save the folded {what})"
     if report.passed:
-        return f"saved the folded model to {out_path}"
+        return f"saved the folded {what} to {out_path}"
     return "verification failed: nothing written"
 
 

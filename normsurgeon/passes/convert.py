@@ -42,6 +42,7 @@ from ..errors import NormSurgeonError, one_line
 from ..find import NormSite, find_norms
 from ..graph import ModelGraph, capture
 from ..inputs import CallArgs, as_call_args
+from ..loading import ExportedModel
 from ..report import Action, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, record_io, run_clean, set_module, site_error, \
     tolerance_for
@@ -170,9 +171,14 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     example_inputs: how to call the model (tensor, tuple, dict or CallArgs); defaults to the model's
     own ``example_inputs``. graph: a graph already captured from ``model`` (saves a capture).
 
-    The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept.
+    The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept. A
+    torch.export program (or a loaded ``.pt2``) is refused: ``NormSurgeonError``.
     """
     validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init)
+    if isinstance(model, (torch.export.ExportedProgram, ExportedModel)):
+        raise NormSurgeonError("convert needs the nn.Module (.pt, transformers directory or package.module:factory): "
+                               "a conversion changes what the model trains, and a torch.export program (.pt2) "
+                               "holds a frozen inference graph (fold and export work on it)")
     ci = _inputs(model, example_inputs)
     if graph is None:
         graph = capture(model, ci)

@@ -34,12 +34,13 @@ from ..graph.ops import batch_norm_args, data_users as _data_users, is_nonlinear
 from ..report import Action
 from ..verify import UndoLog
 
-__all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
+__all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine",
+           "producer_layout", "consumer_layout", "reads_padding", "channel_axis", "where", "WEIGHTED_OPS"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 # canonical op name -> (kind, module class it must belong to, number of spatial dims)
-_WEIGHTED_OPS: dict[str, tuple[str, type, int]] = {
+WEIGHTED_OPS: dict[str, tuple[str, type, int]] = {
     "linear": ("linear", nn.Linear, 0),
     "conv1d": ("conv", nn.Conv1d, 1), "conv2d": ("conv", nn.Conv2d, 2), "conv3d": ("conv", nn.Conv3d, 3),
     "conv_transpose1d": ("conv_transpose", nn.ConvTranspose1d, 1),
@@ -149,7 +150,8 @@ class FoldContext:
 
 # --- graph helpers -------------------------------------------------------------------------------
 
-def _where(node: GNode) -> str:
+def where(node: GNode) -> str:
+    """A node for a message: its op (or module class) and the module that ran it."""
     op = type(node.target).__name__ if node.op == "module" and isinstance(node.target, nn.Module) else node.op
     return f"{op} ({node.module_path})" if node.module_path else op
 
@@ -158,7 +160,7 @@ def _is_data_movement(node: GNode, ctx: FoldContext) -> bool:
     return ops.is_data_movement(node, ctx.module(node.module_path))
 
 
-def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
+def channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
     if shape is None:
         return None
     if kind in ("linear", "linear_t"):
@@ -212,8 +214,8 @@ def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
         return None, "no input node"
     chain.reverse()
     norm_path = bn_node.module_path
-    if x.op in _WEIGHTED_OPS:
-        kind = _WEIGHTED_OPS[x.op][0]
+    if x.op in WEIGHTED_OPS:
+        kind = WEIGHTED_OPS[x.op][0]
         return Site(norm_path, bn_node, "after", [Target(x.module_path or "", x, kind, chain)]), ""
     if x.op in ("input", "param"):
         return None, "its input is a graph input, not a Linear/Conv output"
@@ -221,9 +223,9 @@ def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
         src = x.args[0] if x.args else None
         while isinstance(src, GNode) and _is_data_movement(src, ctx):
             src = src.args[0]
-        if isinstance(src, GNode) and src.op in _WEIGHTED_OPS:
-            return None, f"a nonlinearity ({_where(x)}) sits between {src.op} {src.module_path} and the BN"
-    return None, f"its input comes from {_where(x)}, not from a Linear/Conv"
+        if isinstance(src, GNode) and src.op in WEIGHTED_OPS:
+            return None, f"a nonlinearity ({where(x)}) sits between {src.op} {src.module_path} and the BN"
+    return None, f"its input comes from {where(x)}, not from a Linear/Conv"
 
 
 def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
@@ -237,18 +239,18 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Sit
         for u in users:
             if u.op == "output":
                 return None, "its output is a model output"
-            if u.op in _WEIGHTED_OPS and _op_input(u) is node:
+            if u.op in WEIGHTED_OPS and _op_input(u) is node:
                 i_in, name_in = _op_args(u)[0]
                 if (any(a is node for i, a in enumerate(u.args) if i != i_in)
                         or any(v is node for k, v in u.kwargs.items() if k != name_in)):
-                    return None, f"its output is also a weight of {_where(u)}"
-                targets.append(Target(u.module_path or "", u, _WEIGHTED_OPS[u.op][0], chain))
+                    return None, f"its output is also a weight of {where(u)}"
+                targets.append(Target(u.module_path or "", u, WEIGHTED_OPS[u.op][0], chain))
             elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
                 stack.append((u, chain + [u]))
             elif _is_nonlinear(u):
-                return None, f"its output feeds a nonlinearity ({_where(u)})"
+                return None, f"its output feeds a nonlinearity ({where(u)})"
             else:
-                return None, f"its output feeds {_where(u)}, not only Linear/Conv layers"
+                return None, f"its output feeds {where(u)}, not only Linear/Conv layers"
     targets.sort(key=lambda t: t.node.name)
     return Site(norm_path, bn_node, "before", targets), ""
 
@@ -345,7 +347,7 @@ def _check_region(node: GNode, ctx: FoldContext) -> str | None:
 
 def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str | None:
     node, position = t.node, site.position
-    kind, cls, spatial = _WEIGHTED_OPS[node.op]
+    kind, cls, spatial = WEIGHTED_OPS[node.op]
     mod = ctx.module(node.module_path)
     path = t.path
     role = "producer" if position == "after" else "consumer"
@@ -406,53 +408,72 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
         if getattr(mod, pname, None) is not None and uses > 0:
             return f"{role} {path}.{pname} is also read outside {path} (shared)"
     if position == "after":
-        users = [_data_users(n) for n in [node, *t.chain]]
-        nxt = [*t.chain, site.node]
-        for n, us, expected in zip([node, *t.chain], users, nxt):
-            others = [u for u in us if u is not expected]
-            if others:
-                what = "output" if n is node else f"output (after {n.op})"
-                return f"{role} {path} {what} is also used by {_where(others[0])}"
-        axis = _channel_axis(kind, spatial, node.shape)
-        if axis is None:
-            return f"no shape information for {path} (the captured graph has no shapes)"
-        axis, why = _track(t.chain, axis)
-        if axis is None:
-            return f"between {path} and the BN: {why}"
-        if axis != 1:
-            return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
         n_out = (mod.out_features if kind == "linear" else mod.weight.shape[1] if kind == "linear_t"
                  else mod.out_channels)
-        if n_out != bn.num_features:
-            return f"{path} has {n_out} output channels, the BN {bn.num_features}"
-    else:
-        if kind == "conv_transpose":
-            return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
-        if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
-            return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
-                    "shift would not reach the padded border, so the fold would not be exact")
-        src = _op_input(node)
-        axis, why = _track(t.chain, 1)
-        if axis is None:
-            return f"between the BN and {path}: {why}"
-        want = _channel_axis(kind, spatial, src.shape)
-        if want is None:
-            return f"no shape information for {path}'s input (the captured graph has no shapes)"
-        if axis != want:
-            return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
-        n_in = (mod.in_features if kind == "linear" else mod.weight.shape[0] if kind == "linear_t"
-                else mod.in_channels)
-        if n_in != bn.num_features:
-            return f"{path} has {n_in} input channels, the BN {bn.num_features}"
+        return producer_layout(path, node, t.chain, site.node, kind, spatial, n_out, bn.num_features)
+    zero_padded = kind == "conv" and mod.padding_mode == "zeros" and reads_padding(mod.padding, mod.dilation,
+                                                                                 mod.kernel_size)
+    n_in = (mod.in_features if kind == "linear" else mod.weight.shape[0] if kind == "linear_t"
+            else mod.in_channels)
+    return consumer_layout(path, _op_input(node), t.chain, kind, spatial, n_in, bn.num_features,
+                           padding=_fmt_padding(mod.padding) if zero_padded else None)
+
+
+# --- checks the module fold and the program fold share (passes.fold_bn_program) ---------------------
+
+def producer_layout(path: str, node: GNode, chain: list[GNode], bn_node: GNode, kind: str, spatial: int,
+                    n_out: int | None, n_bn: int | None) -> str | None:
+    """Why a BN after producer ``node`` (through ``chain``) does not fold into it: the producer's output
+    read elsewhere, its channels merged, moved off axis 1 or of another count; None when it folds."""
+    for n, expected in zip([node, *chain], [*chain, bn_node]):
+        others = [u for u in _data_users(n) if u is not expected]
+        if others:
+            what = "output" if n is node else f"output (after {n.op})"
+            return f"producer {path} {what} is also used by {where(others[0])}"
+    axis = channel_axis(kind, spatial, node.shape)
+    if axis is None:
+        return f"no shape information for {path} (the captured graph has no shapes)"
+    axis, why = _track(chain, axis)
+    if axis is None:
+        return f"between {path} and the BN: {why}"
+    if axis != 1:
+        return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
+    if n_out != n_bn:
+        return f"{path} has {n_out} output channels, the BN {n_bn}"
     return None
 
 
-def _reads_padding(conv: nn.Module) -> bool:
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
+def consumer_layout(path: str, src: Any, chain: list[GNode], kind: str, spatial: int, n_in: int | None,
+                    n_bn: int | None, *, padding: str | None = None) -> str | None:
+    """Why a BN before consumer ``path`` (reading ``src`` at the end of ``chain``) does not fold into it:
+    a ConvTranspose, a conv that zero-pads (``padding``: its padding, shown), the BN's channels not
+    arriving on the axis the consumer reads, or in another count."""
+    if kind == "conv_transpose":
+        return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
+    if padding is not None:
+        return (f"consumer {path} zero-pads its input (padding={padding}): the BN shift would not reach the "
+                "padded border, so the fold would not be exact")
+    axis, why = _track(chain, 1)
+    if axis is None:
+        return f"between the BN and {path}: {why}"
+    want = channel_axis(kind, spatial, src.shape if isinstance(src, GNode) else None)
+    if want is None:
+        return f"no shape information for {path}'s input (the captured graph has no shapes)"
+    if axis != want:
+        return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
+    if n_in != n_bn:
+        return f"{path} has {n_in} input channels, the BN {n_bn}"
+    return None
+
+
+def reads_padding(padding: Any, dilation: Any, kernel_size: Any) -> bool:
+    """A conv with this padding reads padded values (``"same"`` pads unless every kernel is 1)."""
+    if isinstance(padding, str):
+        if padding == "valid":
             return False
-        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size))
-    return any(p != 0 for p in conv.padding)
+        return any(d * (k - 1) > 0 for d, k in zip(dilation, kernel_size))
+    pads = padding if isinstance(padding, (list, tuple)) else [padding]
+    return any(p != 0 for p in pads)
 
 
 def _fmt_padding(p: Any) -> str:
@@ -474,21 +495,7 @@ def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
     for t in site.targets:
         mod = ctx.module(t.path)
         w, b = mod.weight, mod.bias
-        if site.position == "after":
-            if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_after_linear(w, b, scale, shift)
-            elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, scale, shift)
-            else:
-                nw, nb = fold_math.fold_bn_after_conv(w, b, scale, shift, groups=mod.groups,
-                                                      transposed=t.kind == "conv_transpose")
-        else:
-            if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_before_linear(w, b, scale, shift)
-            elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, scale, shift)
-            else:
-                nw, nb = fold_math.fold_bn_before_conv(w, b, scale, shift, groups=mod.groups)
+        nw, nb = fold_math.fold_bn_into(t.kind, site.position, w, b, scale, shift, groups=getattr(mod, "groups", 1))
         undo.save_param(mod, "weight")
         undo.save_param(mod, "bias")
         if mod.bias is None:
