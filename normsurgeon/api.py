@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
+from torch.export import ExportedProgram
 
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
 from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: F401
@@ -23,7 +24,7 @@ from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
 from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds
-from .loading import LoadedModel, check_output_path, load_model, save_model  # noqa: F401
+from .loading import LoadedModel, check_output_path, load_model, program_inputs, program_module, save_model  # noqa: F401
 from .onnx import ExportReport, export_onnx
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
@@ -151,7 +152,7 @@ def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> No
         restore_modes(modes)
 
 
-def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
+def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
            fold_rtol: float = 1e-5, inplace: bool = False, inputs_file: str | os.PathLike | None = None,
            extra_inputs: Iterable | None = None, progress=None, **export_kwargs: Any) -> ExportReport:
     """Export ``model`` to ONNX, verified in ONNX Runtime (``onnx.export_onnx``; keyword arguments go
@@ -160,9 +161,14 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
     The fold is verified against the original model by the fold pass; if that verification fails,
     nothing is exported and ``VerificationError`` is raised (its ``report`` is the fold report). The
     norm ops of the unfolded model are counted on its captured graph (``report.norm_ops_unfolded``),
-    so the model is exported once. ``model`` is folded in place only with ``inplace=True``.
+    so the model is exported once. ``model`` is folded in place only with ``inplace=True``. An
+    ``ExportedProgram`` (``LoadedModel.program``) is exported as it is or, with ``fold``, its own graph is
+    folded first (``passes.fold.fold_program``); its example inputs default to the program's own.
     """
-    ci = as_call_args(example_inputs)
+    program = model if isinstance(model, ExportedProgram) else None
+    if program is not None:
+        model = program_module(program)
+    ci = as_call_args(example_inputs) if example_inputs is not None or program is None else program_inputs(program)
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, ci)
@@ -173,8 +179,12 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
             progress("folding")
         graph = capture(model, ci)
         unfolded = norm_ops_on_graph(find_norms(graph))
-        model, fold_report = _fold_pass.fold(model, ci, graph=graph, inplace=inplace, rtol=fold_rtol,
-                                             extra_inputs=extra)
+        if program is not None:  # a .pt2: its own graph is folded, a new program exported
+            folded, fold_report = _fold_pass.fold_program(program, ci, rtol=fold_rtol, extra_inputs=extra)
+            model = program_module(folded)
+        else:
+            model, fold_report = _fold_pass.fold(model, ci, graph=graph, inplace=inplace, rtol=fold_rtol,
+                                                 extra_inputs=extra)
         if fold_report.passed is False:
             err = VerificationError(f"the folded model's outputs do not match ({fold_report.summary()}); "
                                     "nothing exported")

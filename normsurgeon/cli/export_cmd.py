@@ -62,7 +62,9 @@ def export(model, trust, imports, weights, input_shapes, input_dtypes, output, d
         loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
         try:
             # the CLI owns the model it loaded: fold it in place (no second copy in memory)
-            report = api.export(loaded.model, loaded.example_inputs, output, fold=do_fold, inplace=True,
+            # a .pt2 goes as its program: --fold folds the program's own graph
+            target = loaded.program if loaded.program is not None else loaded.model
+            report = api.export(target, loaded.example_inputs, output, fold=do_fold, inplace=True,
                                 inputs_file=inputs_file, opset=opset, dynamic_batch=dynamic_batch,
                                 dynamic_seq=dynamic_seq, rtol=rtol, atol=atol, num_random=num_random, force=force,
                                 progress=progress, exporter=exporter, input_path=loaded.path,
