@@ -18,6 +18,7 @@ import torch.nn as nn
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
 from .calibrate import (CalibrationReport, calibrate, load_calibration_data, shard_files,  # noqa: F401
                         synthetic_batches)
+from .demo import run_demo as demo  # noqa: F401 - the `demo` command
 from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
@@ -30,7 +31,7 @@ from .passes.fold import FoldReport, fold
 
 __all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
            "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
-           "export", "bench", "save_model"]
+           "export", "bench", "demo", "save_model"]
 
 # How each norm kind shows up in an exported ONNX graph (op type, or the counting's decomposed_* key).
 _ONNX_OP = {"batchnorm": "BatchNormalization", "layernorm": "LayerNormalization", "groupnorm": "GroupNormalization",

@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import NormSurgeonError, one_line
+from .errors import one_line
+from .graph.capture import rejected
 from .inputs import CallArgs
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
@@ -116,7 +117,7 @@ class References:
                 out = run_clean(model, c, eval_mode=eval_mode)
             except Exception as e:  # noqa: BLE001
                 if i == 0:
-                    raise NormSurgeonError(f"the model fails on its example inputs: {one_line(e, typed=True)}") from e
+                    raise rejected(c, e) from e
                 continue
             refs.inputs.append(c)
             refs.outputs.append(out)
@@ -136,20 +137,27 @@ class References:
         return stats, None
 
 
-def record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Input and eval output of the first call of each module at ``paths`` on ``ci`` (per-site checks)."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for p in paths:
-        def hook(_m, args, out, _p=p):
-            if _p not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                seen[_p] = (args[0].detach().clone(), out.detach().clone())
-        handles.append(model.get_submodule(p).register_forward_hook(hook))
+def run_hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], ci: CallArgs) -> None:
+    """One clean eval forward pass (``run_clean``) with forward hooks on some modules, removed after."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
     try:
         run_clean(model, ci, eval_mode=True)
     finally:
         for h in handles:
             h.remove()
+
+
+def record_io(model: nn.Module, paths: list[str], ci: CallArgs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and eval output of the first call of each module at ``paths`` on ``ci`` (per-site checks)."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook_for(p: str) -> Callable:
+        def hook(_m, args, out):
+            if p not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                seen[p] = (args[0].detach().clone(), out.detach().clone())
+        return hook
+
+    run_hooked(model, [(model.get_submodule(p), hook_for(p)) for p in paths], ci)
     return seen
 
 

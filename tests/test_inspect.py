@@ -317,3 +317,27 @@ def test_finds_every_norm_of_more_architectures(name):
     assert report.counts() == expected
     if name == "gemma":
         assert all("scales by (1 + weight)" in s.differs for s in report.sites)
+
+
+class FunctionalBN(nn.Module):
+    """``F.batch_norm`` with running statistics and no affine: FX records it with torch's functional
+    argument order (running_mean second), export with aten's (weight second)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.rm, self.rv, None, None, False, 0.1, 1e-3)
+
+
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["fx", "export"])
+def test_functional_batch_norm_fields_in_both_argument_orders(with_inputs):
+    """Issue 12.6: one batch_norm argument parser for aten and F.batch_norm orders."""
+    model = FunctionalBN().eval()
+    report = inspect(model, torch.randn(2, 4, 3) if with_inputs else None)
+    assert report.capture == ("export" if with_inputs else "fx")
+    (site,) = report.sites
+    assert (site.kind, site.source, site.affine, site.track_running_stats, site.eps) == \
+        ("batchnorm", "function", False, True, 1e-3)

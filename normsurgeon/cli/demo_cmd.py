@@ -7,7 +7,7 @@ import json
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..demo import run_demo
+from .. import api
 from .common import guarded, progress_console, render_table, stdout_console
 
 
@@ -32,7 +32,7 @@ def demo(workdir, train_steps, bench_runs, as_json, debug):
         def tick(what, done, total):
             bar.update(task, description=what, completed=done, total=max(total, 1))
 
-        for step in run_demo(workdir, train_steps=train_steps, bench_runs=bench_runs, progress=tick):
+        for step in api.demo(workdir, train_steps=train_steps, bench_runs=bench_runs, progress=tick):
             steps.append(step)
             if not as_json:  # printed through the bar's console so the live bar stays below the tables
                 bar.console.print()

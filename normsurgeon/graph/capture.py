@@ -51,11 +51,13 @@ _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "s
                 "_functional_assert_async", "_functional_assert_scalar"}
 
 
-def capture(model: nn.Module, example_inputs: CallArgs | None = None) -> ModelGraph:
-    """Capture ``model``'s graph; see the module docstring for the order of attempts."""
+def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked: bool = False) -> ModelGraph:
+    """Capture ``model``'s graph; see the module docstring for the order of attempts. ``checked``: the
+    caller has just run the model on ``example_inputs`` (one forward pass less on a large model)."""
     attempts: list[tuple[str, str]] = []
-    if example_inputs is not None:
+    if example_inputs is not None and not checked:
         check_inputs(model, example_inputs)
+    if example_inputs is not None:
         try:
             nodes = _export_nodes(model, example_inputs)
             return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts)
@@ -80,10 +82,15 @@ def check_inputs(model: nn.Module, example_inputs: CallArgs) -> None:
         with torch.no_grad():
             example_inputs.call(model)
     except Exception as e:  # noqa: BLE001
-        shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
-        raise NormSurgeonError(f"the model rejects its example inputs ({shapes}): {one_line(e, typed=True, limit=200)}") from e
+        raise rejected(example_inputs, e) from e
     finally:
         restore_modes(modes)
+
+
+def rejected(example_inputs: CallArgs, e: BaseException) -> NormSurgeonError:
+    """The one error for a model that fails on its own example inputs."""
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in example_inputs.tensors())
+    return NormSurgeonError(f"the model rejects its example inputs ({shapes}): {one_line(e, typed=True, limit=200)}")
 
 
 def eval_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -4,23 +4,15 @@ model against the reference outputs; a site that deviates is rolled back."""
 
 from __future__ import annotations
 
-from ..find import NormSite
-from ..graph import ModelGraph
 from ..nn import module_class
-from .swap import Plan, SwapRule, joined, read_bn_site
+from .swap import BnSite, FromBnRule, Plan, joined
 
 
-class BnToFrozen(SwapRule):
-    target, target_name, sources, exact = "frozen", "FrozenBatchNorm", ("batchnorm",), True
+class BnToFrozen(FromBnRule):
+    target, target_name, exact = "frozen", "FrozenBatchNorm", True
 
-    def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
-        reason, bn = read_bn_site(graph, path, group)
-        if bn is None:
-            return reason, None
+    def plan_bn(self, path: str, bn: BnSite) -> tuple[str | None, Plan | None]:
         module, channels = bn.module, bn.module.num_features
-        if bn.token:
-            return (f"{type(module).__name__} normalizes the last dim of a rank-{bn.rank} input; FrozenBatchNorm "
-                    "normalizes dim 1"), None
         if not module.track_running_stats or module.running_mean is None:
             return (f"{type(module).__name__}({channels}) has track_running_stats=False: no running statistics to "
                     "freeze (it always normalizes with batch statistics)"), None

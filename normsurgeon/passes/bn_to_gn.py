@@ -4,22 +4,14 @@ divide every C. Not function-preserving."""
 from __future__ import annotations
 
 from ..errors import NormSurgeonError
-from ..find import NormSite
-from ..graph import ModelGraph
 from ..nn import batchnorm_to_groupnorm
-from .swap import Plan, SwapRule, joined, read_bn_site
+from .swap import BnSite, FromBnRule, Plan, joined
 
 
-class BnToGn(SwapRule):
-    target, target_name, sources = "gn", "GroupNorm", ("batchnorm",)
+class BnToGn(FromBnRule):
+    target, target_name = "gn", "GroupNorm"
 
-    def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
-        reason, bn = read_bn_site(graph, path, group)
-        if bn is None:
-            return reason, None
-        if bn.token:
-            return (f"{type(bn.module).__name__} normalizes the last dim of a rank-{bn.rank} input; GroupNorm "
-                    "normalizes dim 1"), None
+    def plan_bn(self, path: str, bn: BnSite) -> tuple[str | None, Plan | None]:
         g, channels = self.groups or 1, bn.module.num_features
         return None, Plan(path, "batchnorm", lambda old: batchnorm_to_groupnorm(old, g), False, channels, bn.shape,
                           joined(f"GroupNorm({g}, {channels})", bn.shared_note))

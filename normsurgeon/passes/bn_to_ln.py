@@ -6,19 +6,15 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..find import NormSite
-from ..graph import ModelGraph
 from ..nn import module_class
-from .swap import Plan, SwapRule, copy_affine, factory_kwargs, joined, read_bn_site
+from .swap import BnSite, FromBnRule, Plan, copy_affine, factory_kwargs, joined
 
 
-class BnToLn(SwapRule):
-    target, target_name, sources = "ln", "LayerNorm", ("batchnorm",)
+class BnToLn(FromBnRule):
+    target, target_name = "ln", "LayerNorm"
+    channels_first_only = False  # a token BN becomes a LayerNorm over the last dim
 
-    def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
-        reason, bn = read_bn_site(graph, path, group)
-        if bn is None:
-            return reason, None
+    def plan_bn(self, path: str, bn: BnSite) -> tuple[str | None, Plan | None]:
         channels = bn.module.num_features
         if bn.rank == 2 or bn.token:
             note = "LayerNorm over the last dim" + (" (token BN)" if bn.token else "")

@@ -47,7 +47,7 @@ from ..calibrate import RunningStats, as_positions
 from ..graph import GNode, ModelGraph, ops
 from ..inputs import CallArgs, as_call_args
 from ..nn import make_identity
-from ..verify import run_clean, site_error
+from ..verify import run_clean, run_hooked, site_error
 
 __all__ = ["FFNBlock", "LinearUnit", "find_ffn_blocks", "match_ffn_blocks", "check", "wrap_linear",
            "unwrap_linear", "measure_identity_stats", "identity_errors", "POSITIONS", "INITS"]
@@ -380,15 +380,13 @@ def measure_identity_stats(model: nn.Module, bns: list[nn.Module], batches: list
 
 
 def identity_errors(model: nn.Module, items: list[tuple[str, nn.Module]], ci: CallArgs) -> dict[str, float]:
+    """How far each identity BN in ``items`` (path, BN) moves its input, on ``ci`` (relative)."""
     errs: dict[str, float] = {}
-    handles = []
-    for path, bn in items:
-        def hook(_m, args, out, _p=path):
-            errs[_p] = max(errs.get(_p, 0.0), site_error(args[0], out))
-        handles.append(bn.register_forward_hook(hook))
-    try:
-        run_clean(model, ci, eval_mode=True)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def hook_for(path: str):
+        def hook(_m, args, out):
+            errs[path] = max(errs.get(path, 0.0), site_error(args[0], out))
+        return hook
+
+    run_hooked(model, [(bn, hook_for(path)) for path, bn in items], ci)
     return errs

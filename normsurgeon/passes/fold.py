@@ -133,12 +133,14 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     """
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
-    graph = graph if graph is not None else capture(work, ci)
+    # The references run the example first: inputs the model rejects fail here, in one line, and the
+    # capture need not run the model again to check them.
+    refs = References.record(work, ci) if verify else None
+    graph = graph if graph is not None else capture(work, ci, checked=refs is not None)
     ctx = FoldContext(work, graph)
     report = FoldReport(graph.describe())
     tol = tolerance_for(work, rtol, atol)
     report.tolerance = tol.rtol
-    refs = References.record(work, ci) if verify else None
     if refs is not None:
         report.verified_inputs = len(refs)
 

@@ -160,3 +160,22 @@ def read_bn_site(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[s
     shared = f"shared by {calls} calls, replaced consistently" if calls > 1 else None
     return None, BnSite(module, list(next(iter(shapes))), rank, isinstance(module, TokenBatchNorm) and rank > 2,
                         shared)
+
+
+class FromBnRule(SwapRule):
+    """A rule that replaces BatchNorm modules: reads the site once (``read_bn_site``), then ``plan_bn``."""
+
+    sources = ("batchnorm",)
+    channels_first_only = True  # the replacement normalizes dim 1: refuse a token BN (last dim)
+
+    def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
+        reason, bn = read_bn_site(graph, path, group)
+        if bn is None:
+            return reason, None
+        if bn.token and self.channels_first_only:
+            return (f"{type(bn.module).__name__} normalizes the last dim of a rank-{bn.rank} input; "
+                    f"{self.target_name} normalizes dim 1"), None
+        return self.plan_bn(path, bn)
+
+    def plan_bn(self, path: str, bn: BnSite) -> tuple[str | None, Plan | None]:
+        raise NotImplementedError

@@ -422,3 +422,85 @@ def test_dtype_and_train_mode_carry_over_in_bfloat16():
         bn = out.get_submodule(path)
         assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.bfloat16 and bn.training
     assert out(torch.randn(4, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+class _ThreeBNs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c2, self.b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c3, self.c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.c(self.c3(self.b(self.c2(self.a(self.c1(x))))))
+
+
+class _WrongAtOtherBatch(nn.Module):
+    """Right on the example's batch size (so its per-site check passes), wrong at any other."""
+
+    def __init__(self, inner, batch):
+        super().__init__()
+        self.inner, self.batch = inner, batch
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y if x.shape[0] == self.batch else y + 1.0
+
+
+def test_rolled_back_count_counts_each_rolled_back_site_once(monkeypatch):
+    """Issue 12.3: sites rolled back by their own check and by the whole-model check are each counted
+    once, and sites the whole-model check keeps are not counted at all."""
+    model = _ThreeBNs().eval()
+    for bn in (model.a, model.b, model.c):
+        _randomize(bn)
+    x = torch.randn(2, 3, 5, 5)
+    real = FrozenBatchNorm.from_batchnorm.__func__
+
+    def build(cls, bn):
+        frozen = real(cls, bn)
+        if bn is work.a:
+            with torch.no_grad():
+                frozen.bias.add_(0.5)  # wrong everywhere: caught by the per-site check
+        if bn is work.b:
+            return _WrongAtOtherBatch(frozen, 2)  # caught only by the whole-model check (batch 3 input)
+        return frozen
+
+    monkeypatch.setattr(FrozenBatchNorm, "from_batchnorm", classmethod(build))
+    work = copy.deepcopy(model)
+    out, report = convert(work, "frozen", example_inputs=(x,), inplace=True)
+    rolled = [a.path for a in report.skipped if a.detail.get("rolled_back")]
+    assert sorted(rolled) == ["a", "b"]
+    assert report.verify["rolled_back"] == 2 and report.verify["passed"] is True
+    assert isinstance(out.c, FrozenBatchNorm) and isinstance(out.a, nn.BatchNorm2d)
+
+
+def test_frozen_with_fresh_ffn_bn_never_reports_an_unmade_check_as_passed():
+    """Issue 12.2: a fresh FFN BN changes the function, so no whole-model comparison is possible; the
+    frozen sites are checked one by one, and the report must not say the model "passed"."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(self.bn(x))))
+
+    model = Block().eval()
+    _randomize(model.bn)
+    out, report = convert(model, "frozen", example_inputs=(torch.randn(4, 8),), ffn_bn=True)
+    assert [a.path for a in report.converted] == ["bn"] and len(report.inserted) == 1
+    assert not report.function_preserving
+    assert report.verify["sites_checked"] == 1 and report.verify["max_site_error"] < 1e-5
+    assert report.verify["passed"] is None and "not compared" in report.verify["whole_model"]
+    assert "passed" not in " ".join(n for t in report.tables() for n in t.notes)
+
+
+def _randomize(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn

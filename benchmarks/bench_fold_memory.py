@@ -1,0 +1,152 @@
+"""Peak memory and wall time of a CLI fold of a large BN-transformer, against load + one forward pass.
+
+The model: a BERT-large-sized ``transformers.BertModel`` (24 layers, hidden 1024, FFN 4096, ~335M
+parameters, random weights) converted to BatchNorm (``convert --to bn --ffn-bn``: every LayerNorm a
+TokenBatchNorm, a BN after every FFN's first linear), with randomized BN statistics, saved as a
+pickled ``.pt``. Then, in separate processes, interleaved (``--repeats`` rounds):
+
+- baseline: ``load_model`` + one forward pass on the example inputs (what any use of the model costs);
+- fold:     ``normsurgeon fold MODEL.pt --trust`` (capture, match, fold in place, verify on 4 inputs);
+- fold -o:  the same, writing the folded model (``--save``).
+
+For each process: peak RSS (``ru_maxrss`` of that child, from ``os.wait4``) and wall time. Printed:
+each round's fold/baseline ratios, their median and spread. Target (issue 9): fold <= 1.3x the
+baseline's peak memory and <= 3x its wall time.
+
+    python benchmarks/bench_fold_memory.py                 # ~335M parameters: minutes, ~4 GB RAM
+    python benchmarks/bench_fold_memory.py --quick         # a small model, seconds (the test runs this)
+    python benchmarks/bench_fold_memory.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+             vocab_size=30522, max_position_embeddings=512)
+QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+             vocab_size=1000, max_position_embeddings=64)
+
+BASELINE = """
+import sys, torch
+from normsurgeon.loading import load_model
+loaded = load_model(sys.argv[1], trust=True)
+with torch.no_grad():
+    loaded.example_inputs.call(loaded.model.eval())
+"""
+
+
+def build(path: Path, config: dict, seq: int) -> int:
+    """The BN-transformer, saved to ``path``; returns its parameter count."""
+    import torch
+    import transformers
+
+    import normsurgeon
+    from normsurgeon.inputs import CallArgs
+    from normsurgeon.loading import save_model
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(**config)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, config["vocab_size"], (2, seq))
+    example = CallArgs((), {"input_ids": ids})
+    bn, _ = normsurgeon.convert(model, "bn", example_inputs=example, ffn_bn=True, inplace=True)
+    with torch.no_grad():
+        for m in bn.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    bn.eval()
+    save_model(bn, path, example_inputs=example, force=True)
+    return sum(p.numel() for p in bn.parameters())
+
+
+def run(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MiB, exit code) of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        print(f"  {' '.join(cmd[:4])}... exited {proc.returncode}: {err.strip()[-500:]}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small model (seconds), for the test suite")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
+    ap.add_argument("--save", action="store_true", help="also time `fold -o` (writes the folded model)")
+    ap.add_argument("--seq", type=int, default=128, help="sequence length of the example inputs")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the built model here and reuse it on the next run (default: a temporary dir)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="normsurgeon-bench-mem-") as tmp:
+        seq = 16 if args.quick else args.seq
+        where = args.workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        model = where / f"bn_bert_{'quick' if args.quick else 'large'}_seq{seq}.pt"
+        t0 = time.perf_counter()
+        if model.exists():
+            import torch
+            params = sum(p.numel() for p in torch.load(model, weights_only=False).parameters())
+        else:
+            params = build(model, QUICK if args.quick else LARGE, seq)
+        print(f"model: BERT {'(quick)' if args.quick else 'large'} converted to BN, {params / 1e6:.0f}M parameters, "
+              f"{model.stat().st_size / 2 ** 20:.0f} MiB on disk, seq {seq} (ready in {time.perf_counter() - t0:.0f} s)")
+        python = sys.executable
+        kinds = {"baseline": [python, "-c", BASELINE, str(model)],
+                 "fold": [python, "-m", "normsurgeon", "fold", str(model), "--trust", "--json"]}
+        if args.save:
+            kinds["fold -o"] = kinds["fold"] + ["-o", str(Path(tmp) / "folded.pt")]
+        rows: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+        for r in range(args.repeats):
+            for kind, cmd in kinds.items():
+                if kind == "fold -o":
+                    Path(tmp, "folded.pt").unlink(missing_ok=True)
+                wall, rss, code = run(cmd)
+                if code != 0:
+                    raise SystemExit(f"{kind} failed")
+                rows[kind].append((wall, rss))
+                print(f"round {r + 1}: {kind:9s} {wall:7.1f} s  peak RSS {rss:8.0f} MiB")
+
+    result = {"params": params, "quick": args.quick, "seq": seq, "rounds": {}}
+    base = rows["baseline"]
+    for kind in kinds:
+        if kind == "baseline":
+            continue
+        mem = [f[1] / b[1] for f, b in zip(rows[kind], base)]
+        tim = [f[0] / b[0] for f, b in zip(rows[kind], base)]
+        result["rounds"][kind] = {"memory_ratios": mem, "time_ratios": tim}
+        print(f"{kind}: peak memory {statistics.median(mem):.2f}x baseline (rounds {min(mem):.2f}-{max(mem):.2f}), "
+              f"wall time {statistics.median(tim):.2f}x (rounds {min(tim):.2f}-{max(tim):.2f}); "
+              f"target <= 1.3x memory, <= 3x time")
+    result["baseline"] = {"wall_s": [b[0] for b in base], "peak_rss_mib": [b[1] for b in base]}
+    result["raw"] = {k: v for k, v in rows.items()}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

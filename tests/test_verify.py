@@ -1,0 +1,82 @@
+"""verify.py: the undo log (in memory and spilled to disk), the tolerance table, reference outputs."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from normsurgeon import fold_math
+from normsurgeon.inputs import CallArgs
+from normsurgeon.passes.fold import fold
+from normsurgeon.verify import TOLERANCE, References, UndoLog, UndoStore, tolerance_for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spill", [False, True])
+def test_undo_restores_every_bit(dtype, spill):
+    lin = nn.Linear(1024, 512).to(dtype)  # 1 MiB or more: spilled to the temporary file when asked
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    with UndoStore(spill=spill) as store:
+        undo = store.log()
+        undo.save_param(lin, "weight")
+        undo.save_param(lin, "bias")
+        with torch.no_grad():
+            lin.weight.mul_(3).add_(1)
+            lin.bias.zero_()
+        undo.restore()
+    for k, v in lin.state_dict().items():
+        assert torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
+
+
+def test_undo_of_a_created_parameter_removes_it():
+    lin = nn.Linear(4, 4, bias=False)
+    undo = UndoLog()
+    undo.save_param(lin, "bias")
+    lin.bias = nn.Parameter(torch.ones(4))
+    undo.restore()
+    assert lin.bias is None
+
+
+class Big(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(512, 1024)  # 2 MiB of weights: spilled when folding in place
+        self.bn = nn.BatchNorm1d(1024)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_in_place_fold_rolls_back_from_the_spilled_log_bit_for_bit(monkeypatch):
+    model = Big().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    original = copy.deepcopy(model)
+    real = fold_math.fold_bn_after_linear
+    monkeypatch.setattr(fold_math, "fold_bn_after_linear", lambda *a, **k: (lambda w, b: (w, b + 1.0))(*real(*a, **k)))
+    folded, report = fold(model, CallArgs((torch.randn(4, 512),)), inplace=True)
+    assert folded is model and report.passed and [a.kind for a in report.actions] == ["rolled_back"]
+    assert torch.equal(model.fc.weight, original.fc.weight) and torch.equal(model.fc.bias, original.fc.bias)
+    assert isinstance(model.bn, nn.BatchNorm1d)
+
+
+def test_one_tolerance_table_for_every_pass():
+    half = nn.Linear(2, 2).half()
+    assert tolerance_for(half).rtol == TOLERANCE[torch.float16][0]  # convert's default
+    assert tolerance_for(half, rtol=1e-5).rtol == TOLERANCE[torch.float16][0]  # fold's --rtol, raised
+    assert tolerance_for(nn.Linear(2, 2), rtol=1e-5).rtol == 1e-5
+
+
+def test_references_keep_outputs_not_the_model_and_drop_inputs_the_model_rejects():
+    class FixedBatch(nn.Module):
+        def forward(self, x):
+            assert x.shape[0] == 2
+            return x * 2
+
+    refs = References.record(FixedBatch(), CallArgs((torch.randn(2, 3),)))
+    assert len(refs) == 3  # example + 2 random; batch 3 is rejected by the model itself
+    assert all(isinstance(o, list) and isinstance(o[0], torch.Tensor) for o in refs.outputs)
+    stats, err = refs.compare(FixedBatch())
+    assert err is None and stats.max_abs_error == 0
