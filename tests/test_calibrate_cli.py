@@ -124,3 +124,19 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, shards, sin
     assert "rank 1: calibration data" in failed.stderr and "lonely-1.pt" in failed.stderr, failed.stderr[-3000:]
     assert "rank(s) 1 of 2 could not use their calibration data" in failed.stderr
     assert not (tmp_path / "f.pt").exists()
+
+
+def test_progress_shows_batches_done_only_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from normsurgeon.cli.calibrate_cmd import _BatchProgress
+
+    with _BatchProgress(Console(file=io.StringIO(), force_terminal=False)) as progress:
+        assert progress is None  # piped stderr (CI logs): no bar
+    buf = io.StringIO()
+    with _BatchProgress(Console(file=buf, force_terminal=True, width=100)) as progress:
+        for done in range(1, 5):
+            progress(done, 4)
+    assert "calibrating: batches" in buf.getvalue() and "4/4" in buf.getvalue()

@@ -77,20 +77,22 @@ def test_static_keeps_the_example_shapes(tmp_path):
     assert _run_both(model, tmp_path / "s.onnx", {"pixel_values": x}) < 1e-4
 
 
-class FixedBatch(torch.nn.Module):
-    """Reshapes to its example batch size: torch.export cannot make the batch dynamic."""
+class ExampleBatchBranch(torch.nn.Module):
+    """Branches on its example batch size: eager runs any batch, torch.export cannot keep it dynamic."""
 
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.lin(x.reshape(2, 8))
+        if x.shape[0] == 2:
+            return self.lin(x)
+        return self.lin(x) + 1
 
 
 def test_export_falls_back_to_static_with_a_note(tmp_path):
     torch.manual_seed(0)
-    model = FixedBatch().eval()
+    model = ExampleBatchBranch().eval()
     report = export_onnx(model, (torch.randn(2, 8),), tmp_path / "f.onnx", num_random=1)
     assert report.exporter == "dynamo" and report.verify.passed and report.written
     assert report.dynamic_axes == {} and report.inputs[0]["shape"] == [2, 8]
@@ -103,6 +105,26 @@ def test_export_falls_back_to_static_with_a_note(tmp_path):
     with pytest.raises(Exception, match="dynamo"):
         export_onnx(model, (torch.randn(2, 8),), tmp_path / "g.onnx", dynamic_batch=True, exporter="dynamo")
     assert not (tmp_path / "g.onnx").exists()
+
+
+class FixedBatch(torch.nn.Module):
+    """Reshapes to its example batch size: the PyTorch model itself refuses any other batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x.reshape(2, 8))
+
+
+def test_a_dimension_the_model_rejects_stays_static(tmp_path):
+    torch.manual_seed(0)
+    model = FixedBatch().eval()
+    report = export_onnx(model, (torch.randn(2, 8),), tmp_path / "f.onnx", num_random=0)
+    assert report.verify.passed and report.dynamic_axes == {} and report.inputs[0]["shape"] == [2, 8]
+    assert report.static_reason.startswith("batch kept static: the PyTorch model rejects other sizes (batch=1:")
+    assert report.static_reason in report.notes
 
 
 class SingleSampleBranch(torch.nn.Module):

@@ -453,10 +453,12 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
         raise NormSurgeonError("--dynamic-seq: no sequence input (token ids, attention masks, input_values, "
                                f"inputs_embeds) among {input_names}; only the batch axis can be dynamic here")
     required = bool(dynamic_batch or dynamic_seq)
+    notes: list[str] = []
+    if axes and not required:
+        axes = _accepted_axes(model, ci, axes, verify_sizes(axes, named, sequence_limit(model)), seed, notes)
     extra = [as_call_args(e) for e in (extra_inputs or [])]
     _check_fits(extra, ci, axes)
 
-    notes: list[str] = []
     export_ci = ci
     small = {n: [ax for ax in a if named[n].shape[ax] < 2] for n, a in axes.items()}
     if any(small.values()):  # torch.export specializes sizes 0 and 1: trace dynamic axes at size 2
@@ -465,6 +467,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
         notes.append("traced at size 2 on the dynamic axes (size 1 would be specialized by torch.export)")
     if static:
         static_reason = "--static: every dimension has the example's size"
+    elif not axes and notes:
+        static_reason = notes[-1]
     elif not axes:
         static_reason = "the example inputs have no batch or sequence axis to make dynamic"
     else:
@@ -589,6 +593,37 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     finally:
         restore_modes(modes)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _accepted_axes(model, ci: CallArgs, axes: dict[str, dict[int, str]], sizes: dict[str, list[int]], seed: int,
+                   notes: list[str]) -> dict[str, dict[int, str]]:
+    """The dynamic dimensions whose other sizes the PyTorch model itself accepts.
+
+    A model may refuse them (a ``.pt2`` program guards its example shapes; a model may hard-code its
+    batch): such a dimension stays static, with a note, instead of an export that cannot be verified.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rejected: dict[str, str] = {}
+    modes = eval_modes(model)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for dim, dim_sizes in sizes.items():
+                for size in dim_sizes:
+                    resize = {n: {ax: size for ax, d in a.items() if d == dim} for n, a in axes.items()}
+                    try:
+                        _resized(ci, resize, gen).call(model)
+                    except Exception as e:  # noqa: BLE001 - any refusal keeps this dimension static
+                        rejected[dim] = f"{dim}={size}: {type(e).__name__}: {one_line(e)}"[:300]
+                        break
+    finally:
+        restore_modes(modes)
+    if not rejected:
+        return axes
+    for dim, why in rejected.items():
+        notes.append(f"{dim} kept static: the PyTorch model rejects other sizes ({why})")
+    kept = {n: {ax: d for ax, d in a.items() if d not in rejected} for n, a in axes.items()}
+    return {n: a for n, a in kept.items() if a}
 
 
 def _failed_only_at_other_sizes(verify: VerifyReport | None, num_random: int, n_extra: int) -> list:
