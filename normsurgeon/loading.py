@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import NormSurgeonError
+from .errors import NormSurgeonError, one_line
 from .inputs import CallArgs, as_call_args, inputs_from_hf_config
 
 
@@ -84,7 +84,7 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{path}/config.json: cannot read config: {_one_line(e)}") from e
+        raise NormSurgeonError(f"{path}/config.json: cannot read config: {one_line(e)}") from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
@@ -92,7 +92,7 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
     try:
         model = cls.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{path}: cannot load weights: {_one_line(e)}") from e
+        raise NormSurgeonError(f"{path}: cannot load weights: {one_line(e)}") from e
     prepare_hf_model(model)
     return LoadedModel(model.eval(), inputs_from_hf_config(config, batch=batch), "transformers", path)
 
@@ -147,7 +147,7 @@ def _load_pt2(path: Path) -> LoadedModel:
                     continue
                 except Exception:  # noqa: BLE001 - fall through to the error below
                     pass
-            raise NormSurgeonError(f"{path}: not a readable torch.export archive: {_one_line(e)}") from e
+            raise NormSurgeonError(f"{path}: not a readable torch.export archive: {one_line(e)}") from e
     inputs = None
     if getattr(ep, "example_inputs", None) is not None:
         args, kwargs = ep.example_inputs
@@ -197,7 +197,7 @@ def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
                 "--trust (pass it if you trust where the file came from)") from e
         obj = _unpickle(path)
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise NormSurgeonError(f"{path}: not a readable torch file: {_one_line(e)}") from e
+        raise NormSurgeonError(f"{path}: not a readable torch file: {one_line(e)}") from e
     if isinstance(obj, torch.nn.Module):
         return LoadedModel(obj.eval(), getattr_inputs(obj), "pickle", path)
     if isinstance(obj, dict) and _tensor_dict(obj):
@@ -218,10 +218,10 @@ def _unpickle(path: Path) -> Any:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
-        raise NormSurgeonError(f"{path}: the pickle needs code that is not importable ({_one_line(e)}); "
+        raise NormSurgeonError(f"{path}: the pickle needs code that is not importable ({one_line(e)}); "
                                "add --import MODULE for the module that defines it") from e
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{path}: cannot unpickle: {_one_line(e)}") from e
+        raise NormSurgeonError(f"{path}: cannot unpickle: {one_line(e)}") from e
     if isinstance(obj, torch.nn.Module):
         prepare_hf_model(obj)
     return obj
@@ -250,7 +250,7 @@ def _load_factory(spec: str, weights: str | os.PathLike | None) -> LoadedModel:
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{spec}: cannot import {mod_name}: {_one_line(e)}") from e
+        raise NormSurgeonError(f"{spec}: cannot import {mod_name}: {one_line(e)}") from e
     factory: Callable | None = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -259,7 +259,7 @@ def _load_factory(spec: str, weights: str | os.PathLike | None) -> LoadedModel:
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{spec}: the factory raised {_one_line(e)}") from e
+        raise NormSurgeonError(f"{spec}: the factory raised {one_line(e)}") from e
     if not isinstance(model, torch.nn.Module):
         raise NormSurgeonError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     if weights is not None:
@@ -279,7 +279,7 @@ def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"--weights {path}: cannot read: {_one_line(e)}") from e
+        raise NormSurgeonError(f"--weights {path}: cannot read: {one_line(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not _tensor_dict(state):
@@ -287,7 +287,7 @@ def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise NormSurgeonError(f"--weights {path} does not fit the model: {_one_line(e)}") from e
+        raise NormSurgeonError(f"--weights {path} does not fit the model: {one_line(e)}") from e
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool = False,
@@ -338,14 +338,14 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_input
         try:
             ep = torch.export.export(model.eval(), ci.args, ci.kwargs, strict=False)
         except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"-o {out}: torch.export failed ({_one_line(e)}); save as .pt instead") from e
+            raise NormSurgeonError(f"-o {out}: torch.export failed ({one_line(e)}); save as .pt instead") from e
         def write(tmp: str) -> None:
             torch.export.save(ep, tmp)
             try:  # a file we report as saved must load back
                 with _quiet_torch_logs():
                     torch.export.load(tmp)
             except Exception as e:  # noqa: BLE001
-                raise NormSurgeonError(f"-o {out}: the archive does not load back ({_one_line(e)}); "
+                raise NormSurgeonError(f"-o {out}: the archive does not load back ({one_line(e)}); "
                                        "save as .pt instead") from e
 
         atomic_write(out, write)
@@ -365,8 +365,3 @@ def _store_example_inputs(model: torch.nn.Module) -> None:
         pickle.dumps(ex)
     except Exception:  # noqa: BLE001 - lambdas, local functions
         model.example_inputs = ex()
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]

@@ -7,6 +7,7 @@ this package only defines what they compute and how they are built from the modu
 - :class:`ChannelLayerNorm` LayerNorm over dim 1 of (N, C, *) inputs ("channels_first" LN).
 - :class:`FrozenBatchNorm`  BN as a fixed per-channel scale/shift from buffers (any rank, channel dim 1).
 - :func:`batchnorm_to_groupnorm`, :func:`ffn_batchnorm`, :func:`make_identity`.
+- :func:`convert_sync_batchnorm`, :class:`SyncTokenBatchNorm`: synchronized BN for DDP training.
 
 Rules every ``from_*`` constructor follows:
 
@@ -26,11 +27,13 @@ from ._common import MIN_BN_EPS, bn_eps  # noqa: F401 - convert and tests use th
 from .channel_layer_norm import ChannelLayerNorm
 from .factories import batchnorm_to_groupnorm, ffn_batchnorm, make_identity
 from .frozen_batch_norm import FrozenBatchNorm
+from .sync_batch_norm import SyncTokenBatchNorm, convert_sync_batchnorm
 from .token_batch_norm import TokenBatchNorm
 from .registry import MODULES, module_class  # noqa: E402 - target name -> class
 
 __all__ = [
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
     "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity", "MODULES", "module_class",
+    "SyncTokenBatchNorm", "convert_sync_batchnorm",
 ]
 
