@@ -18,7 +18,8 @@ import torch.nn as nn
 from torch.export import ExportedProgram
 
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
-from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: F401
+from .calibrate import (CalibrationReport, calibrate, load_calibration_data, shard_files,  # noqa: F401
+                        synthetic_batches)
 from .demo import run_demo as demo  # noqa: F401 - the `demo` command
 from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
@@ -36,8 +37,9 @@ from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file
 
 __all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
-           "synthetic_batches", "check_calibration_batch", "validate_convert", "export", "bench", "demo",
-           "save_model", "save", "check_output", "check_recipe_base", "apply_recipe", "load_inputs_file"]
+           "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
+           "export", "bench", "demo", "save_model", "save", "check_output", "check_recipe_base", "apply_recipe",
+           "load_inputs_file"]
 
 # How each norm kind shows up in an exported ONNX graph (op type, or the counting's decomposed_* key).
 _ONNX_OP = {"batchnorm": "BatchNormalization", "layernorm": "LayerNormalization", "groupnorm": "GroupNormalization",
@@ -150,6 +152,79 @@ def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> No
                                f"({one_line(e, typed=True, limit=200)})") from e
     finally:
         restore_modes(modes)
+
+
+def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLike | Sequence, *,
+                    batch_size: int | None = None, max_batches: int | None = None, progress=None,
+                    group=None) -> CalibrationReport:
+    """Recompute ``model``'s BatchNorm statistics exactly from tensor files (``calibrate.calibrate``).
+
+    Under an initialized ``torch.distributed`` process group every rank calls this; each reads its own
+    shard (``calibrate.shard_files``: ``{rank}`` / ``{world_size}`` in the names, or its share of a list)
+    and the statistics merge exactly across ranks. A rank that cannot read or run its shard makes every
+    rank raise before any statistics change (no rank is left waiting in a collective).
+    ``max_batches`` counts this rank's batches.
+    """
+    import torch.distributed as dist
+
+    from .distributed import failed_ranks
+
+    on = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if on else (0, 1)
+    error: NormSurgeonError | None = None
+    files: list = []
+    batches: list[CallArgs] = []
+    try:
+        files = shard_files(data, rank, world)
+        for f in files:
+            batches += load_calibration_data(f, example_inputs, batch_size=batch_size)
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
+        first = batches[0].to(device=device) if device is not None else batches[0]
+        check_calibration_batch(model, first, str(files[0]))
+    except NormSurgeonError as e:
+        error = e
+    failed = failed_ranks(error is None, group)
+    if error is not None:
+        if world > 1:
+            raise type(error)(f"rank {rank}: {error}") from error
+        raise error
+    if failed:
+        raise NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
+                               "data (their error is on their stderr); nothing calibrated")
+    report = calibrate(model, batches, max_batches=max_batches, progress=progress, group=group)
+    report.files = [str(f) for f in files]
+    return report
+
+
+def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, output: str | os.PathLike, *,
+                trust: bool = False, imports: Sequence[str] = (), weights: str | os.PathLike | None = None,
+                input_shapes: Sequence[str] = (), input_dtypes: Sequence[str] = (),
+                batch_size: int | None = None, max_batches: int | None = None, device: str = "auto",
+                force: bool = False, progress=None) -> tuple[CalibrationReport, int]:
+    """The ``calibrate`` command: load ``model``, recalibrate it on ``data`` and save it to ``output``.
+
+    Under ``torchrun`` the process group is initialized from its environment (NCCL on GPUs, gloo on the
+    CPU; ``device`` ``auto`` takes this rank's GPU when there is one), each rank reads its own shard and
+    only rank 0 writes ``output`` (atomically; never the model's own file; an existing file needs
+    ``force``). Returns the report and this process's rank.
+    """
+    from .distributed import process_group
+
+    model_path = Path(model) if Path(model).exists() else None
+    out = check_output(output, force=force, inputs=[model_path])  # every rank: fail before any work
+    with process_group(device) as ranks:
+        loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                      input_dtypes=input_dtypes, need_inputs=True)
+        loaded.model.to(ranks.device)
+        report = calibrate_files(loaded.model, loaded.example_inputs, data, batch_size=batch_size,
+                                 max_batches=max_batches, progress=progress if ranks.rank == 0 else None)
+        if ranks.rank == 0:
+            loaded.model.to("cpu")
+            # a recipe directory (-o DIR/) keeps the recipe the model carries; its weights are the new statistics
+            out = save(loaded.model, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+            report.output = str(out)
+            report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
+    return report, ranks.rank
 
 
 def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
