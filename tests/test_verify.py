@@ -80,3 +80,17 @@ def test_references_keep_outputs_not_the_model_and_drop_inputs_the_model_rejects
     assert all(isinstance(o, list) and isinstance(o[0], torch.Tensor) for o in refs.outputs)
     stats, err = refs.compare(FixedBatch())
     assert err is None and stats.max_abs_error == 0
+
+
+def test_the_other_batch_size_is_one_fewer_else_one_more():
+    class NoSingleBatch(nn.Module):
+        def forward(self, x):
+            assert x.shape[0] > 1
+            return x * 2
+
+    batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(2, 3),))).inputs]
+    assert batches == [2, 2, 2, 1]  # batch 1: where batch-dependent code branches, and the cheapest check
+    batches = [c.args[0].shape[0] for c in References.record(NoSingleBatch(), CallArgs((torch.randn(2, 3),))).inputs]
+    assert batches == [2, 2, 2, 3]  # the model rejects batch 1: still another batch size
+    batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(1, 3),))).inputs]
+    assert batches == [1, 1, 1, 2]
