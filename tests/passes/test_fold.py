@@ -952,3 +952,22 @@ def test_gpt2_with_bn_folds_into_its_conv1d_layers():
         assert into[f"h.{i}.ln_2"] == ([f"h.{i}.mlp.c_fc.0"], "before")
         assert into[f"h.{i}.mlp.c_fc.1"] == ([f"h.{i}.mlp.c_fc.0"], "after")
     assert bns(folded) == ["ln_f"]
+
+
+def test_a_bn_module_whose_forward_moves_data_folds_only_if_the_moves_cancel():
+    class TokenBN(nn.BatchNorm1d):  # (N, T, C) → BN over C; the moves cancel
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    class Scrambling(nn.BatchNorm1d):  # same shape in and out, but the tokens come back transposed
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2).transpose(1, 2).reshape(x.shape)
+
+    for bn_cls, folds in [(TokenBN, True), (Scrambling, False)]:
+        model = nn.Sequential(nn.Linear(6, 6), _random_bn(bn_cls(6))).eval()
+        x = torch.randn(2, 6, 6)
+        folded, report = fold(model, x)
+        assert report.passed and bool(report.folded) == folds, report.skipped
+        if not folds:
+            assert "rearranges the data" in report.skipped[0].reason
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
