@@ -82,19 +82,32 @@ def build(path: Path, config: dict, seq: int) -> int:
     return sum(p.numel() for p in bn.parameters())
 
 
-def run(cmd: list[str]) -> tuple[float, float, float, int]:
-    """(wall seconds, CPU seconds, peak RSS in MiB, exit code) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
+def run(cmd: list[str]) -> tuple[float, float, float, int, str]:
+    """(wall seconds, CPU seconds, peak RSS in MiB, exit code, stdout) of one child process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: a full pipe cannot block it
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     cpu = usage.ru_utime + usage.ru_stime  # on a shared machine, CPU time tells more than wall time
     if proc.returncode != 0:
-        print(f"  {' '.join(cmd[:4])}... exited {proc.returncode}: {err.strip()[-500:]}", file=sys.stderr)
-    return wall, cpu, usage.ru_maxrss / 1024, proc.returncode
+        print(f"  {' '.join(cmd[:4])}... exited {proc.returncode}: {stderr.strip()[-500:]}", file=sys.stderr)
+    return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, stdout
+
+
+def _fold_summary(stdout: str) -> str:
+    """What the fold did, from its --json report: folded / rolled back, the final error."""
+    try:
+        report = json.loads(stdout)
+    except ValueError:
+        return ""
+    s, v = report.get("summary", {}), report.get("verify", {})
+    return (f"  [folded {s.get('folded')}, rolled back {s.get('rolled_back')}, skipped {s.get('skipped')}; "
+            f"max rel error {v.get('max_rel_error', float('nan')):.2g} <= {v.get('tolerance')} on {v.get('inputs')} inputs]")
 
 
 def main() -> None:
@@ -103,6 +116,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--save", action="store_true", help="also time `fold -o` (writes the folded model)")
     ap.add_argument("--seq", type=int, default=128, help="sequence length of the example inputs")
+    ap.add_argument("--rtol", type=float, default=None,
+                    help="pass --rtol to the fold (default: the CLI's 1e-5). Over 24 float32 layers rounding "
+                         "alone can exceed 1e-5 once every FFN BN is folded; the fold then also pays its "
+                         "bisecting rollback search (see docs/fold.md)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep the built model here and reuse it on the next run (default: a temporary dir)")
@@ -123,7 +140,8 @@ def main() -> None:
               f"{model.stat().st_size / 2 ** 20:.0f} MiB on disk, seq {seq} (ready in {time.perf_counter() - t0:.0f} s)")
         python = sys.executable
         kinds = {"baseline": [python, "-c", BASELINE, str(model)],
-                 "fold": [python, "-m", "normsurgeon", "fold", str(model), "--trust", "--json"]}
+                 "fold": [python, "-m", "normsurgeon", "fold", str(model), "--trust", "--json"]
+                 + (["--rtol", str(args.rtol)] if args.rtol is not None else [])}
         if args.save:
             kinds["fold -o"] = kinds["fold"] + ["-o", str(Path(tmp) / "folded.pt")]
         rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
@@ -132,17 +150,18 @@ def main() -> None:
             for kind, cmd in kinds.items():
                 if kind == "fold -o":
                     Path(tmp, "folded.pt").unlink(missing_ok=True)
-                wall, cpu, rss, code = run(cmd)
+                wall, cpu, rss, code, stdout = run(cmd)
                 if code != 0:
                     raise SystemExit(f"{kind} failed")
                 rows[kind].append((wall, cpu, rss))
                 print(f"round {r + 1}: {kind:9s} {wall:7.1f} s wall  {cpu:7.1f} s CPU  peak RSS {rss:8.0f} MiB "
-                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+                      f"(load average {os.getloadavg()[0]:.1f})" + (_fold_summary(stdout) if kind != "baseline" else ""),
+                      flush=True)
         load_after = os.getloadavg()
 
     # The machine's load (1-minute average) around the rounds: wall times on a shared machine stretch
     # with it; CPU time (user + system of the child) much less.
-    result = {"params": params, "quick": args.quick, "seq": seq, "rounds": {},
+    result = {"params": params, "quick": args.quick, "seq": seq, "rtol": args.rtol, "rounds": {},
               "load_average": {"before": load_before[0], "after": load_after[0]}, "cpu_count": os.cpu_count()}
     print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
     base = rows["baseline"]
