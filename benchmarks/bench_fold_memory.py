@@ -11,12 +11,13 @@ calibrated on random tokens, saved as a pickled ``.pt``. Then, in separate proce
 
 For each process: peak RSS (``ru_maxrss`` of that child, from ``os.wait4``), wall time and CPU time
 (user + system: on a shared machine wall time stretches with the load, CPU time much less), and the
-machine's load average. Printed: each round's fold/baseline ratios, their median and spread. Target (issue 9): fold <= 1.3x the
-baseline's peak memory and <= 3x its wall time.
+machine's load average. Printed: each round's fold/baseline ratios, their median and
+spread. Target (issue 9): fold <= 1.3x the baseline's peak memory and <= 3x its wall time.
 
     python benchmarks/bench_fold_memory.py                 # ~335M parameters: minutes, ~4 GB RAM
-    python benchmarks/bench_fold_memory.py --quick         # a small model, seconds (the test runs this)
+    python benchmarks/bench_fold_memory.py --quick         # a small model, seconds (a smoke run)
     python benchmarks/bench_fold_memory.py --json out.json
+    python benchmarks/bench_fold_memory.py --workdir /tmp/bench --rtol 1e-4   # the figures in docs/fold.md
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _fold_summary(stdout: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a small model (seconds), for the test suite")
+    ap.add_argument("--quick", action="store_true", help="a small model (seconds), a smoke run")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--save", action="store_true", help="also time `fold -o` (writes the folded model)")
     ap.add_argument("--seq", type=int, default=128, help="sequence length of the example inputs")
