@@ -1,9 +1,9 @@
 """Numerical verification for every function-preserving rewrite: one place, one tolerance table.
 
 - **inputs**: the example inputs, two random inputs like them and one at another batch size (code
-  that branches on the batch size must not hide a changed path), plus the user's own
-  (``load_inputs_file``: ``--inputs`` of fold, convert and export); a random input the original
-  model rejects is no check and is dropped, while the example and the user's inputs must run.
+  that branches on the batch size must not hide a changed path: one fewer, else one more), plus the
+  user's own (``load_inputs_file``: ``--inputs`` of fold, convert and export); a random input the
+  original model rejects is no check and is dropped, while the example and the user's inputs must run.
 - **reference outputs**: the original model's outputs on those inputs, kept instead of a copy of
   the model (outputs are small; a model may be most of the machine's memory).
 - **comparison**: ``ErrorStats`` (max abs error, max rel error = max abs / max |expected|) against
@@ -74,17 +74,30 @@ def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, at
 
 # --- inputs and reference outputs ----------------------------------------------------------------
 
-def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[CallArgs]:
-    """The example, two random inputs like it and one at batch size + 1, then ``extra``."""
+def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[list[CallArgs]]:
+    """The example, two random inputs like it and one at another batch size, then ``extra``; each
+    entry lists alternatives, the first the original model accepts is used.
+
+    The other batch size is one fewer (batch 1 is where batch-dependent code most often branches, and
+    a smaller batch halves what the two forward passes of a large model's check cost), or one more
+    where the example has batch 1 or the model rejects the smaller one.
+    """
     device = next((t.device for t in ci.tensors()), None)
     batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
-    out = [ci]
-    for seed, kw in enumerate([{}, {}] + ([{"batch": batch + 1}] if batch else []), start=1):
-        try:
-            out.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
-        except Exception:  # noqa: BLE001 - a random input is a bonus
-            pass
-    return out + list(extra)
+    out = [[ci]]
+    wanted = [[{}], [{}]]
+    if batch:
+        wanted.append([{"batch": b} for b in ([batch - 1] if batch > 1 else []) + [batch + 1]])
+    for seed, kws in enumerate(wanted, start=1):
+        alternatives = []
+        for kw in kws:
+            try:
+                alternatives.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
+            except Exception:  # noqa: BLE001 - a random input is a bonus
+                pass
+        if alternatives:
+            out.append(alternatives)
+    return out + [[e] for e in extra]
 
 
 def run_clean(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
@@ -125,32 +138,41 @@ class References:
         random ones are kept if they do."""
         refs = cls(eval_mode=eval_mode)
         candidates = candidate_inputs(ci)
-        for i, c in enumerate([*candidates, *extra]):
-            try:
-                out = run_clean(model, c, eval_mode=eval_mode)
-            except Exception as e:  # noqa: BLE001
-                if i == 0:
-                    raise rejected(c, e) from e
-                if i >= len(candidates):
-                    raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it before "
-                                           f"any change ({one_line(e, typed=True, limit=200)})") from e
-                continue
-            refs.inputs.append(c)
-            refs.outputs.append(out)
+        for i, alternatives in enumerate([*candidates, *[[e] for e in extra]]):
+            for c in alternatives:
+                try:
+                    out = run_clean(model, c, eval_mode=eval_mode)
+                except Exception as e:  # noqa: BLE001
+                    if i == 0:
+                        raise rejected(c, e) from e
+                    if i >= len(candidates):
+                        raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it "
+                                               f"before any change ({one_line(e, typed=True, limit=200)})") from e
+                    continue
+                refs.inputs.append(c)
+                refs.outputs.append(out)
+                break
         refs.user_inputs = len(extra)
         return refs
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def compare(self, model: nn.Module) -> tuple[ErrorStats, str | None]:
-        """``model``'s deviation from the references; (worst stats, why it could not be compared)."""
+    def compare(self, model: nn.Module, *, stop_past: "Tolerance | None" = None) -> tuple[ErrorStats, str | None]:
+        """``model``'s deviation from the references; (worst stats, why it could not be compared).
+
+        ``stop_past``: stop at the first input that already fails this tolerance (the verdict cannot
+        change; the stats are then those of the inputs run so far). A rollback search checks many
+        groups that fail; a large model's forward passes are most of its cost.
+        """
         stats = ErrorStats()
         for ci, ref in zip(self.inputs, self.outputs):
             try:
                 stats = stats.merge(compare_outputs(ref, run_clean(model, ci, eval_mode=self.eval_mode)))
             except Exception as e:  # noqa: BLE001 - a rewrite that breaks the model is a failed check
                 return ErrorStats(math.inf, math.inf, -1.0), f"the model fails: {one_line(e, typed=True, limit=200)}"
+            if stop_past is not None and not stop_past.ok(stats):
+                break
         return stats, None
 
 

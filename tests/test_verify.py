@@ -9,7 +9,7 @@ import torch.nn as nn
 from normsurgeon import fold_math
 from normsurgeon.inputs import CallArgs
 from normsurgeon.passes.fold import fold
-from normsurgeon.verify import TOLERANCE, References, UndoLog, UndoStore, tolerance_for
+from normsurgeon.verify import TOLERANCE, References, Tolerance, UndoLog, UndoStore, tolerance_for
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -80,3 +80,41 @@ def test_references_keep_outputs_not_the_model_and_drop_inputs_the_model_rejects
     assert all(isinstance(o, list) and isinstance(o[0], torch.Tensor) for o in refs.outputs)
     stats, err = refs.compare(FixedBatch())
     assert err is None and stats.max_abs_error == 0
+
+
+def test_the_other_batch_size_is_one_fewer_else_one_more():
+    class NoSingleBatch(nn.Module):
+        def forward(self, x):
+            assert x.shape[0] > 1
+            return x * 2
+
+    batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(2, 3),))).inputs]
+    assert batches == [2, 2, 2, 1]  # batch 1: where batch-dependent code branches, and the cheapest check
+    batches = [c.args[0].shape[0] for c in References.record(NoSingleBatch(), CallArgs((torch.randn(2, 3),))).inputs]
+    assert batches == [2, 2, 2, 3]  # the model rejects batch 1: still another batch size
+    batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(1, 3),))).inputs]
+    assert batches == [1, 1, 1, 2]
+
+
+def test_a_check_told_its_tolerance_stops_at_the_first_failing_input_and_only_then():
+    class Counting(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale, self.calls = scale, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.scale
+
+    refs = References.record(Counting(1.0), CallArgs((torch.randn(2, 3),)))
+    assert len(refs) == 4
+    tol = Tolerance(1e-5)
+    wrong = Counting(2.0)
+    stats, err = refs.compare(wrong, stop_past=tol)
+    assert wrong.calls == 1 and not tol.ok(stats, err)  # the verdict after one input cannot change
+    right = Counting(1.0)
+    stats, err = refs.compare(right, stop_past=tol)
+    assert right.calls == 4 and tol.ok(stats, err)  # a passing check runs every input
+    wrong = Counting(2.0)
+    refs.compare(wrong)
+    assert wrong.calls == 4  # without a tolerance: the worst error over every input

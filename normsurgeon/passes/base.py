@@ -93,7 +93,7 @@ def apply_verified(model: nn.Module, applied: list[Applied], refs: References, t
             done.append((a, action))
         if not done:
             return
-        s, e = refs.compare(model)
+        s, e = refs.compare(model, stop_past=tol)
         if tol.ok(s, e):
             for a, action in done:
                 actions[a.key] = action

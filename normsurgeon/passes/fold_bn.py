@@ -430,6 +430,11 @@ def _check_region(node: GNode, ctx: FoldContext) -> str | None:
     if tuple(x.shape) != tuple(y.shape):
         return (f"its forward changes the shape {tuple(x.shape)} → {tuple(y.shape)}: it cannot be "
                 "replaced by Identity")
+    if all(n is node or n.op in ops.RESHAPE | ops.IDENTITY for n in region):
+        # Reshapes keep the row-major order and batch_norm keeps the shape: same shape in and out is
+        # the identity, without tracing an index tensor the size of the activation (a TokenBatchNorm
+        # of a large model: millions of elements, for each of its BNs).
+        return None
     env = {id(x): torch.arange(math.prod(x.shape), dtype=torch.int64).reshape(x.shape)}
     for n in region:
         env[id(n)] = ops.apply_move(n, env[id(n.args[0])])
