@@ -228,7 +228,7 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
 
 
 def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
-           fold_rtol: float = 1e-5, inplace: bool = False, inputs_file: str | os.PathLike | None = None,
+           fold_rtol: float | None = None, inplace: bool = False, inputs_file: str | os.PathLike | None = None,
            extra_inputs: Iterable | None = None, progress=None, **export_kwargs: Any) -> ExportReport:
     """Export ``model`` to ONNX, verified in ONNX Runtime (``onnx.export_onnx``; keyword arguments go
     there); with ``fold`` the BatchNorms are folded first and the fold report is ``report.fold``.
