@@ -100,7 +100,8 @@ class ProgressiveNorm(nn.Module):
         self.register_buffer("step", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("total_steps", torch.tensor(int(steps), dtype=torch.long, device=device))
         # lam must be a Python number for torch.export/ONNX (a branch on a buffer's value is data-
-        # dependent); this mirror follows the buffers in eager mode and is what a traced eval reads.
+        # dependent); this mirror follows the buffers outside export and is what an export reads.
+        # (torch.compile reads the buffer: int() on it breaks the graph there, which is correct.)
         self._lam = self._lam_of(0, int(steps))
 
     @staticmethod
@@ -110,7 +111,7 @@ class ProgressiveNorm(nn.Module):
     @property
     def lam(self) -> float:
         """The current weight of the original norm (1 at step 0, 0 once ``step >= steps``)."""
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_exporting():
             self._lam = self._lam_of(int(self.step), int(self.total_steps))
         return self._lam
 
@@ -128,7 +129,7 @@ class ProgressiveNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.lam
-        if self.training and not torch.compiler.is_compiling():
+        if self.training:
             with torch.no_grad():
                 self.step.add_(1)
         if lam == 1.0:
