@@ -28,6 +28,7 @@ batch_size.json and batch_size.md to --outdir.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -138,8 +139,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds: 1 seed, batch 4 and 32, 1 epoch")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST_SEED ... FIRST_SEED + SEEDS - 1")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in OUTDIR/batch_size.runs.jsonl (each run is appended there)")
     parser.add_argument("--outdir", default=None)
     args = parser.parse_args(argv)
     U.require_extras()
@@ -147,18 +151,31 @@ def main(argv=None) -> None:
     outdir = Path(args.outdir or tempfile.mkdtemp(prefix="exp-batch-size-"))
     outdir.mkdir(parents=True, exist_ok=True)
     sizes = [4, 32] if args.quick else [2, 4, 8, 16, 32, 64]
-    seeds = range(1 if args.quick else args.seeds)
+    seeds = range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds))
     epochs = 1 if args.quick else args.epochs
     data = load_digits_split()
     archs = [a for a in args.models.split(",") if a]
     if not archs or set(archs) - {"cnn", "mlp"}:
         parser.error("--models takes cnn and/or mlp")
+    log = outdir / "batch_size.runs.jsonl"
+    done = {}
+    if args.resume and log.is_file():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("epochs") == epochs:
+                done[(r["model"], r["seed"], r["batch_size"], r["variant"])] = r
+    elif log.exists():
+        log.unlink()
     results = []
     for arch in archs:
         for seed in seeds:
             for b in sizes:
                 for kind in VARIANTS:
-                    r = run(arch, kind, b, seed, data, epochs)
+                    r = done.get((arch, seed, b, kind))
+                    if r is None:
+                        r = {**run(arch, kind, b, seed, data, epochs), "epochs": epochs}
+                        with log.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
                     results.append(r)
                     print(f"{arch} seed {seed} batch {b:3d} {kind:7s} acc {r['test_acc']:.3f} "
                           f"loss {r['test_loss']:.3f} ({r['steps']} steps, {r['train_s']:.1f}s)", flush=True)
