@@ -13,11 +13,12 @@ and predicted. Model: transformers' BertModel (2 layers, width 64, 4 heads, FFN 
 plus a linear head, trained with AdamW (lr 2e-3) for --steps steps. Variants:
 
 - ``ln``         the model as built (5 LayerNorms);
-- ``tbn``        LayerNorm -> token BatchNorm (``normsurgeon.convert(model, to="bn")``): statistics over
-                 every position, padding included (what BN-in-NLP usually means);
-- ``tbn_masked`` the same model with ``normsurgeon.nn.capture_padding_mask``: statistics over real
-                 tokens only;
-- ``pn``         LayerNorm -> ``normsurgeon.nn.PowerNorm`` (warm-up a quarter of the run), padding-aware.
+- ``tbn``        LayerNorm -> token BatchNorm (``normsurgeon.convert(model, to="bn", padding_mask=None)``):
+                 statistics over every position, padding included (what BN-in-NLP usually means);
+- ``tbn_masked`` the same conversion with its default ``padding_mask="attention_mask"`` (it installs
+                 ``normsurgeon.nn.capture_padding_mask``): statistics over real tokens only;
+- ``pn``         ``normsurgeon.convert(model, to="pn")``: LayerNorm -> ``PowerNorm`` (warm-up a quarter of
+                 the run), padding-aware.
 
 Reported (mean ± std over seeds): masked-character accuracy and cross-entropy on the test files in
 eval mode (running statistics), and training curves. Writes padded_text.png, padded_text.json and
@@ -87,18 +88,21 @@ class MaskedCharModel(nn.Module):
 def build(kind: str, seed: int, steps: int) -> nn.Module:
     import normsurgeon
     from normsurgeon import CallArgs
-    from normsurgeon.nn import PowerNorm, capture_padding_mask
     model = MaskedCharModel(seed)
+    ids, mask = encode(["example line", "x = 1"])
+    example = CallArgs((), {"input_ids": ids, "attention_mask": mask})
+    # convert hooks BertModel's attention_mask into the new norms' batch statistics (the model's forward
+    # is untouched; report.statistics says so); padding_mask=None keeps every position in them
     if kind in ("tbn", "tbn_masked"):
-        ids, mask = encode(["example line", "x = 1"])
-        model.bert, _ = normsurgeon.convert(model.bert, to="bn",
-                                            example_inputs=CallArgs((), {"input_ids": ids, "attention_mask": mask}))
+        model.bert, report = normsurgeon.convert(model.bert, to="bn", example_inputs=example,
+                                                 padding_mask="attention_mask" if kind == "tbn_masked" else None)
     elif kind == "pn":
-        for name, ln in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, PowerNorm.from_layernorm(ln, warmup_steps=max(steps // 4, 1)))
-    if kind in ("tbn_masked", "pn"):
-        capture_padding_mask(model)  # the model's forward is untouched: a hook publishes attention_mask
+        model.bert, report = normsurgeon.convert(model.bert, to="pn", example_inputs=example,
+                                                 pn_warmup_steps=max(steps // 4, 1))
+    if kind != "ln":
+        want = kind != "tbn"
+        if report.statistics["padding_aware"] is not want:
+            raise SystemExit(f"{kind}: expected padding-aware statistics {want}, got {report.statistics}")
     return model.train()
 
 

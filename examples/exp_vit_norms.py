@@ -11,7 +11,8 @@ Variants, all from the same LayerNorm model:
 - ``bn``           every LayerNorm -> token BatchNorm: ``normsurgeon.convert(model, to="bn")``;
 - ``bn_ffn``       the same plus a BatchNorm inside every FFN: ``convert(model, to="bn", ffn_bn=True)``
                    (Yao et al., ICCV-W 2021);
-- ``progressive``  every LayerNorm -> ``normsurgeon.nn.ProgressiveNorm`` (SLAB, ICML 2024): lambda*LN +
+- ``progressive``  ``normsurgeon.convert(model, to="bn", progressive=N)``: every LayerNorm ->
+                   ``normsurgeon.nn.ProgressiveNorm`` (SLAB, ICML 2024; exact at step 0, verified): lambda*LN +
                    (1-lambda)*RepBN, lambda 1 -> 0 over the first half of training, RepBN only after.
 
 Training: AdamW (lr 1e-3, weight decay 0.05), batch 64, 20 warm-up steps then cosine decay;
@@ -70,17 +71,15 @@ def example(batch: int = 2):
 
 def build(kind: str, seed: int, progressive_steps: int) -> nn.Module:
     import normsurgeon
-    from normsurgeon.nn import ProgressiveNorm
     model = ln_vit(seed)
     if kind == "bn":
         model, _ = normsurgeon.convert(model, to="bn", example_inputs=example())
     elif kind == "bn_ffn":
         model, _ = normsurgeon.convert(model, to="bn", example_inputs=example(), ffn_bn=True)
     elif kind == "progressive":
-        # (normsurgeon.convert(model, to="bn", progressive=N) will do this; until then, by hand)
-        for name, ln in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, ProgressiveNorm.from_layernorm(ln, progressive_steps))
+        model, report = normsurgeon.convert(model, to="bn", example_inputs=example(), progressive=progressive_steps)
+        if not report.verify["passed"]:  # at step 0 it must compute what the LN model computed
+            raise SystemExit(f"progressive conversion is not exact at step 0: {report.verify}")
     return model.train()
 
 
@@ -160,23 +159,10 @@ def time_training(data, rounds: int, block: int = 5, batch: int = 64) -> dict:
 
 def fold_and_time(models: dict, outdir: Path, runs: int, batches=(1, 32)) -> dict:
     import normsurgeon
-    from normsurgeon.nn import ProgressiveNorm, TokenBatchNorm
     paths, norm_ops, folded_counts = [], {}, {}
     for kind, model in models.items():
         model = model.eval()
-        if kind == "progressive":
-            # fold() does not know ProgressiveNorm yet (issue 13, phase 2): a finished one is exactly
-            # its RepBN's per-channel affine, which a TokenBatchNorm with mean 0 / var 1-eps expresses.
-            for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, ProgressiveNorm)]:
-                scale, shift = m.eval_scale_shift()
-                bn = TokenBatchNorm(scale.numel(), eps=m.rep.bn.eps).eval()
-                with torch.no_grad():
-                    bn.running_var.fill_(1.0 - bn.eps)
-                    bn.weight.copy_(scale)
-                    bn.bias.copy_(shift)
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, bn)
-        if kind != "ln":
+        if kind != "ln":  # a finished ProgressiveNorm folds like a BN (its RepBN's per-channel affine)
             model, rep = normsurgeon.fold(model, example())
             rj = rep.to_json()
             folded_counts[kind] = (len(rj["folded"]), len(rj["skipped"]))
@@ -243,7 +229,7 @@ def plot(results: list[dict], timing: dict, outdir: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="about a minute: 1 seed, 20 steps, few timing runs, only ln and progressive exported")
+                        help="about a minute: 1 seed, 12 steps, few timing runs, only ln and progressive exported")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--outdir", default=None)
@@ -253,13 +239,13 @@ def main(argv=None) -> None:
     outdir = Path(args.outdir or tempfile.mkdtemp(prefix="exp-vit-"))
     outdir.mkdir(parents=True, exist_ok=True)
     seeds = range(1 if args.quick else args.seeds)
-    steps = 20 if args.quick else args.steps
+    steps = 12 if args.quick else args.steps
     data = load_mnist_split()
 
     results, trained = [], {}
     for seed in seeds:
         for kind in VARIANTS:
-            model, r = train(kind, seed, data, steps, eval_every=10 if args.quick else 50)
+            model, r = train(kind, seed, data, steps, eval_every=6 if args.quick else 50)
             results.append(r)
             if seed == 0:
                 trained[kind] = model
@@ -267,7 +253,7 @@ def main(argv=None) -> None:
                   f"{sum(r['losses'][-10:]) / 10:.3f}  {r['mean_step_ms']:.1f} ms/step"
                   + ("  DIVERGED" if r["diverged"] else ""), flush=True)
 
-    timing = time_training(data, rounds=3 if args.quick else 12)
+    timing = time_training(data, rounds=2 if args.quick else 12)
     if args.quick:  # the fold/export path of the new modules only (exports dominate the quick run's time)
         latency = fold_and_time({k: trained[k] for k in ("ln", "progressive")}, outdir, runs=5, batches=(1,))
     else:

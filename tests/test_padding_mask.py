@@ -106,7 +106,8 @@ def test_token_bn_statistics_over_real_tokens_in_transformers_models(name, zoo_m
     its real-token inputs only, and the real-token outputs do not depend on how much padding there
     is or what the pad ids are. Without capture, the padding leaks into the statistics."""
     model, example = zoo_model(name)
-    bn_model, report = normsurgeon.convert(model, to="bn", example_inputs=example)
+    # padding_mask=None: this test installs (and removes) the hook itself
+    bn_model, report = normsurgeon.convert(model, to="bn", example_inputs=example, padding_mask=None)
     bns = [m for m in bn_model.modules() if isinstance(m, TokenBatchNorm)]
     assert len(bns) == 5
     for m in bns:
@@ -139,7 +140,7 @@ def test_token_bn_statistics_over_real_tokens_in_transformers_models(name, zoo_m
 
 def test_positional_attention_mask_and_exception_safety(zoo_model):
     model, example = zoo_model("bert")
-    bn_model, _ = normsurgeon.convert(model, to="bn", example_inputs=example)
+    bn_model, _ = normsurgeon.convert(model, to="bn", example_inputs=example, padding_mask=None)
     _no_dropout(bn_model)
     ids, mask = _padded_text_batch([5, 3], 8)
     handle = capture_padding_mask(bn_model)

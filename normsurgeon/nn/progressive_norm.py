@@ -104,6 +104,10 @@ class ProgressiveNorm(nn.Module):
         # (torch.compile reads the buffer: int() on it breaks the graph there, which is correct.)
         self._lam = self._lam_of(0, int(steps))
 
+    @property
+    def num_features(self) -> int:
+        return self.rep.num_features
+
     @staticmethod
     def _lam_of(step: int, total: int) -> float:
         return 0.0 if total <= 0 else max(0.0, 1.0 - step / total)

@@ -31,6 +31,7 @@ fast path (and only that; the layer still calls ``self.activation``).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -52,12 +53,14 @@ from .bn_to_gn import BnToGn
 from .bn_to_ln import BnToLn
 from .ffn_bn import FFNBlock
 from .ln_to_bn import LnToBn
+from .ln_to_pn import LnToPn
+from .ln_to_progressive import LnToProgressive
 from .swap import Plan, SwapRule, kind_name
 
 __all__ = ["convert", "insert_ffn_bn", "ConvertReport", "RULES", "TARGETS"]
 
 # --to value -> the rule that implements it (one file each)
-RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, BnToLn, BnToGn, BnToFrozen)}
+RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
 TARGETS = tuple(RULES)
 _NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 
@@ -78,6 +81,8 @@ class ConvertReport:
     calibration: CalibrationReport | None = None
     ffn_blocks: list[FFNBlock] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # new token BNs / PowerNorms: whose batch statistics they take ({"padding_aware", "mask", "note"})
+    statistics: dict | None = None
 
     @property
     def converted(self) -> list[Action]:
@@ -103,6 +108,7 @@ class ConvertReport:
             "output_change": self.output_change,
             "calibration": self.calibration.to_json() if self.calibration is not None else None,
             "ffn_blocks": [b.to_json() for b in self.ffn_blocks],
+            "statistics": self.statistics,
             "notes": list(self.notes),
         }
 
@@ -134,6 +140,8 @@ class ConvertReport:
             oc = self.output_change
             notes.append(f"output change on the example inputs (eval): max abs {fmt_float(oc['max_abs_error'])}, "
                          f"max rel {fmt_float(oc['max_rel_error'])}, cosine {oc['cosine']:.4f}")
+        if self.statistics is not None:
+            notes.append(f"statistics: {self.statistics['note']}")
         notes.extend(self.notes)
         if not out:
             out.append(Table("Conversion", ["path", "reason"], []))
@@ -146,7 +154,9 @@ class ConvertReport:
 def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = None, groups: int | None = None,
             ffn_bn: bool = False, ffn_bn_position: str = "after-first", ffn_bn_init: str = "fresh",
             calibrate_batches: Iterable[Any] | None = None, inplace: bool = False, graph: ModelGraph | None = None,
-            progress: Callable[[int, int | None], None] | None = None) -> tuple[nn.Module, ConvertReport]:
+            progress: Callable[[int, int | None], None] | None = None, progressive: int | None = None,
+            pn_warmup_steps: int = 4000, pn_groups: int | None = None, padding_mask: str | None = "attention_mask"
+            ) -> tuple[nn.Module, ConvertReport]:
     """Convert the normalization layers of ``model``; returns (converted model, ConvertReport).
 
     to:
@@ -159,6 +169,16 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
                     C). Not exact.
       ``"frozen"``  BatchNorm -> ``FrozenBatchNorm`` (running stats as buffers). Exact in eval; verified,
                     deviating sites rolled back.
+      ``"pn"``      LayerNorm / RMSNorm over the last dim -> ``PowerNorm`` (quadratic-mean BN; batch statistic
+                    for ``pn_warmup_steps`` training steps, then the running one; ``pn_groups`` turns on the
+                    authors' group scaling, which does not fold). Not exact: train it.
+
+    progressive: with ``to="bn"``, install ``ProgressiveNorm`` (``lam * LN(x) + (1 - lam) * RepBN(x)``,
+    lam 1 -> 0 over ``progressive`` training steps) instead of a BatchNorm: exact at step 0, verified.
+    padding_mask: for ``bn``/``pn``, the keyword (or positional parameter) of the model's forward that
+    carries the (B, T) attention mask; when the forward has it, ``nn.capture_padding_mask`` is installed
+    on the returned model so token BN / PowerNorm batch statistics count real tokens only (the report's
+    ``statistics`` says which). ``None``: never.
       ``None``      only with ``ffn_bn=True``: insert FFN BNs, convert nothing.
 
     ffn_bn: also insert a TokenBatchNorm into every FFN block (see :mod:`normsurgeon.passes.ffn_bn`), at
@@ -172,13 +192,18 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
 
     The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept.
     """
-    validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init)
+    validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup_steps, pn_groups)
     ci = _inputs(model, example_inputs)
     if graph is None:
         graph = capture(model, ci)
     sites = find_norms(graph)
     report = ConvertReport(to, graph.describe())
-    rule = RULES[to](groups) if to is not None else None
+    if progressive is not None:
+        rule: SwapRule | None = LnToProgressive(steps=progressive)
+    elif to == "pn":
+        rule = LnToPn(warmup_steps=pn_warmup_steps, group_num=pn_groups)
+    else:
+        rule = RULES[to](groups) if to is not None else None
     plans = _plan_norms(graph, sites, rule, report) if rule is not None else []
     blocks = []
     if ffn_bn:
@@ -199,7 +224,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
         rule.check_plans(plans)
 
     target = model if inplace else copy.deepcopy(model)
-    run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace)
+    run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
+                      padding_kwarg=padding_mask if to in ("bn", "pn") else None)
     return target, run.run(blocks, to, calibrate_batches, progress)
 
 
@@ -222,11 +248,22 @@ def insert_ffn_bn(model: nn.Module, example_inputs: Any = None, *, position: str
 
 # --- validation --------------------------------------------------------------------------------
 
-def validate(to, groups, ffn_bn, position, init) -> None:
+def validate(to, groups, ffn_bn, position, init, progressive=None, pn_warmup_steps=4000, pn_groups=None) -> None:
     """Refuse a bad combination of options before any work (the CLI calls this too)."""
+    if progressive is not None:
+        if to != "bn":
+            raise NormSurgeonError(f"--progressive only goes with --to bn (got --to {to})")
+        if isinstance(progressive, bool) or not isinstance(progressive, int) or progressive < 0:
+            raise NormSurgeonError(f"--progressive must be a number of training steps >= 0, got {progressive!r}")
+    if to != "pn" and (pn_warmup_steps != 4000 or pn_groups is not None):
+        raise NormSurgeonError(f"--pn-warmup/--pn-groups only go with --to pn (got --to {to})")
+    if isinstance(pn_warmup_steps, bool) or not isinstance(pn_warmup_steps, int) or pn_warmup_steps < 0:
+        raise NormSurgeonError(f"--pn-warmup must be a number of training steps >= 0, got {pn_warmup_steps!r}")
+    if pn_groups is not None and (isinstance(pn_groups, bool) or not isinstance(pn_groups, int) or pn_groups < 1):
+        raise NormSurgeonError(f"--pn-groups must be a positive integer, got {pn_groups!r}")
     if to is None:
         if not ffn_bn:
-            raise NormSurgeonError("nothing to do: give a target (--to bn|ln|gn|frozen) or --ffn-bn")
+            raise NormSurgeonError("nothing to do: give a target (--to bn|pn|ln|gn|frozen) or --ffn-bn")
     elif to not in TARGETS:
         raise NormSurgeonError(f"unknown --to {to!r}: use one of {', '.join(TARGETS)}")
     if groups is not None:
@@ -310,6 +347,7 @@ class _Conversion:
     position: str
     init: str
     spill: bool = False
+    padding_kwarg: str | None = None
     swapped: dict[str, tuple[Plan, UndoLog]] = field(default_factory=dict)
     inserted: list[_Inserted] = field(default_factory=list)
     site_errors: list[float] = field(default_factory=list)
@@ -331,6 +369,7 @@ class _Conversion:
                 self._identity_ffn_bns(batches)
             self._check_exact_sites(recorded)
             self._check_whole_model()
+        self._padding_mask()
         _add_statements(self.report, to, self.init, batches is not None)
         return self.report
 
@@ -380,6 +419,32 @@ class _Conversion:
             self._unwrap(item, f"rolled back: the model fails with this BN inserted ({why})")
         self.inserted = []
         run_clean(self.target, self.ci, eval_mode=True)  # raises if the norm swaps alone break it
+
+    def _padding_mask(self) -> None:
+        """New token norms take batch statistics: over real tokens when the forward gets a padding mask."""
+        from ..nn import PowerNorm, ProgressiveNorm, TokenBatchNorm, capture_padding_mask
+
+        kinds = (TokenBatchNorm, PowerNorm, ProgressiveNorm)
+        new = [a.path for a in self.report.actions if a.kind in ("converted", "inserted")
+               and isinstance(self.target.get_submodule(a.path), kinds)]
+        if not new:
+            return
+        kw = self.padding_kwarg
+        try:
+            params = inspect.signature(self.target.forward).parameters if kw else {}
+        except (TypeError, ValueError):
+            params = {}
+        if kw and kw in params:
+            capture_padding_mask(self.target, kwarg=kw)
+            self.report.statistics = {
+                "padding_aware": True, "mask": kw,
+                "note": f"over real tokens only when the model is called with {kw} (a padding-mask hook is "
+                        "installed on the model; calibrate uses it too)"}
+        else:
+            self.report.statistics = {
+                "padding_aware": False, "mask": None,
+                "note": "statistics include every position (the model's forward takes no "
+                        f"{kw or 'padding mask'} argument; use normsurgeon.nn.padding_mask(mask) to give one)"}
 
     def _calibrate(self, batches: list | None, progress) -> None:
         if batches is None:
@@ -443,8 +508,8 @@ class _Conversion:
             if err > self.tol.rtol:
                 undo.restore()
                 del self.swapped[path]
-                _rollback(self.report, path, f"rolled back: FrozenBatchNorm deviates from the BN by {fmt_float(err)} "
-                                             f"(relative; tolerance {self.tol.rtol:g})")
+                _rollback(self.report, path, f"rolled back: {type(new).__name__} deviates from the original by "
+                                             f"{fmt_float(err)} (relative; tolerance {self.tol.rtol:g})")
 
     def _check_whole_model(self) -> None:
         """Compare the whole model with the references when every change is exact (a changed function
@@ -545,7 +610,7 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
     changed = [a for a in report.converted if not a.detail.get("exact")]
     if changed:
         kinds = sorted({f"{a.detail['from']} -> {a.detail['to']}" for a in changed})
-        if to == "bn":
+        if to in ("bn", "pn"):
             report.notes.append(
                 f"NOT function-preserving: {', '.join(kinds)} normalizes with batch statistics instead of per-sample "
                 "ones. " + ("The new BatchNorms were calibrated on the data given; " if calibrated else
@@ -555,6 +620,12 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
             report.notes.append(
                 f"NOT function-preserving: {', '.join(kinds)} normalizes each sample instead of using batch "
                 "statistics; fine-tune the model afterwards.")
+    if any(a.detail.get("to") == "ProgressiveNorm" for a in report.converted):
+        report.notes.append("ProgressiveNorm: lambda falls from 1 to 0 over the training steps (counted in each module, "
+                            "saved with it); once it reaches 0 only the RepBN runs and fold removes it")
+    if any(a.detail.get("to") == "PowerNorm" for a in report.converted):
+        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training (calibrate "
+                            "does not set it); in eval it folds like a BatchNorm")
     if any(a.detail.get("init") == "fresh" for a in report.inserted):
         report.notes.append("the inserted FFN BatchNorms are fresh (weight 1, bias 0): they change the function; "
                             "train (or use --ffn-bn-init identity for an exact insertion into a trained model).")

@@ -33,6 +33,7 @@ from ..graph import ops
 from ..graph.ops import batch_norm_args, data_users as _data_users, is_nonlinear as _is_nonlinear, track_axis as _track
 from ..report import Action
 from ..verify import UndoLog
+from . import bn_like
 
 __all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
 
@@ -171,14 +172,17 @@ def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
 def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -> list[NormEntry]:
     """Every BatchNorm of ``model`` with the sites it could fold at (read-only)."""
     ctx = ctx or FoldContext(model, graph)
+    like_problems, nested = _collapse_bn_like(model, graph, ctx)
     entries: dict[int, NormEntry] = {}
     for path, m in model.named_modules():
-        if isinstance(m, _BN):
-            entries[id(m)] = NormEntry(path, m)
+        if (isinstance(m, _BN) or bn_like.is_bn_like(m)) and path not in nested:
+            entries[id(m)] = NormEntry(path, m, reason=like_problems.get(path))
     functional: list[NormEntry] = []
     for node in graph.ops("batch_norm"):
         m = ctx.module(node.module_path)
-        if isinstance(m, _BN):
+        if node.module_path in nested:
+            continue  # the inner BN of a BN-like module that could not be collapsed: its entry says why
+        if id(m) in entries:
             entries[id(m)].nodes.append(node)
         else:
             where = node.module_path or "<root>"
@@ -200,6 +204,19 @@ def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -
         else:
             entry.reasons["before"] = why
     return list(entries.values()) + functional
+
+
+def _collapse_bn_like(model: nn.Module, graph: ModelGraph, ctx: FoldContext) -> tuple[dict[str, str], set[str]]:
+    """BN-like modules (``passes.bn_like``) become one token-BN-shaped site each; ctx follows the graph."""
+    nested = bn_like.inside_bn_like(model)
+    if not any(bn_like.is_bn_like(m) for m in ctx.modules.values()):
+        return {}, nested
+    problems = bn_like.collapse(model, graph)
+    for node in graph.ops("batch_norm"):
+        if node.call_key is not None and node.call_key.endswith("#bn_like"):
+            ctx.regions[node.call_key] = [n for n in graph.nodes if n.call_key == node.call_key]
+            ctx.calls[node.module_path] = {node.call_key}
+    return problems, nested
 
 
 def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
@@ -270,11 +287,16 @@ def check(site: Site, ctx: FoldContext) -> str | None:
 
 def _check_norm(bn: nn.Module | None, node: GNode, ctx: FoldContext) -> str | None:
     path = node.module_path
-    if not isinstance(bn, _BN):
+    like = bn_like.is_bn_like(bn)
+    if like:
+        why = bn_like.not_foldable_reason(bn)
+        if why:
+            return why
+    elif not isinstance(bn, _BN):
         return "not an nn.BatchNorm module"
     if bn.training:
         return "in training mode: it normalizes with batch statistics (call model.eval() first)"
-    if bn.running_mean is None or bn.running_var is None:
+    if not like and (bn.running_mean is None or bn.running_var is None):
         return "has no running statistics (track_running_stats=False): it always uses batch statistics"
     paths = ctx.aliases(bn)
     if len(paths) > 1:
@@ -468,9 +490,11 @@ def _join(prefix: str | None, name: str) -> str:
 def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
     """Fold ``site`` into the model's modules; ``undo`` learns how to take it back."""
     bn = ctx.module(site.norm)
-    eps = _bn_eps(site.node, bn)
-    scale, shift = fold_math.bn_scale_shift(bn.running_mean, bn.running_var, eps,
-                                            bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    if bn_like.is_bn_like(bn):
+        scale, shift = bn_like.scale_shift(bn)
+    else:
+        scale, shift = fold_math.bn_scale_shift(bn.running_mean, bn.running_var, _bn_eps(site.node, bn),
+                                                bn.weight if bn.affine else None, bn.bias if bn.affine else None)
     for t in site.targets:
         mod = ctx.module(t.path)
         w, b = mod.weight, mod.bias
