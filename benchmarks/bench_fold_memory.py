@@ -86,6 +86,8 @@ def run(cmd: list[str]) -> tuple[float, float, int]:
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime  # on a shared machine, CPU time tells more than wall time
+    print(f"  cpu {cpu:.1f} s", file=sys.stderr)
     if proc.returncode != 0:
         print(f"  {' '.join(cmd[:4])}... exited {proc.returncode}: {err.strip()[-500:]}", file=sys.stderr)
     return wall, usage.ru_maxrss / 1024, proc.returncode

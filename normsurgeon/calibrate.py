@@ -16,9 +16,9 @@ hooks do not have that flaw, and their result replaces whatever the BN accumulat
 
 The BNs still run in train mode (normalizing with batch statistics), as in
 ``torch.optim.swa_utils.update_bn``, so that each BN sees inputs shaped by the BNs before it the
-way they behave in training. SyncBatchNorm runs as a local BN during calibration: its statistics
-are gathered exactly by the hooks anyway, and its own collective would need every rank to run
-the same number of batches (and a GPU).
+way they behave in training. SyncBatchNorm (and SyncTokenBatchNorm) runs as a local BN during
+calibration: its statistics are gathered exactly by the hooks anyway, and its own collective would
+need every rank to run the same number of batches (and, for SyncBatchNorm, a GPU).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import NormSurgeonError
 from .files import read_tensors
 from .inputs import CallArgs, as_call_args
-from .nn import TokenBatchNorm
+from .nn import SyncTokenBatchNorm, TokenBatchNorm
 from .nn.padding_mask import capture_padding_mask, real_rows
 from .report import Table
 
@@ -268,9 +268,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
             bn.momentum = None
             bn.train()
             handles.append(bn.register_forward_pre_hook(hook, with_kwargs=True))
-            if isinstance(bn, nn.SyncBatchNorm):
+            if isinstance(bn, (nn.SyncBatchNorm, SyncTokenBatchNorm)):
                 forwards[bn] = bn.__dict__.get("forward")
-                bn.forward = _BatchNorm.forward.__get__(bn)  # local BN; see module docstring
+                local = TokenBatchNorm.forward if isinstance(bn, TokenBatchNorm) else _BatchNorm.forward
+                bn.forward = local.__get__(bn)  # local BN; see module docstring
         with torch.no_grad():
             for item in batches:
                 if max_batches is not None and n_batches >= max_batches:

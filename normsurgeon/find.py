@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from .graph import GNode, ModelGraph
-from .graph.ops import CASTS as _CASTS, DATA_MOVEMENT, batch_norm_args, map_axis_through_reshape
+from .graph.ops import CASTS as _CASTS, DATA_MOVEMENT, batch_norm_args, track_axis
 
 NORM_MODULES: list[tuple[type, str]] = [
     (nn.modules.batchnorm._BatchNorm, "batchnorm"),
@@ -177,7 +177,7 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
         site.calls = max(1, len(graph.calls(path)))
     else:
         module_path = node.module_path or ""
-        own_ops = [n for n in graph.nodes if n.module_path == module_path and n.op not in DATA_MOVEMENT
+        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT
                    and n.op not in ("param", "input", "output", "getitem")]
         path = module_path if own_ops == [node] and module_path else _numbered(module_path, node.op, counter)
         mod = graph.module(module_path)
@@ -296,7 +296,7 @@ def _pattern_sites(graph: ModelGraph, covered: set[int], counter: dict[str, int]
         dims = [d - rank if rank is not None and d >= 0 else d for d in dims]
         module_path = norm_out.module_path or ""
         region = _pattern_region(src, norm_out)
-        own_ops = [n for n in graph.nodes if n.module_path == module_path and n.op not in ("param", "input", "output")]
+        own_ops = [n for n in _call_nodes(graph, norm_out) if n.op not in ("param", "input", "output")]
         whole_module = module_path and all(id(n) in region for n in own_ops)
         path = module_path if whole_module else _numbered(module_path, kind, counter)
         mod = graph.module(module_path)
@@ -485,18 +485,27 @@ def _permuted_source(node: GNode, x: Any) -> tuple[Any, list[int] | None]:
 def _module_input_channel_axis(x: Any, path: str) -> tuple[Any, int | None]:
     """Follow the module's own data-movement ops back to its input; where is the channel axis there?
 
-    The op sees channels on dim 1. An input axis j holds the same channel index iff it has the same
-    size and the same product of trailing sizes (row-major layout), so no size is guessed.
+    The op sees channels on dim 1: the module input's channel axis is the one ``track_axis`` carries
+    to dim 1 through those ops (reshapes by the row-major rule, transposes and permutes by their
+    dims), so nothing is guessed from sizes (a (B, T, C) input with T == C is no puzzle).
     """
     if not isinstance(x, GNode) or x.shape is None or len(x.shape) < 2:
         return x, None
-    src = x
+    chain, src = [], x
     while src.op in DATA_MOVEMENT and src.inputs and _inside(src.module_path, path):
+        chain.append(src)
         src = src.inputs[0]
     if src is x or src.shape is None:
         return x, None
-    j = map_axis_through_reshape(x.shape, src.shape, 1)
-    return (src, j) if j is not None else (x, None)
+    chain.reverse()
+    found = [j for j in range(len(src.shape)) if track_axis(chain, j)[0] == 1]
+    return (src, found[0]) if len(found) == 1 else (x, None)
+
+
+def _call_nodes(graph: ModelGraph, node: GNode) -> list[GNode]:
+    """The ops of the module call that ran ``node`` (a module called twice has two calls: a norm that
+    is all of one call's ops is the whole module)."""
+    return [n for n in graph.nodes if n.module_path == node.module_path and n.call_key == node.call_key]
 
 
 def _inside(module_path: str | None, path: str) -> bool:

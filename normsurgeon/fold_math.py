@@ -142,3 +142,48 @@ def fold_bn_before_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shif
     b = _bias64(bias, out, weight)
     bias_add = (wg * tg).flatten(2).sum(2).reshape(out)
     return _back((wg * sg).reshape(w.shape), b + bias_add, weight, bias)
+
+
+def fold_bn_before_conv_transpose(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,
+                                  groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``conv_transpose(BN(x))`` as one ConvTranspose: ``(weight, bias)``; weight is ``(in, out / groups, *k)``.
+
+    The scale multiplies input channel ``i`` (axis 0: exact always). The shift ``t`` adds, at an output
+    position, ``Σ_i t_i · Σ W[i, o, k]`` over the kernel taps ``k`` that reach that position; it is one
+    bias ``Σ_i Σ_k W[i, o, k] · t_i`` only where every output position receives every tap (stride 1 and
+    ``padding ≥ dilation · (kernel − 1) + output_padding``) or where ``t`` is zero. The pass checks that.
+    """
+    w = _f64(weight, weight)
+    s, t = _f64(scale, weight), _f64(shift, weight)
+    in_ch, out_per_group = w.shape[0], w.shape[1]
+    _check_channels("the ConvTranspose's input", in_ch, scale, shift)
+    k = (1,) * (w.dim() - 2)
+    out = out_per_group * groups
+    wg = w.reshape(groups, in_ch // groups, out_per_group, *w.shape[2:])
+    tg = t.view(groups, in_ch // groups, 1, *k)
+    bias_add = (wg * tg).sum(1).flatten(2).sum(2).reshape(out)
+    b = _bias64(bias, out, weight)
+    return _back(w * s.view(in_ch, 1, *k), b + bias_add, weight, bias)
+
+
+def conv_transpose_taps_uniform(stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
+                                kernel: tuple[int, ...], output_padding: tuple[int, ...]) -> bool:
+    """Whether every output position of a ConvTranspose receives every kernel tap, for any input size.
+
+    Along one dim, output ``p`` receives tap ``k`` iff ``q = (p + padding − k·dilation) / stride`` is an
+    integer in ``[0, L)``. With stride > 1 neighbouring outputs receive different taps (or none); with
+    stride 1 the first output needs ``padding ≥ dilation·(kernel − 1)`` and the last (``L_out =
+    L − 2·padding + dilation·(kernel − 1) + output_padding``) needs ``padding ≥ dilation·(kernel − 1) +
+    output_padding``; the input size ``L`` cancels.
+    """
+    return all(s == 1 and p >= d * (k - 1) + op
+               for s, p, d, k, op in zip(stride, padding, dilation, kernel, output_padding))
+
+
+def expand_channels(v: Tensor, stride: int, length: int) -> Tensor:
+    """Per-channel values ``v`` (n) laid out along an axis of ``length`` whose index ``i`` holds
+    channel ``(i // stride) % n`` (a channel axis merged with others by a reshape, or n = 1: a scalar)."""
+    n = v.shape[0]
+    if length % (n * stride):
+        raise ValueError(f"an axis of {length} cannot hold {n} channels of {stride} elements each")
+    return v.repeat_interleave(stride).repeat(length // (n * stride))

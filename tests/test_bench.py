@@ -125,9 +125,67 @@ def test_cli_bench_two_real_models(tmp_path):
     assert [m["onnx"] for m in data["models"]] == [str(a), str(b)]
     assert data["models"][0]["ratio"] == 1.0 and data["models"][1]["ratio"] > 0
     assert data["models"][1]["vs_first"]["max_abs_error"] < 1e-4  # same model, two exporters
-    assert data["threads"] == 2 and data["runs"] == 10
+    assert data["threads"] == 1 and data["threads_default"] is True and data["runs"] == 10
+    second = data["models"][1]
+    assert second["paired_p10"] <= second["paired_ratio"] <= second["paired_p90"]
+    assert isinstance(second["within_noise"], bool) and data["models"][0]["within_noise"] is None
     table = CliRunner().invoke(main, ["bench", str(a), str(b), "--runs", "3", "--warmup", "0"])
     assert table.exit_code == 0 and "ratio vs first" in table.stdout
+    assert "1 thread (default; --threads N to change)" in table.stdout
+    given = json.loads(CliRunner().invoke(main, ["bench", str(a), "--runs", "2", "--threads", "2", "--json"]).stdout)
+    assert given["threads"] == 2 and given["threads_default"] is False
+
+
+def test_paired_ratios_come_from_the_same_rounds(graphs):
+    report = measure_latency([graphs["bn"], graphs["plain"], graphs["dyn"]], runs=15, warmup=1, dims={"batch": 2})
+    first = report.models[0]
+    assert first.paired_ratios == [1.0] * 15 and first.within_noise is None
+    for m in report.models[1:]:
+        assert len(m.paired_ratios) == 15
+        assert m.paired_ratios == [t / f for t, f in zip(m.times_ms, first.times_ms)]
+        assert m.paired_ratio == pytest.approx(float(np.median(m.paired_ratios)))
+        assert m.paired_p10 == pytest.approx(float(np.percentile(m.paired_ratios, 10)))
+        assert m.paired_p90 == pytest.approx(float(np.percentile(m.paired_ratios, 90)))
+        q25, q75 = np.percentile(m.paired_ratios, [25, 75])
+        assert m.paired_iqr == pytest.approx(float(q75 - q25))
+        data = next(d for d in report.to_json()["models"] if d["onnx"] == m.onnx)
+        assert data["paired_ratio"] == pytest.approx(m.paired_ratio, abs=1e-4)
+        assert data["paired_p10"] == pytest.approx(m.paired_p10, abs=1e-4)
+        assert data["paired_p90"] == pytest.approx(m.paired_p90, abs=1e-4)
+        assert data["within_noise"] == (m.paired_p10 <= 1.0 <= m.paired_p90)
+
+
+def test_a_model_against_itself_is_reported_as_within_noise(graphs, tmp_path):
+    # the same file twice: rotation puts each copy first in half of the rounds, so whatever order
+    # effect or load there is, the paired ratios straddle 1.0 (no timing assumption)
+    copy = tmp_path / "copy_of_bn.onnx"
+    copy.write_bytes(graphs["bn"].read_bytes())
+    report = measure_latency([graphs["bn"], copy], runs=40, warmup=2)
+    assert report.models[1].within_noise is True
+    assert any("cannot tell apart from the first model: copy_of_bn.onnx." in n for n in report.notes)
+    assert "spread is wider than the difference" in " ".join(report.to_json()["notes"])
+    (table,) = report.tables()
+    assert "within noise" in table.rows[1][5]
+    assert any("cannot tell apart" in n for n in table.notes)
+    # and from the CLI
+    result = CliRunner().invoke(main, ["bench", str(graphs["bn"]), str(copy), "--runs", "40", "--json"])
+    data = json.loads(result.stdout)
+    assert data["models"][1]["within_noise"] is True and "cannot tell apart" in data["notes"][0]
+
+
+def test_within_noise_rule_and_thread_note():
+    # the rule itself, on given ratios (not timings): a difference outside the spread is not flagged
+    clear = bench_mod.ModelTiming("b.onnx", times_ms=[1.0] * 5, paired_ratios=[0.80, 0.82, 0.85, 0.86, 0.9])
+    noisy = bench_mod.ModelTiming("c.onnx", times_ms=[1.0] * 5, paired_ratios=[0.8, 0.9, 0.95, 1.05, 1.2])
+    first = bench_mod.ModelTiming("a.onnx", times_ms=[1.0] * 5, paired_ratios=[1.0] * 5, is_first=True)
+    assert (clear.within_noise, noisy.within_noise, first.within_noise) == (False, True, None)
+    report = bench_mod.BenchReport([first, clear, noisy], {}, threads=1, warmup=0, runs=5, seed=0, cpus=2)
+    assert report.notes == [report.notes[0]] and "c.onnx" in report.notes[0] and "b.onnx" not in report.notes[0]
+    (table,) = report.tables()
+    assert "within noise" not in table.rows[1][5] and "within noise" in table.rows[2][5]
+    crowded = bench_mod.BenchReport([first], {}, threads=2, warmup=0, runs=5, seed=0, cpus=2)
+    assert any("2 threads on 2 available CPUs" in n for n in crowded.notes)
+    assert not bench_mod.BenchReport([first], {}, threads=2, warmup=0, runs=5, seed=0, cpus=8).notes
 
 
 def test_cli_bench_bad_input(graphs, tmp_path):

@@ -21,8 +21,9 @@ def _parse_dims(values) -> dict[str, int]:
 
 @click.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--threads", type=click.IntRange(1, 1024), default=2, show_default=True,
-              help="ONNX Runtime intra-op threads per model.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="ONNX Runtime intra-op threads per model [default: 1, which gives stable ratios; "
+                   "the output says which was used].")
 @click.option("--runs", type=click.IntRange(1, 1_000_000), default=50, show_default=True,
               help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(0, 100_000), default=5, show_default=True,
@@ -37,7 +38,9 @@ def _parse_dims(values) -> dict[str, int]:
 def bench(models, threads, runs, warmup, seed, dims, inputs_file, as_json, debug):
     """Time ONNX MODELS (same inputs) in ONNX Runtime on CPU; report medians and ratios to the first.
 
-    Runs are interleaved round-robin so drift affects all models alike.
+    Runs are interleaved round-robin so drift affects all models alike; each model's paired ratios
+    (time / the first model's in the same round) come with their p10-p90 spread, and a difference
+    smaller than that spread is reported as within noise.
     """
     from ..bench import load_named_arrays, measure_latency
 

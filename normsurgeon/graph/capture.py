@@ -7,8 +7,9 @@ Order of attempts (the report says which one worked, and why the others did not)
    node the module it came from (``nn_module_stack``) and its shape.
 2. ``torch.fx.symbolic_trace``: needs no inputs but fails on nearly every transformers model
    (iterating proxies, control flow); used when export failed or no inputs were given.
-3. per child: each child module exported alone with the inputs it received during one forward pass,
-   recursing into children that still fail. What nobody could capture is listed with the reason.
+3. per child: each child module exported alone, once per call, with the inputs each call received
+   during one forward pass, recursing into children that still fail. What nobody could capture is
+   listed with the reason.
 
 Every node becomes a ``GNode`` with a canonical ``op`` name (the aten op name without overload, e.g.
 ``linear``, ``batch_norm``, ``view``, ``mean``), the path of the innermost module that ran it, and
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from ..errors import NormSurgeonError, one_line
 from ..inputs import CallArgs
+from ..quiet import quiet_torch
 from .node import CapturedPart, GNode, ModelGraph
 
 # Modules FX keeps as leaves, mapped to the aten op name their export produces.
@@ -53,10 +55,18 @@ _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "s
 
 def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked: bool = False) -> ModelGraph:
     """Capture ``model``'s graph; see the module docstring for the order of attempts. ``checked``: the
-    caller has just run the model on ``example_inputs`` (one forward pass less on a large model)."""
-    attempts: list[tuple[str, str]] = []
+    caller has just run the model on ``example_inputs`` (one forward pass less on a large model).
+
+    A failed attempt is one line in ``ModelGraph.attempts``; what torch printed, logged or warned
+    while failing (e.g. the partial graph of a failed export) is kept off the terminal."""
     if example_inputs is not None and not checked:
         check_inputs(model, example_inputs)
+    with quiet_torch():
+        return _capture(model, example_inputs)
+
+
+def _capture(model: nn.Module, example_inputs: CallArgs | None) -> ModelGraph:
+    attempts: list[tuple[str, str]] = []
     if example_inputs is not None:
         try:
             nodes = _export_nodes(model, example_inputs)
@@ -111,7 +121,9 @@ def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 
 # --- torch.export ------------------------------------------------------------------------------
 
-def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "") -> list[GNode]:
+def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "", call: int = 0) -> list[GNode]:
+    """The export graph's nodes; ``prefix``: the path of ``model`` inside the whole model (per child),
+    ``call``: which call of it this is (node names and call keys of a later call end in ``@call``)."""
     modes = eval_modes(model)
     try:
         ep = torch.export.export(model, ci.args, ci.kwargs, strict=False)
@@ -120,6 +132,7 @@ def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "") -> list[GNod
     sig = ep.graph_signature
     param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
                    **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    key_prefix = f"{prefix}@{call}" if call else prefix
     mapping: dict[torch.fx.Node, GNode] = {}
     nodes: list[GNode] = []
     for fx in ep.graph.nodes:
@@ -129,17 +142,17 @@ def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "") -> list[GNod
         shape, dtype = _shape_dtype(val)
         if fx.op == "placeholder":
             pname = param_names.get(fx.name)
-            node = GNode(_pre(prefix, fx.name), "param" if pname else "input", shape=shape, dtype=dtype,
+            node = GNode(_pre(key_prefix, fx.name), "param" if pname else "input", shape=shape, dtype=dtype,
                          param=_join(prefix, pname) if pname else None)
         elif fx.op == "output":
-            node = GNode(_pre(prefix, fx.name), "output", args=_map_args(fx.args, mapping))
+            node = GNode(_pre(key_prefix, fx.name), "output", args=_map_args(fx.args, mapping))
         else:
             stack = fx.meta.get("nn_module_stack") or {}
             entries = [(_join(prefix, _clean_path(v[0])), _type_name(v[1])) for v in stack.values()]
             keys = list(stack.keys())
             path = entries[-1][0] if entries else (prefix or "")
-            key = _pre(prefix, keys[-1]) if keys else (prefix or "") + "@root"
-            node = GNode(_pre(prefix, fx.name), _op_name(fx.target), fx.target, _map_args(fx.args, mapping),
+            key = _pre(key_prefix, keys[-1]) if keys else (key_prefix or "") + "@root"
+            node = GNode(_pre(key_prefix, fx.name), _op_name(fx.target), fx.target, _map_args(fx.args, mapping),
                          {k: _map_arg(v, mapping) for k, v in fx.kwargs.items()}, path, key, entries,
                          shape, dtype)
         mapping[fx] = node
@@ -206,7 +219,9 @@ def _fx_nodes(model: nn.Module, ci: CallArgs | None) -> list[GNode]:
             op = fx.target if fx.op == "call_method" else _op_name(fx.target)
             if fx.op == "call_method" and op in _VARARG_METHODS and len(args) >= 2 and isinstance(args[1], int):
                 args = (args[0], list(args[1:]))
-            node = GNode(fx.name, op, fx.target, args, kwargs, path, f"{path}#fx", entries, shape, dtype)
+            # the module stack's last key tells calls apart ("a.b", then "a.b@1" for its second call)
+            key = f"{list(stack)[-1]}#fx" if stack else "#fx"
+            node = GNode(fx.name, op, fx.target, args, kwargs, path, key, entries, shape, dtype)
         mapping[fx] = node
         nodes.append(node)
     _link_users(nodes)
@@ -229,7 +244,10 @@ def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str,
                 parts.append(CapturedPart(child_path, "failed", "not called in the forward pass"))
                 continue
             try:
-                nodes.extend(_export_nodes(child, recorded[child_path], prefix=child_path))
+                # every call, each on its own inputs: a module called twice shows two calls, as in export
+                calls = [_export_nodes(child, args, prefix=child_path, call=i)
+                         for i, args in enumerate(recorded[child_path])]  # all or none of its calls
+                nodes.extend(n for call_nodes in calls for n in call_nodes)
                 parts.append(CapturedPart(child_path, "export"))
             except Exception as e:  # noqa: BLE001
                 if any(True for _ in child.children()):
@@ -237,20 +255,18 @@ def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str,
                 else:
                     parts.append(CapturedPart(child_path, "failed", one_line(e, typed=True, limit=200)))
 
-    visit("", model)
-    attempts.append(("per-child", f"{sum(p.method == 'export' for p in parts)} parts exported"))
+    visit("", model)  # attempts lists failed methods only: describe() says how many parts this one captured
     return ModelGraph(model, "per-child", nodes, parts, attempts)
 
 
-def _record_module_inputs(model: nn.Module, ci: CallArgs) -> dict[str, CallArgs]:
-    """The inputs of each module's first call during one forward pass of the whole model."""
-    recorded: dict[str, CallArgs] = {}
+def _record_module_inputs(model: nn.Module, ci: CallArgs) -> dict[str, list[CallArgs]]:
+    """The inputs of every call of each module during one forward pass of the whole model."""
+    recorded: dict[str, list[CallArgs]] = {}
     handles = []
 
     def hook_for(path: str):
         def hook(_module, args, kwargs):
-            if path not in recorded:
-                recorded[path] = CallArgs(tuple(args), dict(kwargs))
+            recorded.setdefault(path, []).append(CallArgs(tuple(args), dict(kwargs)))
         return hook
 
     for path, module in model.named_modules():

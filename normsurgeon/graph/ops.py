@@ -8,6 +8,7 @@ the capture recorded, never guesses from sizes alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -202,6 +203,74 @@ def track_axis(chain: list[GNode], axis: int) -> tuple[int | None, str | None]:
         if axis is None:
             return None, why
     return axis, None
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Where ``n`` channels lie along one axis: index ``i`` of ``axis`` holds channel ``(i // stride) % n``.
+
+    ``stride == 1`` on an axis of size ``n``: the axis *is* the channel axis. A reshape that merges
+    the channel axis with the axes after it gives ``stride`` = their product (``flatten(1)`` of
+    (N, C, H, W): feature ``j`` of the (N, C·H·W) result is channel ``j // (H·W)``); merged with axes
+    before it, the pattern repeats every ``n · stride``. Either way each index along ``axis`` has one
+    known channel, which is all a consumer fold needs.
+    """
+
+    axis: int
+    stride: int = 1
+
+
+def map_channels_through_reshape(in_shape: Iterable[int], out_shape: Iterable[int], ch: Channels, n: int
+                                 ) -> Channels | None:
+    """``ch`` (of ``n`` channels) after a row-major reshape, or None where the channel of an element
+    is no longer a function of its index along one output axis (the channel axis is split).
+
+    The flat row-major index ``f`` of an element holds channel ``(f // period) % n`` with
+    ``period = stride · prod(in_shape[axis+1:])`` (true while the axis size is a multiple of
+    ``n · stride``, which every state built here keeps). Output axis ``a`` (size ``m``, trailing
+    product ``P``) carries it alone iff ``P`` divides ``period`` (later axes never change the channel)
+    and ``m · P`` is a multiple of ``n · period`` (earlier axes skip whole channel cycles); then the
+    channel of index ``i`` is ``(i // (period / P)) % n``. At most one axis qualifies when ``n > 1``.
+    """
+    ins, outs = [int(v) for v in in_shape], [int(v) for v in out_shape]
+    period = ch.stride * math.prod(ins[ch.axis + 1:])
+    for a, m in enumerate(outs):
+        trailing = math.prod(outs[a + 1:])
+        if period % trailing == 0 and (m * trailing) % (n * period) == 0:
+            return Channels(a, period // trailing)
+    return None
+
+
+def map_channels(node: GNode, ch: Channels, n: int) -> tuple[Channels | None, str | None]:
+    """``map_axis`` for a channel layout that may be merged with other axes (see ``Channels``)."""
+    if node.op in RESHAPE:
+        src = node.args[0]
+        if src.shape is None or node.shape is None:
+            return None, f"no shape information at {node.op} (the captured graph has no shapes)"
+        out = map_channels_through_reshape(src.shape, node.shape, ch, n)
+        if out is None:
+            return None, (f"{node.op} to {tuple(node.shape)} splits the channel axis {ch.axis} of "
+                          f"{tuple(src.shape)}" if ch.stride != 1 else
+                          f"{node.op} to {tuple(node.shape)} merges or splits the channel axis {ch.axis} of "
+                          f"{tuple(src.shape)}")
+        return out, None
+    if ch.stride != 1 and node.op in SLICE | COPY_PAD | {"pad"}:
+        axis, why = map_axis(node, ch.axis)
+        src = node.args[0]
+        if axis is None or (node.op == "slice" and node.arg(1, "dim", 0) % len(src.shape) == ch.axis):
+            return None, why or f"{node.op} cuts the merged channel axis"
+        return Channels(axis, ch.stride), None
+    axis, why = map_axis(node, ch.axis)
+    return (Channels(axis, ch.stride), None) if axis is not None else (None, why)
+
+
+def track_channels(chain: list[GNode], ch: Channels, n: int) -> tuple[Channels | None, str | None]:
+    """``map_channels`` through a chain of data-movement nodes, in dataflow order."""
+    for node in chain:
+        ch, why = map_channels(node, ch, n)
+        if ch is None:
+            return None, why
+    return ch, None
 
 
 def apply_move(node: GNode, t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ this package only defines what they compute and how they are built from the modu
 - :class:`ProgressiveNorm`  SLAB's progressive LN -> RepBN switch, ``lam * LN(x) + (1 - lam) * RepBN(x)``.
 - :func:`capture_padding_mask`, :func:`padding_mask`: token BN / PowerNorm statistics over real tokens only.
 - :func:`batchnorm_to_groupnorm`, :func:`ffn_batchnorm`, :func:`make_identity`.
+- :func:`convert_sync_batchnorm`, :class:`SyncTokenBatchNorm`: synchronized BN for DDP training.
 
 Rules every ``from_*`` constructor follows:
 
@@ -33,6 +34,7 @@ from .frozen_batch_norm import FrozenBatchNorm
 from .padding_mask import capture_padding_mask, current_padding_mask, padding_mask
 from .power_norm import GroupScaling, PowerNorm
 from .progressive_norm import ProgressiveNorm, RepBatchNorm
+from .sync_batch_norm import SyncTokenBatchNorm, convert_sync_batchnorm
 from .token_batch_norm import TokenBatchNorm
 from .registry import MODULES, module_class  # noqa: E402 - target name -> class
 
@@ -40,5 +42,6 @@ __all__ = [
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm", "PowerNorm", "GroupScaling",
     "RepBatchNorm", "ProgressiveNorm", "capture_padding_mask", "current_padding_mask", "padding_mask",
     "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity", "MODULES", "module_class",
+    "SyncTokenBatchNorm", "convert_sync_batchnorm",
 ]
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import NormSurgeonError
+from . import _sync_guard
 from ._common import _copy_param, _like, bn_eps
 from .padding_mask import real_rows
 
@@ -131,3 +132,8 @@ class TokenBatchNorm(nn.BatchNorm1d):
             _copy_param(new.bias, None, fill=0.0)
             new.bias.requires_grad_(weight.requires_grad)
         return new.train(norm.training)
+
+
+# torch's nn.SyncBatchNorm.convert_sync_batchnorm would make a TokenBatchNorm normalize the token
+# axis: refuse it loudly from the moment a TokenBatchNorm can exist (see _sync_guard).
+_sync_guard.install()

@@ -63,10 +63,12 @@ class FoldReport:
     def summary(self) -> str:
         if not self.actions:
             return "no BatchNorm in this model: nothing to fold"
-        text = f"folded {len(self.folded)} of {self.num_norms} BatchNorms"
-        functional = sum(1 for a in self.actions if a.detail.get("functional"))
+        functional = [a for a in self.actions if a.detail.get("functional")]
+        folded_functional = sum(1 for a in functional if a.kind == "folded")
+        text = f"folded {len(self.folded) - folded_functional} of {self.num_norms} BatchNorms"
         if functional:
-            text += f" (+{functional} functional batch_norm calls, not folded)"
+            text += (f" (+{len(functional)} functional batch_norm calls, "
+                     f"{folded_functional or 'not'} folded)")
         if self.rolled_back:
             text += f"; {len(self.rolled_back)} rolled back"
         if self.passed is None:
@@ -175,14 +177,16 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
                 break
             why[site.position] = r
         if chosen is None:
-            actions[entry.norm] = Action("skipped", entry.norm, {}, combine({**entry.reasons, **why}))
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None},
+                                         combine({**entry.reasons, **why}))
             continue
         undo = store.log()
         try:
             action = rewrite(chosen, ctx, undo)
         except Exception as e:  # noqa: BLE001 - a failed rewrite is a skipped site, never a half-edit
             undo.restore()
-            actions[entry.norm] = Action("skipped", entry.norm, {}, f"rewrite failed: {one_line(e, typed=True)}")
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None},
+                                         f"rewrite failed: {one_line(e, typed=True)}")
             continue
         actions[entry.norm] = action
         applied.append(Applied(entry.norm, chosen, action, undo, redo=lambda u, s=chosen: rewrite(s, ctx, u),
@@ -192,4 +196,7 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
 
 
 def _rolled_back(site: Site, why: str) -> Action:
-    return Action("rolled_back", site.norm, {"into": site.into, "position": site.position}, why)
+    detail = {"into": site.into, "position": site.position}
+    if site.functional:
+        detail["functional"] = True
+    return Action("rolled_back", site.norm, detail, why)

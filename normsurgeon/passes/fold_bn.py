@@ -3,14 +3,17 @@
 - **match** (read-only): for every BatchNorm call in the graph, walk *backwards* through ops that
   only move data (``graph.ops``: view/reshape/flatten/permute/transpose/contiguous/clone/unflatten,
   eval Dropout, Identity) to a producer (Linear, Conv, ConvTranspose, transformers Conv1D), and
-  *forwards* to the consumers (Linear, Conv). Returns ``NormEntry`` objects with candidate ``Site``s,
-  preferred direction first.
+  *forwards* to the consumers (Linear, Conv, ConvTranspose). Returns ``NormEntry`` objects with
+  candidate ``Site``s, preferred direction first; functional ``batch_norm`` calls get entries too.
+  ``nn.MultiheadAttention`` runs ``F.linear`` on its own parameters: a ``Target`` records where they
+  live (``in_proj_weight``/``in_proj_bias`` of the attention, or its ``out_proj``).
 - **check**: the reason a site must not be folded, or None. It tracks where the channel axis goes
   through every data-movement op (never guessing it from sizes) and refuses shared modules, shared
   or tied weights, outputs used elsewhere, training-mode BNs, padded conv consumers, ...
 - **rewrite**: changes the producer/consumer parameters in place (float64 math from ``fold_math``),
-  replaces the BN module by ``nn.Identity`` in its parent, and returns an ``Action``; the ``UndoLog``
-  learns how to take exactly that site back.
+  replaces the BN module by ``nn.Identity`` in its parent (a functional call, which stays in the
+  forward, gets identity statistics instead), and returns an ``Action``; the ``UndoLog`` learns how
+  to take exactly that site back.
 
 The pass that runs this rule with verification and rollback is ``passes.fold``.
 """
@@ -84,6 +87,17 @@ class Target:
     node: GNode
     kind: str  # linear | linear_t (transformers Conv1D: weight (in, out)) | conv | conv_transpose
     chain: list[GNode]  # data-movement nodes, in dataflow order (producer→BN or BN→consumer)
+    # Where the parameters live, when not in the module at ``path`` under weight/bias:
+    # nn.MultiheadAttention reads its packed in-projection (in_proj_weight/in_proj_bias) and its
+    # out_proj Linear's parameters with F.linear from its own forward.
+    owner: str | None = None  # module holding the parameters (default: path)
+    weight: str = "weight"
+    bias: str = "bias"
+    role: str | None = None  # "in_proj" | "out_proj" | "attention" (another projection of an MHA)
+
+    @property
+    def params_at(self) -> str:
+        return self.path if self.owner is None else self.owner
 
 
 @dataclass
@@ -94,6 +108,7 @@ class Site:
     node: GNode  # the batch_norm op
     position: str  # "after" (BN after its producer) | "before" (BN before its consumers)
     targets: list[Target]
+    functional: bool = False  # a functional batch_norm call, not an nn.BatchNorm module
 
     @property
     def into(self) -> list[str]:
@@ -124,8 +139,9 @@ class FoldContext:
             self.modules = dict(model.named_modules(remove_duplicate=False))
             self.paths_of = paths_by_module(self.modules)
         self.param_names: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.param_names.setdefault(id(p), []).append(name)
+        for name, p in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            if p is not None:
+                self.param_names.setdefault(id(p), []).append(name)
         self.calls: dict[str, set[str]] = {}
         for n in graph.nodes:
             if n.module_path is not None and n.call_key is not None and n.op not in ("param", "input", "output"):
@@ -134,7 +150,7 @@ class FoldContext:
         for n in graph.nodes:
             if n.op == "param" and n.param is not None:
                 self.param_users[n.param] = self.param_users.get(n.param, 0) + len(n.users)
-        self.created_bias: set[int] = set()  # modules this pass gave a bias (ids)
+        self.created_bias: set[tuple[int, str]] = set()  # (id(module), bias name) this pass created
         self.regions: dict[str, list[GNode]] = {}
         for n in graph.nodes:
             if n.call_key is not None and n.op not in ("param", "input", "output"):
@@ -185,15 +201,12 @@ def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -
         if id(m) in entries:
             entries[id(m)].nodes.append(node)
         else:
-            where = node.module_path or "<root>"
-            functional.append(NormEntry(f"{where}:{node.name}", None, [node], reason=(
-                f"functional batch_norm in {type(m).__name__ if m is not None else 'the model'}: "
-                "not an nn.BatchNorm module, so it cannot be replaced")))
-    for entry in entries.values():
+            functional.append(NormEntry(f"{node.module_path or '<root>'}:{node.name}", None, [node]))
+    for entry in [*entries.values(), *functional]:
         if len(entry.nodes) != 1:
             continue
         node = entry.nodes[0]
-        after, why = _match_after(node, ctx)
+        after, why = _match_after(node, entry.norm, ctx)
         if after is not None:
             entry.sites.append(after)
         else:
@@ -203,6 +216,8 @@ def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -
             entry.sites.append(before)
         else:
             entry.reasons["before"] = why
+        for site in entry.sites:
+            site.functional = entry.module is None
     return list(entries.values()) + functional
 
 
@@ -219,7 +234,24 @@ def _collapse_bn_like(model: nn.Module, graph: ModelGraph, ctx: FoldContext) -> 
     return problems, nested
 
 
-def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
+def _target(node: GNode, chain: list[GNode], ctx: FoldContext) -> Target:
+    """The Linear/Conv ``node`` runs, with where its parameters live."""
+    path = node.module_path or ""
+    t = Target(path, node, _WEIGHTED_OPS[node.op][0], chain)
+    if node.op == "linear" and isinstance(ctx.module(node.module_path), nn.MultiheadAttention):
+        w = node.arg(1, "weight")
+        name = w.param if isinstance(w, GNode) and w.op == "param" else None
+        if name == _join(path, "in_proj_weight"):  # q = k = v: one packed projection
+            t.owner, t.weight, t.bias, t.role = path, "in_proj_weight", "in_proj_bias", "in_proj"
+        elif name == _join(path, "out_proj.weight"):
+            t.path = t.owner = _join(path, "out_proj")
+            t.role = "out_proj"
+        else:  # a slice of in_proj_weight, or a separate q/k/v_proj_weight
+            t.role = "attention"
+    return t
+
+
+def _match_after(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
     chain: list[GNode] = []
     x = bn_node.args[0] if bn_node.args else None
     while isinstance(x, GNode) and _is_data_movement(x, ctx):
@@ -228,10 +260,8 @@ def _match_after(bn_node: GNode, ctx: FoldContext) -> tuple[Site | None, str]:
     if not isinstance(x, GNode):
         return None, "no input node"
     chain.reverse()
-    norm_path = bn_node.module_path
     if x.op in _WEIGHTED_OPS:
-        kind = _WEIGHTED_OPS[x.op][0]
-        return Site(norm_path, bn_node, "after", [Target(x.module_path or "", x, kind, chain)]), ""
+        return Site(norm_path, bn_node, "after", [_target(x, chain, ctx)]), ""
     if x.op in ("input", "param"):
         return None, "its input is a graph input, not a Linear/Conv output"
     if _is_nonlinear(x):
@@ -259,7 +289,7 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Sit
                 if (any(a is node for i, a in enumerate(u.args) if i != i_in)
                         or any(v is node for k, v in u.kwargs.items() if k != name_in)):
                     return None, f"its output is also a weight of {_where(u)}"
-                targets.append(Target(u.module_path or "", u, _WEIGHTED_OPS[u.op][0], chain))
+                targets.append(_target(u, chain, ctx))
             elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
                 stack.append((u, chain + [u]))
             elif _is_nonlinear(u):
@@ -272,16 +302,85 @@ def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Sit
 
 # --- check ---------------------------------------------------------------------------------------
 
+@dataclass
+class _Stats:
+    """The tensors of one BN call: its module's, or the ones a functional ``batch_norm`` reads."""
+
+    num_features: int
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+
+def _stats(site: Site, ctx: FoldContext) -> _Stats:
+    bn = ctx.module(site.norm)
+    if isinstance(bn, _BN):
+        return _Stats(bn.num_features, bn.running_mean, bn.running_var, bn.weight if bn.affine else None,
+                      bn.bias if bn.affine else None, _bn_eps(site.node, bn))
+    if bn_like.is_bn_like(bn):  # x * scale + shift is a BN with mean 0, var 1, eps 0
+        scale, shift = bn_like.scale_shift(bn)
+        return _Stats(scale.numel(), torch.zeros_like(scale), torch.ones_like(scale), scale, shift, 0.0)
+    args = _bn_args(site.node)
+    t = {k: None if args.get(k) is None else _tensor(ctx, args[k].param)
+         for k in ("running_mean", "running_var", "weight", "bias")}
+    return _Stats(t["running_mean"].shape[0], t["running_mean"], t["running_var"], t["weight"], t["bias"],
+                  float(args["eps"]))
+
+
+def _tensor(ctx: FoldContext, qualname: str) -> torch.Tensor | None:
+    owner, _, name = qualname.rpartition(".")
+    mod = ctx.module(owner)
+    return getattr(mod, name, None) if mod is not None else None
+
+
 def check(site: Site, ctx: FoldContext) -> str | None:
     """Why ``site`` must not be folded, or None when the fold is exact and safe."""
     bn = ctx.module(site.norm)
-    why = _check_norm(bn, site.node, ctx)
+    why = _check_norm(bn, site.node, ctx) if isinstance(bn, _BN) or bn_like.is_bn_like(bn) \
+        else _check_functional(site.node, ctx)
     if why:
         return why
+    stats = _stats(site, ctx)
     for t in site.targets:
-        why = _check_target(t, site, bn, ctx)
+        why = _check_target(t, site, stats, ctx)
         if why:
             return why
+    return None
+
+
+def _check_functional(node: GNode, ctx: FoldContext) -> str | None:
+    """A functional ``batch_norm`` folds only where it is a fixed affine map of tensors nothing else
+    reads: the call stays in the user's forward, so the fold turns it into an identity by resetting
+    those tensors (mean 0, var 1, weight √(1 + eps), bias 0)."""
+    args = _bn_args(node)
+    if args is None:
+        return "cannot read the arguments of its batch_norm op"
+    if args.get("training") is not False:
+        return "functional batch_norm with training not the constant False: it may normalize with batch statistics"
+    for name in ("running_mean", "running_var"):
+        if args.get(name) is None:
+            return "functional batch_norm without running statistics: it normalizes with batch statistics"
+    if not isinstance(args.get("eps"), (int, float)):
+        return "functional batch_norm whose eps is not a constant"
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        v = args.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, GNode) or v.op != "param" or v.param is None:
+            return (f"functional batch_norm whose {name} is computed in the forward, not a parameter or buffer: "
+                    "the fold could not make the call an identity")
+        t = _tensor(ctx, v.param)
+        if t is None or not t.is_floating_point():
+            return f"functional batch_norm whose {name} ({v.param}) is not a floating-point tensor of the model"
+        names = ctx.param_names.get(id(t), [])
+        if len(names) > 1:
+            others = ", ".join(n for n in names if n != v.param)
+            return f"functional batch_norm whose {name} {v.param} is tied to {others}"
+        if ctx.param_users.get(v.param, 0) != 1:
+            return (f"functional batch_norm whose {name} {v.param} is also read elsewhere (shared): making this call "
+                    "an identity would change the other use")
     return None
 
 
@@ -365,14 +464,21 @@ def _check_region(node: GNode, ctx: FoldContext) -> str | None:
     return None
 
 
-def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str | None:
+def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str | None:
     node, position = t.node, site.position
     kind, cls, spatial = _WEIGHTED_OPS[node.op]
-    mod = ctx.module(node.module_path)
+    caller_path = node.module_path or ""
+    caller = ctx.module(node.module_path)  # the module whose forward runs the op
     path = t.path
     role = "producer" if position == "after" else "consumer"
-    if kind == "linear_t":
+    if t.role is not None:
+        why = _check_attention(t, role, caller)
+        if why:
+            return why
+        mod = ctx.module(t.params_at)
+    elif kind == "linear_t":
         conv1d = _conv1d_class()
+        mod = caller
         if conv1d is None or not isinstance(mod, conv1d):
             owner = type(mod).__name__ if mod is not None else "the model"
             return (f"addmm in {path or '<root>'} ({owner}) is not a transformers Conv1D's forward: no "
@@ -381,60 +487,70 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
             return f"{role} {path}: its addmm scales with beta/alpha, not the plain Conv1D forward"
         if getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
             return f"{role} {path} has no 2-D weight"
-    elif not isinstance(mod, cls):
-        owner = type(mod).__name__ if mod is not None else "the model"
+    elif not isinstance(caller, cls):
+        owner = type(caller).__name__ if caller is not None else "the model"
         return (f"functional {node.op} in {path or '<root>'} ({owner}): its weight is not owned by an "
                 f"nn.{cls.__name__}")
-    calls = ctx.calls.get(path, set())
+    else:
+        mod = caller
+    calls = ctx.calls.get(caller_path, set())
     if len(calls) > 1:
-        return f"{role} {path} is called {len(calls)} times (shared): folding would change every call"
-    paths = ctx.aliases(mod)
-    if len(paths) > 1:
-        return f"{role} {path} is the same module as {', '.join(p for p in paths if p != path)} (shared)"
-    if torch.nn.utils.parametrize.is_parametrized(mod):
-        return f"{role} {path} is parametrized: its weight is computed in the forward"
-    if mod._forward_hooks or mod._forward_pre_hooks:
-        # An FX leaf hides what a hook does to the output or input; the fold would move past it.
-        return f"{role} {path} has forward hooks, which may change what the fold assumes it computes"
-    for pname in ("weight", "bias"):
+        return f"{role} {caller_path} is called {len(calls)} times (shared): folding would change every call"
+    for m, where in ((caller, caller_path), (mod, t.params_at)):
+        paths = ctx.aliases(m)
+        if len(paths) > 1:
+            return f"{role} {where} is the same module as {', '.join(p for p in paths if p != where)} (shared)"
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            return f"{role} {where} is parametrized: its weight is computed in the forward"
+        if m._forward_hooks or m._forward_pre_hooks:
+            # An FX leaf hides what a hook does to the output or input; the fold would move past it.
+            return f"{role} {where} has forward hooks, which may change what the fold assumes it computes"
+        if m is mod:
+            break
+    for pname in (t.weight, t.bias):
         p = getattr(mod, pname, None)
         if p is None:
             continue
         names = ctx.param_names.get(id(p), [])
         if len(names) > 1:
-            return f"{role} {path}.{pname} is tied to {', '.join(n for n in names if n != _join(path, pname))}"
+            qual = _join(t.params_at, pname)
+            return f"{role} {qual} is tied to {', '.join(n for n in names if n != qual)}"
         if not p.is_floating_point():
             return f"{role} {path}.{pname} is not floating point"
     if not node.leaf_module:
         _, (i_w, n_w), (i_b, n_b) = _op_args(node)
-        for i, aname, pname in ((i_w, n_w, "weight"), (i_b, n_b, "bias")):
+        for i, aname, pname in ((i_w, n_w, t.weight), (i_b, n_b, t.bias)):
             v = node.arg(i, aname)
             own = getattr(mod, pname)
             if v is None and own is None:
                 continue
-            if v is None and pname == "bias" and id(mod) in ctx.created_bias:
+            if v is None and pname == t.bias and (id(mod), pname) in ctx.created_bias:
                 continue  # an earlier fold in this pass gave it the bias the captured graph lacks
             if v is None:
                 return f"{role} {path} does not use its own {pname} in the forward"
             if not isinstance(v, GNode) or v.op != "param":
                 return f"{role} {path}.{pname} is computed in the forward (parametrized?)"
-            if v.param != _join(path, pname):
+            if v.param != _join(t.params_at, pname):
                 return f"{role} {path}.{pname} is tied to {v.param}"
             if len(v.users) > 1:
                 return f"{role} {path}.{pname} is used by {len(v.users)} ops (shared)"
-    for pname in ("weight", "bias"):
+    for pname in (t.weight, t.bias):
         # a leaf-module op reads its weight without a param node; any other read is a second use
-        uses = ctx.param_users.get(_join(path, pname), 0) - (0 if node.leaf_module else 1)
+        uses = ctx.param_users.get(_join(t.params_at, pname), 0) - (0 if node.leaf_module else 1)
         if getattr(mod, pname, None) is not None and uses > 0:
-            return f"{role} {path}.{pname} is also read outside {path} (shared)"
+            return f"{role} {_join(t.params_at, pname)} is also read outside {caller_path or '<root>'} (shared)"
+    n = stats.num_features
+    n_in, n_out = _in_out(t, mod)
     if position == "after":
-        users = [_data_users(n) for n in [node, *t.chain]]
+        users = [_data_users(x) for x in [node, *t.chain]]
         nxt = [*t.chain, site.node]
-        for n, us, expected in zip([node, *t.chain], users, nxt):
+        for x, us, expected in zip([node, *t.chain], users, nxt):
             others = [u for u in us if u is not expected]
             if others:
-                what = "output" if n is node else f"output (after {n.op})"
+                what = "output" if x is node else f"output (after {x.op})"
                 return f"{role} {path} {what} is also used by {_where(others[0])}"
+        if n == 1:
+            return None  # one channel: a scalar affine map, whatever axis it sits on
         axis = _channel_axis(kind, spatial, node.shape)
         if axis is None:
             return f"no shape information for {path} (the captured graph has no shapes)"
@@ -443,29 +559,82 @@ def _check_target(t: Target, site: Site, bn: nn.Module, ctx: FoldContext) -> str
             return f"between {path} and the BN: {why}"
         if axis != 1:
             return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
-        n_out = (mod.out_features if kind == "linear" else mod.weight.shape[1] if kind == "linear_t"
-                 else mod.out_channels)
-        if n_out != bn.num_features:
-            return f"{path} has {n_out} output channels, the BN {bn.num_features}"
-    else:
-        if kind == "conv_transpose":
-            return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
-        if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
-            return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
-                    "shift would not reach the padded border, so the fold would not be exact")
-        src = _op_input(node)
-        axis, why = _track(t.chain, 1)
-        if axis is None:
-            return f"between the BN and {path}: {why}"
-        want = _channel_axis(kind, spatial, src.shape)
-        if want is None:
-            return f"no shape information for {path}'s input (the captured graph has no shapes)"
-        if axis != want:
-            return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
-        n_in = (mod.in_features if kind == "linear" else mod.weight.shape[0] if kind == "linear_t"
-                else mod.in_channels)
-        if n_in != bn.num_features:
-            return f"{path} has {n_in} input channels, the BN {bn.num_features}"
+        if n_out != n:
+            return f"{path} has {n_out} output channels, the BN {n}"
+        return None
+    if kind == "conv_transpose":
+        why = _check_conv_transpose_consumer(mod, path, stats)
+        if why:
+            return why
+    if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
+        return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
+                "shift would not reach the padded border, so the fold would not be exact")
+    if n == 1:
+        return None
+    ch, why = _consumer_channels(t, n)
+    return why
+
+
+def _in_out(t: Target, mod: nn.Module) -> tuple[int, int]:
+    """(input channels, output channels) of a target."""
+    w = getattr(mod, t.weight)
+    if t.kind == "linear":
+        return w.shape[1], w.shape[0]
+    if t.kind == "linear_t":
+        return w.shape[0], w.shape[1]
+    return mod.in_channels, mod.out_channels
+
+
+def _consumer_channels(t: Target, n: int) -> tuple[ops.Channels | None, str | None]:
+    """Where the BN's ``n`` channels sit in the consumer's input (possibly merged with other axes)."""
+    kind, _, spatial = _WEIGHTED_OPS[t.node.op]
+    ch, why = ops.track_channels(t.chain, ops.Channels(1), n)
+    if ch is None:
+        return None, f"between the BN and {t.path}: {why}"
+    src = _op_input(t.node)
+    want = _channel_axis(kind, spatial, src.shape)
+    if want is None:
+        return None, f"no shape information for {t.path}'s input (the captured graph has no shapes)"
+    if ch.axis != want:
+        return None, (f"the BN's channels arrive on axis {ch.axis} of {t.path}'s input, which reads channels "
+                      f"on axis {want}")
+    n_in = src.shape[want]
+    if n_in % (n * ch.stride):
+        return None, f"{t.path}'s {n_in} input channels are not whole blocks of the BN's {n} channels"
+    return ch, None
+
+
+def _check_conv_transpose_consumer(mod: nn.Module, path: str, stats: _Stats) -> str | None:
+    """A BN before a ConvTranspose: the scale always folds (input channels, axis 0 of the weight); the
+    shift adds ``Σ W·t`` over the kernel taps that reach an output position, one bias only where every
+    position receives every tap."""
+    if fold_math.conv_transpose_taps_uniform(mod.stride, mod.padding, mod.dilation, mod.kernel_size,
+                                             mod.output_padding):
+        return None
+    _, shift = fold_math.bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight, stats.bias)
+    if bool((shift == 0).all()):
+        return None
+    return (f"consumer {path} is a ConvTranspose (stride={tuple(mod.stride)}, padding={tuple(mod.padding)}, "
+            f"kernel={tuple(mod.kernel_size)}): its output positions receive different numbers of kernel taps "
+            "(borders, stride phases), so the BN's shift is not one bias there; it folds only with stride 1 and "
+            "padding ≥ dilation·(kernel − 1) + output_padding, or for a BN without shift")
+
+
+def _check_attention(t: Target, role: str, mha: nn.Module) -> str | None:
+    """nn.MultiheadAttention folds where its forward reads whole parameters: the packed in-projection
+    (q, k and v are the same tensor) before it, ``out_proj`` after it."""
+    if t.role == "attention":
+        if not mha._qkv_same_embed_dim:
+            return (f"{role} {t.path} (MultiheadAttention with kdim/vdim != embed_dim) reads the BN only as its "
+                    "query, or key/value: separate q/k/v_proj_weight with biases sliced from in_proj_bias, "
+                    "which the fold does not edit")
+        return (f"{role} {t.path} (MultiheadAttention) reads the BN as its query, or key and value, not as all three "
+                "(cross-attention): the projection it reaches is a slice of the packed in_proj_weight, which the "
+                "fold does not edit")
+    if (t.role == "in_proj") != (role == "consumer"):
+        return f"{role} {t.path}: the BN is on the wrong side of MultiheadAttention's {t.role}"
+    if t.role == "out_proj" and not isinstance(mha.out_proj, nn.Linear):
+        return f"{role} {t.path} is not an nn.Linear"
     return None
 
 
@@ -489,52 +658,94 @@ def _join(prefix: str | None, name: str) -> str:
 
 def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
     """Fold ``site`` into the model's modules; ``undo`` learns how to take it back."""
-    bn = ctx.module(site.norm)
-    if bn_like.is_bn_like(bn):
-        scale, shift = bn_like.scale_shift(bn)
-    else:
-        scale, shift = fold_math.bn_scale_shift(bn.running_mean, bn.running_var, _bn_eps(site.node, bn),
-                                                bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    stats = _stats(site, ctx)
+    scale, shift = fold_math.bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight,
+                                            stats.bias)
     for t in site.targets:
-        mod = ctx.module(t.path)
-        w, b = mod.weight, mod.bias
+        mod = ctx.module(t.params_at)
+        w, b = getattr(mod, t.weight), getattr(mod, t.bias)
+        n_in, n_out = _in_out(t, mod)
         if site.position == "after":
+            s, sh = _expanded(scale, shift, 1, n_out)  # one channel: a scalar for every output channel
             if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_after_linear(w, b, scale, shift)
+                nw, nb = fold_math.fold_bn_after_linear(w, b, s, sh)
             elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, scale, shift)
+                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, s, sh)
             else:
-                nw, nb = fold_math.fold_bn_after_conv(w, b, scale, shift, groups=mod.groups,
+                nw, nb = fold_math.fold_bn_after_conv(w, b, s, sh, groups=mod.groups,
                                                       transposed=t.kind == "conv_transpose")
         else:
+            ch = ops.Channels(1) if stats.num_features == 1 else _consumer_channels(t, stats.num_features)[0]
+            s, sh = _expanded(scale, shift, ch.stride, n_in)
             if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_before_linear(w, b, scale, shift)
+                nw, nb = fold_math.fold_bn_before_linear(w, b, s, sh)
             elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, scale, shift)
+                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, s, sh)
+            elif t.kind == "conv_transpose":
+                nw, nb = fold_math.fold_bn_before_conv_transpose(w, b, s, sh, groups=mod.groups)
             else:
-                nw, nb = fold_math.fold_bn_before_conv(w, b, scale, shift, groups=mod.groups)
-        undo.save_param(mod, "weight")
-        undo.save_param(mod, "bias")
-        if mod.bias is None:
-            ctx.created_bias.add(id(mod))
-        _set_param(mod, "weight", nw)
-        _set_param(mod, "bias", nb)
-    parent_path, _, name = site.norm.rpartition(".")
-    parent = ctx.module(parent_path)
-    undo.save_child(parent, name)
-    setattr(parent, name, nn.Identity())
-    via = [n.op for n in site.targets[0].chain] if len(site.targets) == 1 else []
-    return Action("folded", site.norm, {"into": site.into, "position": site.position, "via": via})
+                nw, nb = fold_math.fold_bn_before_conv(w, b, s, sh, groups=mod.groups)
+        undo.save_param(mod, t.weight)
+        undo.save_param(mod, t.bias)
+        if b is None:
+            ctx.created_bias.add((id(mod), t.bias))
+        _set_param(mod, t.weight, nw, w)
+        _set_param(mod, t.bias, nb, w)
+        if t.role == "in_proj" and mod.out_proj.bias is None:
+            # The fused eval path (torch._native_multi_head_attention) runs once in_proj_bias exists and
+            # needs out_proj.bias too: a zero bias changes nothing else.
+            out = mod.out_proj
+            undo.save_param(out, "bias")
+            ctx.created_bias.add((id(out), "bias"))
+            _set_param(out, "bias", torch.zeros(out.weight.shape[0], dtype=out.weight.dtype,
+                                                device=out.weight.device), out.weight)
+    detail: dict[str, Any] = {"into": site.into, "position": site.position,
+                              "via": [n.op for n in site.targets[0].chain] if len(site.targets) == 1 else []}
+    bn = ctx.module(site.norm)
+    if isinstance(bn, _BN) or bn_like.is_bn_like(bn):
+        parent_path, _, name = site.norm.rpartition(".")
+        parent = ctx.module(parent_path)
+        undo.save_child(parent, name)
+        setattr(parent, name, nn.Identity())
+    else:
+        _make_identity(site, stats, ctx, undo)
+        detail["functional"] = True
+    return Action("folded", site.norm, detail)
 
 
-def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def _expanded(scale: torch.Tensor, shift: torch.Tensor, stride: int, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    if stride == 1 and scale.shape[0] == length:
+        return scale, shift
+    return fold_math.expand_channels(scale, stride, length), fold_math.expand_channels(shift, stride, length)
+
+
+def _make_identity(site: Site, stats: _Stats, ctx: FoldContext, undo: UndoLog) -> None:
+    """A functional batch_norm stays in the forward: reset the tensors it reads so it computes x."""
+    args = _bn_args(site.node)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        v = args.get(name)
+        if v is not None:
+            owner, _, attr = v.param.rpartition(".")
+            undo.save_param(ctx.module(owner), attr)
+    with torch.no_grad():
+        stats.running_mean.zero_()
+        if stats.weight is not None:  # x / √(1 + eps) · √(1 + eps)
+            stats.running_var.fill_(1.0)
+            stats.weight.fill_(math.sqrt(1.0 + stats.eps))
+        else:  # x / √((1 − eps) + eps)
+            stats.running_var.fill_(1.0 - stats.eps)
+        if stats.bias is not None:
+            stats.bias.zero_()
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> None:
     p = getattr(module, name)
     if p is None:
-        setattr(module, name, nn.Parameter(value, requires_grad=module.weight.requires_grad))
+        setattr(module, name, nn.Parameter(value, requires_grad=like.requires_grad))
     else:
         with torch.no_grad():
             p.copy_(value)
-
 
 
 def entry_reason(entry: NormEntry, ctx: FoldContext, failed_paths: dict[str, str | None]) -> str | None:
@@ -542,10 +753,15 @@ def entry_reason(entry: NormEntry, ctx: FoldContext, failed_paths: dict[str, str
         for path, error in failed_paths.items():
             if entry.norm == path or entry.norm.startswith(path + "."):
                 return f"in a part that could not be captured ({error})"
+        if ctx.param_users.get(_join(entry.norm, "running_mean"), 0):
+            return "not called as a module: a functional batch_norm reads its statistics (reported on its own line)"
         return "never called in the forward pass on the example inputs"
     if len(entry.nodes) > 1:
         return f"called {len(entry.nodes)} times in the forward pass"
-    why = _check_norm(entry.module, entry.nodes[0], ctx)
+    if entry.module is None:
+        why = _check_functional(entry.nodes[0], ctx)
+    else:
+        why = _check_norm(entry.module, entry.nodes[0], ctx)
     if why:
         return why
     if not entry.sites:

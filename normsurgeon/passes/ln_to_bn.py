@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..find import NormSite
 from ..graph import ModelGraph
-from ..nn import TokenBatchNorm, module_class
+from ..nn import MIN_BN_EPS, TokenBatchNorm, bn_eps, module_class
 from .swap import Plan, SwapRule, copy_affine, factory_kwargs, kind_name, unreached_reason, whole_module
 
 _BN_BY_RANK = {3: "bn1d", 4: "bn2d", 5: "bn3d"}
@@ -65,21 +65,25 @@ def plan_to_bn(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str
     wname, bname, offset, why = _affine_of(graph, site, module, channels)
     if why:
         return why, None
-    eps = site.eps if site.eps is not None else 1e-5
+    # the same floor for every source (nn modules, LlamaRMSNorm's variance_epsilon, hand-written eps):
+    # a BN channel's batch variance can be ~0 where a per-sample LN variance never is (see bn_eps)
+    source_eps = site.eps if site.eps is not None else 1e-5
+    eps = bn_eps(source_eps)
+    raised = f"eps raised from {source_eps:g} to {MIN_BN_EPS:g}" if eps != source_eps else None
     differs = "; ".join(site.differs) or None
     if dim == rank - 1:
         def build(old):
             return _token_bn(old, channels, eps, wname, bname, offset)
         note = "token BN: statistics over batch x positions"
         return None, Plan(path, site.kind, build, False, channels, shape,
-                           "; ".join(filter(None, [note, differs and f"source {differs}"])))
+                           "; ".join(filter(None, [note, raised, differs and f"source {differs}"])))
     if dim == 1 and rank in _BN_BY_RANK:
         cls = module_class(_BN_BY_RANK[rank])
 
         def build(old):
             return _channel_bn(cls, old, channels, eps, wname, bname, offset)
         return None, Plan(path, site.kind, build, False, channels, shape,
-                           f"channels-first {name} over dim 1 -> {cls.__name__}")
+                           "; ".join(filter(None, [f"channels-first {name} over dim 1 -> {cls.__name__}", raised])))
     return (f"normalizes dim {dim} of a rank-{rank} input: neither the last dim (TokenBatchNorm) nor dim 1 of a "
             "rank-3/4/5 input (BatchNorm1d/2d/3d)"), None
 

@@ -132,14 +132,16 @@ class BnSite:
     module: nn.Module
     shape: list[int]
     rank: int
-    token: bool  # a TokenBatchNorm on a rank > 2 input: it normalizes the last dim
+    token: bool  # channels on the last dim of a rank > 2 input (TokenBatchNorm, a subclass that transposes)
     shared_note: str | None
 
 
 def read_bn_site(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, BnSite | None]:
-    """The BatchNorm module at ``path`` and the layout of its calls, or why it cannot be replaced."""
-    from ..nn import TokenBatchNorm
+    """The BatchNorm module at ``path`` and the layout of its calls, or why it cannot be replaced.
 
+    The layout is that of the module's *input*, read from the graph: a subclass may move the channels
+    to dim 1 inside its forward (TokenBatchNorm reshapes (B, T, C) to (B*T, C); a hand-written token
+    BN transposes), and its replacement receives what the module received."""
     site = group[0]
     module = graph.module(path) if site.source == "module" else None
     if site.source != "module" or not isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -156,10 +158,29 @@ def read_bn_site(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[s
         return (f"module called with inputs of different ranks ({sorted(ranks)}): one replacement cannot fit "
                 "every call"), None
     rank = ranks.pop()
+    axes = {bn_channel_axis(s, shape) for s, shape in zip(group, map(module_input_shape, group))}
+    if None in axes or len(axes) > 1:
+        return (f"cannot tell which dim of its input {type(module).__name__} normalizes (its forward moves the "
+                "data in a way the graph cannot follow)"), None
+    axis = axes.pop()
+    if rank > 2 and axis not in (1, rank - 1):
+        return (f"{type(module).__name__} normalizes dim {axis} of a rank-{rank} input: no replacement keeps that "
+                "layout (they normalize dim 1 or the last dim)"), None
     calls = max(max(s.calls for s in group), len(group))
     shared = f"shared by {calls} calls, replaced consistently" if calls > 1 else None
-    return None, BnSite(module, list(next(iter(shapes))), rank, isinstance(module, TokenBatchNorm) and rank > 2,
-                        shared)
+    return None, BnSite(module, list(next(iter(shapes))), rank, rank > 2 and axis == rank - 1, shared)
+
+
+def bn_channel_axis(site: NormSite, module_shape: tuple | None) -> int | None:
+    """The channel axis of the BN module's input: the one dim its statistics are not taken over
+    (``find`` follows the module's own reshapes/transposes back to its input). None when the site's
+    dims are not relative to the module's input."""
+    if site.dims is None or site.input_shape is None or module_shape is None \
+            or tuple(site.input_shape) != tuple(module_shape):
+        return None
+    rank = len(module_shape)
+    rest = [d for d in range(rank) if d not in {d % rank for d in site.dims}]
+    return rest[0] if len(rest) == 1 else None
 
 
 class FromBnRule(SwapRule):

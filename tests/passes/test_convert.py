@@ -16,7 +16,7 @@ from normsurgeon.passes.convert import convert
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.find import inspect
 from normsurgeon.inputs import CallArgs
-from normsurgeon.nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm
+from normsurgeon.nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm, bn_eps
 from normsurgeon.outputs import compare_outputs
 
 
@@ -67,8 +67,48 @@ def test_llama_rmsnorm_pattern_carries_eps_and_weight():
         model.norm.weight.uniform_(0.5, 1.5)
     out, report = convert(model, "bn", example_inputs=model.example_inputs())
     assert isinstance(out.norm, TokenBatchNorm)
-    assert out.norm.eps == pytest.approx(model.norm.variance_epsilon)
+    assert out.norm.eps == pytest.approx(bn_eps(model.norm.variance_epsilon))  # read, then floored
     torch.testing.assert_close(out.norm.weight, model.norm.weight.detach())
+
+
+class TinyEpsNorms(nn.Module):
+    """Every kind of LN/RMS the finder converts, each with an eps far below BatchNorm's default."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_ln = nn.LayerNorm(8, eps=1e-12)
+        self.module_rms = nn.RMSNorm(8, eps=1e-12)
+        self.hand = HandLN(8, eps=1e-12)
+        self.cf = nn.Conv2d(8, 8, 1)
+        self.cf_ln = ChannelsFirstLN(8, eps=1e-12)
+
+    def forward(self, x):  # (N, 5, 8)
+        x = self.hand(self.module_rms(self.module_ln(x)))
+        y = self.cf(x.transpose(1, 2).unsqueeze(-1))  # (N, 8, 5, 1)
+        return self.cf_ln(y)
+
+
+class ChannelsFirstLN(nn.LayerNorm):
+    """LN over dim 1 (ConvNeXt's channels-first form): becomes a BatchNorm2d."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_eps_floor_applies_to_every_ln_to_bn_site():
+    from normsurgeon.nn import MIN_BN_EPS
+
+    model = TinyEpsNorms().eval()
+    out, report = convert(model, "bn", example_inputs=torch.randn(4, 5, 8))
+    converted = {a.path: a for a in report.converted}
+    assert set(converted) == {"module_ln", "module_rms", "hand", "cf_ln"}
+    for path in converted:
+        assert out.get_submodule(path).eps == MIN_BN_EPS, path
+        assert "eps raised from 1e-12" in converted[path].detail["note"], converted[path].detail
+    llama = zoo.llama()
+    out, report = convert(llama, "bn", example_inputs=llama.example_inputs())
+    assert llama.norm.variance_epsilon < MIN_BN_EPS  # LlamaRMSNorm keeps eps as variance_epsilon
+    assert {m.eps for m in out.modules() if isinstance(m, TokenBatchNorm)} == {MIN_BN_EPS}
 
 
 def test_convnext_channels_first_ln_becomes_batchnorm2d():
@@ -139,7 +179,7 @@ def test_every_site_converted_or_skipped_with_reason():
     assert converted == {"hand": "TokenBatchNorm", "rms": "TokenBatchNorm"}
     torch.testing.assert_close(out.hand.weight, model.hand.a_2.detach())  # a_2 found as the weight
     torch.testing.assert_close(out.hand.bias, model.hand.b_2.detach())
-    assert out.hand.eps == pytest.approx(1e-6)
+    assert out.hand.eps == pytest.approx(bn_eps(1e-6))
     skipped = {a.path: a.reason for a in report.skipped}
     assert "called 2 times" in skipped["shared"] and "running statistics" in skipped["shared"]
     assert "jointly" in skipped["two_dims"]
@@ -154,12 +194,51 @@ def test_every_site_converted_or_skipped_with_reason():
     json.dumps(js)
 
 
+class SharedNorms(nn.Module):
+    """``shared_ln`` and the hand-written ``hand`` are each called at two places. With ``branch``, the
+    forward branches on a tensor's value: neither torch.export nor torch.fx captures the root, so
+    capture falls back to per child, which exports each child on the inputs it received."""
+
+    def __init__(self, branch):
+        super().__init__()
+        self.branch = branch
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.shared_ln, self.hand, self.ln = nn.LayerNorm(8), HandLN(8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.hand(self.shared_ln(self.a(x)))
+        if self.branch and float(h.sum()) > 1e9:
+            h = h * 2
+        return self.ln(self.hand(self.shared_ln(self.b(h) * 3 + 1)))
+
+
+@pytest.mark.parametrize("method", ["export", "fx", "per-child"])
+def test_shared_norm_refused_under_every_capture(method):
+    from normsurgeon.graph import capture
+
+    model = SharedNorms(branch=method == "per-child").eval()
+    ci = CallArgs((torch.randn(4, 5, 8),), {})
+    graph = capture(model, None if method == "fx" else ci)  # fx: the capture used without inputs
+    assert graph.method == method
+    calls = {}
+    for s in inspect(model, graph=graph).sites:
+        calls.setdefault(s.path, []).append(s.calls)
+    assert calls == {"shared_ln": [2, 2], "hand": [2, 2], "ln": [1]}  # one site per call, each call counted
+    out, report = convert(model, "bn", example_inputs=ci, graph=graph)
+    skipped = {a.path: a.reason for a in report.skipped}
+    for path in ("shared_ln", "hand"):
+        assert "called 2 times" in skipped[path] and "running statistics" in skipped[path], skipped
+    assert isinstance(out.shared_ln, nn.LayerNorm) and isinstance(out.hand, HandLN)
+    if method != "fx":  # fx has no shapes without inputs: ln is skipped for that, with its reason
+        assert [a.path for a in report.converted] == ["ln"]
+
+
 def test_ln_to_bn_calibrates_when_given_data():
     model = zoo.vit()
     ci = model.example_inputs()
     batches = synthetic_batches(ci, 3, seed=1)
     out, report = convert(model, "bn", example_inputs=ci, calibrate_batches=batches)
-    assert report.calibration is not None and report.calibration.recalibrated == 5
+    assert report.calibration is not None and report.calibration.recalibrated == len(_ln_like_paths(model))
     bn = out.vit.layers[0].layernorm_before
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     # on the data it was calibrated on, BN in eval is close to BN with batch statistics
@@ -220,7 +299,7 @@ def test_frozen_site_that_deviates_is_rolled_back(monkeypatch):
     skipped = {a.path: a.reason for a in report.skipped}
     assert list(skipped) == [bad] and "rolled back" in skipped[bad]
     assert report.verify["rolled_back"] == 1 and report.verify["passed"]
-    assert len(report.converted) == 7
+    assert len(report.converted) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) - 1
     with torch.no_grad():
         assert compare_outputs(ci.call(model), ci.call(out)).max_rel_error < 1e-5
 
@@ -300,6 +379,67 @@ def test_bn_layouts_from_the_graph():
     assert isinstance(out2.shared, FrozenBatchNorm) and report2.verify["passed"]
 
 
+class TransposedBN(nn.BatchNorm1d):
+    """A token BN written by hand: BatchNorm1d over the channels of a (B, T, C) input."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class HandTokenBN(nn.Module):
+    def __init__(self, c=6):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.tbn = TransposedBN(c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):  # (B, T, C)
+        y = self.tbn(self.fc(x))
+        return self.bn(y.transpose(1, 2))  # a plain BN on (B, C, T)
+
+
+def _trained_stats(model, ci):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            ci.call(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tokens", [4, 6])  # 6 = C: the wrong axis would even have the right size
+def test_bn_subclass_that_transposes_keeps_its_layout(tokens):
+    torch.manual_seed(0)
+    ci = CallArgs((torch.randn(3, tokens, 6),), {})
+    model = _trained_stats(HandTokenBN(), ci)
+    site = next(s for s in inspect(model, ci).sites if s.path == "tbn")
+    assert (site.input_shape, site.dims) == ([3, tokens, 6], [0, 1])  # channels on the last dim of its input
+    # frozen / gn normalize dim 1: that site is skipped with the reason, the plain BN still converts
+    for to, cls in (("frozen", FrozenBatchNorm), ("gn", nn.GroupNorm)):
+        out, report = convert(model, to, example_inputs=ci)
+        skipped = {a.path: a.reason for a in report.skipped}
+        assert set(skipped) == {"tbn"} and "last dim" in skipped["tbn"] and "dim 1" in skipped["tbn"], skipped
+        assert isinstance(out.tbn, TransposedBN) and isinstance(out.bn, cls)
+    # ln: the same layout, LN over the channels (the last dim) of each position
+    out, report = convert(model, "ln", example_inputs=ci)
+    assert isinstance(out.tbn, nn.LayerNorm) and out.tbn.normalized_shape == (6,)
+    x = ci.args[0]
+    with torch.no_grad():
+        h = model.fc(x)
+        torch.testing.assert_close(out.tbn(h), F.layer_norm(h, (6,), model.tbn.weight, model.tbn.bias, model.tbn.eps))
+
+
+def test_cli_frozen_on_a_transposing_bn_subclass(tmp_path):
+    torch.manual_seed(0)
+    ci = CallArgs((torch.randn(3, 4, 6),), {})
+    path = tmp_path / "m.pt"
+    torch.save(_trained_stats(HandTokenBN(), ci), path)
+    r = _cli(["convert", str(path), "--trust", "--input-shape", "3,4,6", "--to", "frozen", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [c["path"] for c in data["converted"]] == ["bn"] and data["verify"]["passed"]
+    assert [s["path"] for s in data["skipped"]] == ["tbn"]
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
@@ -314,9 +454,11 @@ def test_cli_convert_json_and_round_trip(tmp_path):
               "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     js = json.loads(r.stdout)
-    assert len(js["converted"]) == 5 and len(js["inserted"]) == 2 and js["skipped"] == []
+    vit = zoo.vit()
+    lns, ffns = len(_ln_like_paths(vit)), vit.config.num_hidden_layers  # one FFN per encoder layer
+    assert len(js["converted"]) == lns and len(js["inserted"]) == ffns and js["skipped"] == []
     assert all({"path", "from", "to"} <= set(d) for d in js["converted"])
-    assert js["function_preserving"] is False and js["calibration"]["recalibrated"] == 7
+    assert js["function_preserving"] is False and js["calibration"]["recalibrated"] == lns + ffns
     assert out.is_file()
     r = _cli(["inspect", str(out), "--trust", "--json"])
     assert r.exit_code == 0, r.output
@@ -411,7 +553,8 @@ def test_one_plus_weight_rmsnorm_gets_the_offset():
     out, report = convert(model, "bn", example_inputs=(torch.randn(2, 3, 8),))
     assert {a.path for a in report.converted} == {"rms", "ln"}
     torch.testing.assert_close(out.rms.weight, model.rms.weight.detach() + 1)
-    assert out.rms.eps == pytest.approx(1e-6)
+    assert out.rms.eps == bn_eps(1e-6)
+    assert "eps raised from 1e-06" in next(a for a in report.converted if a.path == "rms").detail["note"]  # read
 
 
 def test_dtype_and_train_mode_carry_over_in_bfloat16():
@@ -422,6 +565,27 @@ def test_dtype_and_train_mode_carry_over_in_bfloat16():
         bn = out.get_submodule(path)
         assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.bfloat16 and bn.training
     assert out(torch.randn(4, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("to", ["bn", "frozen"])
+def test_every_module_keeps_its_own_train_eval_mode(to):
+    """The model in eval with one module left in training mode (a BN, a dropout): after the
+    calibration check, the conversion and the calibration, each module is in the mode it was."""
+    from normsurgeon import api
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5), nn.LayerNorm(8), nn.Dropout(0.1), nn.Linear(8, 8),
+                          nn.LayerNorm(8)).eval()
+    model[1].train()  # (N, 5, 8): BatchNorm1d over dim 1
+    model[3].train()
+    ci = CallArgs((torch.randn(4, 5, 8),), {})
+    batches = synthetic_batches(ci, 2, seed=1)
+    api.check_calibration_batch(model, batches[0], "data.pt")  # what `convert --calibrate` runs first
+    assert [m.training for m in model] == [False, True, False, True, False, False]
+    out, report = api.convert(model, to, example_inputs=ci, calibrate_batches=batches, inplace=True)
+    assert report.converted
+    modes = {path: m.training for path, m in out.named_modules() if path}
+    assert modes == {"0": False, "1": True, "2": False, "3": True, "4": False, "5": False}, modes
 
 
 class _ThreeBNs(nn.Module):

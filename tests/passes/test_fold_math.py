@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from normsurgeon import fold_math as fm
-from normsurgeon.graph.ops import map_axis_through_reshape
+from normsurgeon.graph.ops import Channels, map_axis_through_reshape, map_channels_through_reshape
 
 
 def _bn(cls, n, *, affine=True, eps=1e-5, seed=0):
@@ -226,3 +227,86 @@ def test_map_axis_through_reshape():
     assert map_axis_through_reshape((2, 8, 9), (2, 8, 3, 3), 1) == 1
     assert map_axis_through_reshape((2, 1, 8), (2, 8), 2) == 1  # squeeze
     assert map_axis_through_reshape((2, 8), (2, 8, 1), 1) == 1  # unsqueeze
+
+
+def _channel_of(shape, axis):
+    """The channel index of every element of an arange tensor of ``shape`` with channels on ``axis``."""
+    idx = torch.arange(shape[axis]).view([-1 if d == axis else 1 for d in range(len(shape))])
+    return idx.expand(shape).contiguous()
+
+
+@pytest.mark.parametrize("in_shape,axis,out_shape", [
+    ((2, 4, 6, 6), 1, (2, 144)),  # flatten(1): feature j is channel j // 36
+    ((2, 6, 6, 4), 3, (2, 144)),  # channels last, then flatten: j % 4
+    ((2, 4, 3), 1, (8, 3)),  # merged with the batch
+    ((2, 4, 6, 6), 1, (2, 4, 36)),
+    ((2, 4, 6, 6), 1, (2, 2, 72)),  # split over two axes: None
+    ((2, 4, 6, 6), 1, (2, 8, 18)),  # split: channel depends on two axes of the result
+    ((2, 4, 6, 6), 1, (12, 24)),  # 24 = 4 channels x 6 elements? no: 24 splits a channel block of 36
+])
+def test_map_channels_through_reshape_against_an_index_tensor(in_shape, axis, out_shape):
+    """Whatever the function answers must be what the data says (and None only where no axis holds it)."""
+    n = in_shape[axis]
+    channels = _channel_of(in_shape, axis).reshape(out_shape)
+    got = map_channels_through_reshape(in_shape, out_shape, Channels(axis), n)
+    holders = []
+    for a, size in enumerate(out_shape):
+        first = channels.movedim(a, 0).reshape(size, -1)
+        if (first == first[:, :1]).all():
+            holders.append(a)
+    if got is None:
+        assert holders == []
+    else:
+        i = torch.arange(out_shape[got.axis])
+        expected = ((i // got.stride) % n).view([-1 if d == got.axis else 1 for d in range(len(out_shape))])
+        assert torch.equal(channels, expected.expand(out_shape))
+
+
+def test_expand_channels():
+    v = torch.tensor([1.0, 2.0])
+    assert fm.expand_channels(v, 3, 12).tolist() == [1, 1, 1, 2, 2, 2] * 2
+    assert fm.expand_channels(torch.tensor([5.0]), 1, 4).tolist() == [5, 5, 5, 5]
+    with pytest.raises(ValueError):
+        fm.expand_channels(v, 3, 10)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,kernel,output_padding", [
+    (s, p, d, k, op) for s in (1, 2, 3) for d in (1, 2) for k in (1, 2, 3) for p in range(0, 6)
+    for op in range(0, max(s, d)) if op < max(s, d)
+])
+def test_conv_transpose_taps_uniform_matches_what_the_data_says(stride, padding, dilation, kernel, output_padding):
+    """Every output position receives every tap iff a ones-kernel on a ones-input gives kernel everywhere."""
+    ct = nn.ConvTranspose1d(1, 1, kernel, stride=stride, padding=padding, dilation=dilation,
+                            output_padding=output_padding, bias=False)
+    with torch.no_grad():
+        ct.weight.fill_(1.0)
+    claimed = fm.conv_transpose_taps_uniform((stride,), (padding,), (dilation,), (kernel,), (output_padding,))
+    seen = []
+    for length in (6, 7, 11):
+        try:
+            y = ct(torch.ones(1, 1, length))
+        except RuntimeError:  # output size would be < 1
+            continue
+        seen.append(bool((y == kernel).all()))
+    if seen:
+        assert all(s == claimed for s in seen)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=2), dict(padding=2, groups=2), dict(padding=4, dilation=2, bias=False),
+                                dict(stride=2, padding=1)])
+def test_bn_before_conv_transpose(kw):
+    """Exact where every output position receives every tap; the scale part always (shift 0)."""
+    torch.manual_seed(0)
+    ct = nn.ConvTranspose2d(4, 6, 3, **kw).eval()
+    bn = _bn(nn.BatchNorm2d, 4)
+    x = _input(2, 4)
+    scale, shift = _scale_shift(bn)
+    uniform = fm.conv_transpose_taps_uniform(ct.stride, ct.padding, ct.dilation, ct.kernel_size, ct.output_padding)
+    expected = ct(bn(x))
+    w, b = ct.weight.detach().clone(), None if ct.bias is None else ct.bias.detach().clone()
+    _set(ct, *fm.fold_bn_before_conv_transpose(w, b, scale, shift, groups=ct.groups))
+    assert (_rel(expected, ct(x)) < 1e-6) == uniform
+    expected = F.conv_transpose2d(x * scale.float().view(1, -1, 1, 1), w, b, stride=ct.stride, padding=ct.padding,
+                                  dilation=ct.dilation, groups=ct.groups)
+    _set(ct, *fm.fold_bn_before_conv_transpose(w, b, scale, torch.zeros_like(shift), groups=ct.groups))
+    assert _rel(expected, ct(x)) < 1e-6
