@@ -6,6 +6,8 @@
     folded, report = normsurgeon.fold(bn_model, x)
     report = normsurgeon.export_onnx(folded, x, "model.onnx")
     report = normsurgeon.measure_latency(["a.onnx", "b.onnx"])
+    normsurgeon.save(bn_model, "bn_model/")        # a recipe directory: JSON + safetensors, no pickle
+    model = normsurgeon.load("bn_model/")           # rebuilt: base + replayed surgery + weights
 """
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ from .calibrate import calibrate, load_calibration_data, synthetic_batches  # no
 from .nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm  # noqa: E402
 from .onnx import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
 from .bench import measure_latency  # noqa: E402
+from .replay import apply_recipe, load, save  # noqa: E402
 
 __all__ = [
     "__version__", "NormSurgeonError", "VerificationError", "CallArgs",
@@ -31,5 +34,5 @@ __all__ = [
     "inspect", "find_norms", "fold", "convert", "insert_ffn_bn",
     "calibrate", "load_calibration_data", "synthetic_batches",
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
-    "export_onnx", "verify_onnx", "count_norm_ops", "measure_latency",
+    "export_onnx", "verify_onnx", "count_norm_ops", "measure_latency", "load", "save", "apply_recipe",
 ]

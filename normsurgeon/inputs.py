@@ -121,8 +121,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def inputs_from_shapes(shapes: Sequence[str | Sequence[int]], dtypes: Sequence[str] = (),
-                       seed: int = 0) -> CallArgs:
-    """Random positional inputs of the given shapes; ``dtypes`` is one per shape or one for all."""
+                       seed: int = 0, int_high: Sequence[int | None] = ()) -> CallArgs:
+    """Random positional inputs of the given shapes; ``dtypes`` is one per shape or one for all.
+    Integer inputs are drawn from [0, ``int_high[i]``) (default 100; see ``int_input_bounds``)."""
     gen = torch.Generator().manual_seed(seed)
     parsed = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
     if dtypes and len(dtypes) not in (1, len(parsed)):
@@ -133,7 +134,8 @@ def inputs_from_shapes(shapes: Sequence[str | Sequence[int]], dtypes: Sequence[s
         if dtype.is_floating_point:
             tensors.append(torch.randn(shape, generator=gen).to(dtype))
         else:
-            tensors.append(torch.randint(0, 100, shape, generator=gen, dtype=dtype))
+            high = int_high[i] if i < len(int_high) and int_high[i] else 100
+            tensors.append(torch.randint(0, high, shape, generator=gen, dtype=dtype))
     return CallArgs(tuple(tensors), {})
 
 
@@ -154,3 +156,45 @@ def inputs_from_hf_config(config: Any, batch: int = 2, seed: int = 0) -> CallArg
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
         return CallArgs((), {"input_ids": ids})
     return None
+
+
+def int_input_bounds(model: torch.nn.Module, ci: CallArgs) -> dict[str, int]:
+    """For each integer input (by ``CallArgs.names()``), the number of valid ids: ``num_embeddings`` of
+    the ``nn.Embedding`` that consumes it (found by running the model once with the ids clamped into
+    every embedding's range), else the config's ``vocab_size``. Inputs neither bounds are left out."""
+    values = [*ci.args, *ci.kwargs.values()]
+    named = {n: t for n, t in zip(ci.names(), values)
+             if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool and t.numel()}
+    if not named:
+        return {}
+    by_storage = {t.untyped_storage().data_ptr(): n for n, t in named.items()}
+    bounds: dict[str, int] = {}
+
+    def hook(module, args):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.is_floating_point():
+            return None
+        name = by_storage.get(x.untyped_storage().data_ptr())
+        if name is not None:
+            bounds[name] = min(bounds.get(name, module.num_embeddings), module.num_embeddings)
+        return (x.clamp(0, module.num_embeddings - 1), *args[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            ci.call(model)
+    except Exception:  # noqa: BLE001 - the ids seen before a failure are what we wanted
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        for n in named:
+            bounds.setdefault(n, vocab)
+    return bounds

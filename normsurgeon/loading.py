@@ -6,6 +6,9 @@ Accepted model arguments:
 - a ``.pt``/``.pth`` file: a pickled ``nn.Module`` (only with ``trust=True``, because unpickling runs
   arbitrary code) or a state dict (safe; needs an architecture from a factory spec);
 - a ``package.module:factory`` spec, optionally with weights from ``.pt``/``.safetensors``.
+
+Recipe directories (``convert``/``fold -o DIR/``) are rebuilt by ``normsurgeon.replay``, which needs
+the passes; ``api.load`` takes every form.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def load_model(spec: str | os.PathLike, *, trust: bool = False, imports: Sequenc
     text = str(spec)
     path = Path(text)
     if path.is_dir():
+        if (path / "recipe.json").is_file() and not (path / "config.json").is_file():
+            raise NormSurgeonError(f"{path} is a normsurgeon recipe directory: load it with normsurgeon.load() "
+                                   "(or api.load(), as the commands do)")
         if not (path / "config.json").is_file():
             raise NormSurgeonError(f"{path} is a directory without config.json: not a transformers model directory")
         return _load_transformers(path, batch)

@@ -1,8 +1,9 @@
 """Numerical verification for every function-preserving rewrite: one place, one tolerance table.
 
 - **inputs**: the example inputs, two random inputs like them and one at another batch size (code
-  that branches on the batch size must not hide a changed path), plus any the user supplies; an
-  input the original model rejects is no check and is dropped (the example itself must run).
+  that branches on the batch size must not hide a changed path), plus the user's own
+  (``load_inputs_file``: ``--inputs`` of fold, convert and export); a random input the original
+  model rejects is no check and is dropped, while the example and the user's inputs must run.
 - **reference outputs**: the original model's outputs on those inputs, kept instead of a copy of
   the model (outputs are small; a model may be most of the machine's memory).
 - **comparison**: ``ErrorStats`` (max abs error, max rel error = max abs / max |expected|) against
@@ -15,16 +16,19 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import one_line
+from .errors import NormSurgeonError, one_line
+from .files import read_tensors
 from .graph.capture import rejected
-from .inputs import CallArgs
+from .inputs import CallArgs, as_call_args
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
 # The one tolerance table: (rtol, atol) a function-preserving rewrite must meet, by the dtype the
@@ -106,21 +110,28 @@ class References:
     inputs: list[CallArgs] = field(default_factory=list)
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     eval_mode: bool = False
+    user_inputs: int = 0  # how many of ``inputs`` are the user's own (they come last)
 
     @classmethod
     def record(cls, model: nn.Module, ci: CallArgs, *, extra: Sequence[CallArgs] = (),
                eval_mode: bool = False) -> "References":
-        """Run ``model`` on the candidate inputs; the example must run, the others are kept if they do."""
+        """Run ``model`` on the candidate inputs; the example and ``extra`` (the user's) must run, the
+        random ones are kept if they do."""
         refs = cls(eval_mode=eval_mode)
-        for i, c in enumerate(candidate_inputs(ci, extra)):
+        candidates = candidate_inputs(ci)
+        for i, c in enumerate([*candidates, *extra]):
             try:
                 out = run_clean(model, c, eval_mode=eval_mode)
             except Exception as e:  # noqa: BLE001
                 if i == 0:
                     raise rejected(c, e) from e
+                if i >= len(candidates):
+                    raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it before "
+                                           f"any change ({one_line(e, typed=True, limit=200)})") from e
                 continue
             refs.inputs.append(c)
             refs.outputs.append(out)
+        refs.user_inputs = len(extra)
         return refs
 
     def __len__(self) -> int:
@@ -135,6 +146,62 @@ class References:
             except Exception as e:  # noqa: BLE001 - a rewrite that breaks the model is a failed check
                 return ErrorStats(math.inf, math.inf, -1.0), f"the model fails: {one_line(e, typed=True, limit=200)}"
         return stats, None
+
+
+def load_inputs_file(path: str | os.PathLike, example_inputs: Any) -> list[CallArgs]:
+    """Read input sets from ``.pt``/``.npy``/``.npz``/``.safetensors``, keyed by input name or positional.
+
+    Names are those of ``CallArgs.names()`` (``input_0``... for positional arguments, keyword names
+    otherwise). A ``.pt`` file may also hold a list of such dicts (several input sets). Floats are cast to
+    the example's dtype; ranks and dtype kinds must match the example inputs.
+    """
+    path = Path(path)
+    ci = as_call_args(example_inputs)
+    obj = read_tensors(path, "--inputs")
+    if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj):
+        return [_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})") for i, o in enumerate(obj)]
+    return [_fit_inputs(obj, ci, f"--inputs {path}")]
+
+
+def named_tensors(ci: CallArgs) -> dict[str, torch.Tensor]:
+    values = [*ci.args, *ci.kwargs.values()]
+    return {n: v for n, v in zip(ci.names(), values) if isinstance(v, torch.Tensor)}
+
+
+def _fit_inputs(obj: Any, ci: CallArgs, what: str) -> CallArgs:
+    import numpy as np
+
+    named = named_tensors(ci)
+    names = list(named)
+    if isinstance(obj, torch.Tensor):
+        obj = [obj]
+    if isinstance(obj, (list, tuple)):
+        if len(obj) != len(names):
+            raise NormSurgeonError(f"{what}: holds {len(obj)} tensors but the model takes {len(names)} "
+                                   f"({', '.join(names)}); store them by name")
+        obj = dict(zip(names, obj))
+    if not isinstance(obj, Mapping):
+        raise NormSurgeonError(f"{what}: expected tensors by input name, got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in named]
+    missing = [n for n in names if n not in obj]
+    if unknown or missing:
+        raise NormSurgeonError(f"{what}: input names {sorted(obj)} do not match the model's {names}"
+                               + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
+    fitted = {}
+    for n, ex in named.items():
+        t = obj[n]
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(np.asarray(t))
+        if t.is_floating_point() != ex.is_floating_point():
+            raise NormSurgeonError(f"{what}: input {n!r} is {t.dtype} but the model takes {ex.dtype}")
+        if t.dim() != ex.dim():
+            raise NormSurgeonError(f"{what}: input {n!r} has shape {list(t.shape)}; the model takes "
+                                   f"{ex.dim()}-d inputs like {list(ex.shape)}")
+        fitted[n] = t.to(device=ex.device, dtype=ex.dtype)
+    values = [*ci.args, *ci.kwargs.values()]
+    out = [fitted.get(n, v) for n, v in zip(ci.names(), values)]
+    k = len(ci.args)
+    return CallArgs(tuple(out[:k]), dict(zip(list(ci.kwargs), out[k:])))
 
 
 def run_hooked(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], ci: CallArgs) -> None:

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normsurgeon import zoo
 from normsurgeon.calibrate import calibrate
-from normsurgeon.convert import convert
+from normsurgeon.passes.convert import convert
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.nn import SyncTokenBatchNorm, TokenBatchNorm, convert_sync_batchnorm
 

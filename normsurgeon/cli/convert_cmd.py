@@ -36,12 +36,17 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 @click.option("--calibrate-synthetic", type=int, default=None, metavar="N",
               help="Recalibrate on N random batches shaped like the example inputs (smoke tests only).")
 @click.option("--batch-size", type=int, default=None, help="Batch size for --calibrate data.")
-@click.option("-o", "--output", type=click.Path(), default=None, help="Write the converted model (.pt or .pt2).")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also check on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Write the converted model: DIR/ (a recipe directory: JSON + safetensors, loads without "
+                   "--trust), .pt (pickle) or .pt2 (torch.export archive).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @output_options
 @guarded
 def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, progressive, pn_warmup,
-            pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic, batch_size, output, force, as_json, debug):
+            pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic,
+            batch_size, inputs_file, output, force, as_json, debug):
     """Convert the normalization layers of MODEL.
 
     \b
@@ -58,10 +63,10 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
 
     Only frozen BNs and --ffn-bn-init identity preserve the function; every other swap needs
     calibration (--calibrate) or training. Every site is reported as converted, inserted or skipped
-    with a reason. Without -o nothing is written.
+    with a reason. Without -o nothing is written; -o DIR/ writes a recipe that every command (and
+    normsurgeon.load) rebuilds without unpickling.
     """
     from .. import api
-    from ..loading import check_output_path
 
     # options first: nothing is loaded or computed for a bad command line
     if to is None and not ffn_bn:
@@ -75,9 +80,12 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         raise NormSurgeonError(f"--calibrate-synthetic must be >= 1, got {calibrate_synthetic}")
     if batch_size is not None and calibrate_file is None:
         raise NormSurgeonError("--batch-size goes with --calibrate FILE")
-    out_path = check_output_path(output, force=force, inputs=[model]) if output else None
+    out_path = api.check_output(output, force=force, inputs=[model]) if output else None
 
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
+    if output:
+        api.check_recipe_base(loaded.model, output)
+    extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
     batches = None
     if calibrate_file is not None:
         batches = api.load_calibration_data(calibrate_file, loaded.example_inputs, batch_size=batch_size)
@@ -89,13 +97,14 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         converted, report = api.convert(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
                                           ffn_bn=ffn_bn, ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init,
                                           calibrate_batches=batches, inplace=True, progress=progress,
+                                          extra_inputs=extra,
                                           progressive=progressive, pn_warmup_steps=pn_warmup, pn_groups=pn_groups,
                                           padding_mask=None if no_padding_mask else "attention_mask")
     if report.verify is not None and report.verify.get("passed") is False:
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
     if out_path is not None:
-        api.save_model(converted, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save(converted, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
         report.notes.append(f"wrote {out_path}")
     else:
         report.notes.append("report only: no -o given, nothing written")

@@ -6,37 +6,43 @@ import click
 
 from ..errors import NormSurgeonError, VerificationError
 from .. import api
-from ..loading import check_output_path
 from .common import emit, guarded, load_from_options, model_options, output_options, stderr
 
 
 @click.command("fold")
 @model_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Where to save the folded model (.pt pickled module, or .pt2 torch.export archive). "
-                   "Without it: report only (dry run).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Where to save the folded model: DIR/ (a recipe directory: JSON + safetensors, loads without "
+                   "--trust), .pt (pickled module) or .pt2 (torch.export archive). Without it: report only.")
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
 @click.option("--rtol", type=float, default=1e-5, show_default=True,
               help="Largest accepted max relative error (max abs error / max |expected output|); a fold "
                    "that exceeds it is rolled back. Raised to 5e-3 (float16) / 1.5e-2 (bfloat16) models.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @output_options
 @guarded
-def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, rtol, force, as_json, debug):
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, force, as_json,
+         debug):
     """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
     BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
-    and why. Exit 1 if the folded model's outputs do not match.
+    and why. Verified on the example inputs, random ones and --inputs. Exit 1 if the folded model's
+    outputs do not match.
     """
     if rtol <= 0:
         raise NormSurgeonError("--rtol must be positive")
     out_path = None
     if output is not None:
-        out_path = check_output_path(output, force=force, inputs=[model])
+        out_path = api.check_output(output, force=force, inputs=[model])
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    folded, report = api.fold(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol)
+    if output is not None:
+        api.check_recipe_base(loaded.model, output)
+    extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
+    folded, report = api.fold(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
     if report.passed and out_path is not None:
-        api.save_model(folded, out_path, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
     if as_json:
         payload = report.to_json()
         payload["output"] = str(out_path) if (out_path is not None and report.passed) else None

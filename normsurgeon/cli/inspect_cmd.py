@@ -15,8 +15,8 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 def inspect(model, trust, imports, weights, input_shapes, input_dtypes, as_json, debug):
     """List every normalization layer of MODEL: nn modules, functional calls and hand-written norms.
 
-    MODEL is a transformers directory, a .pt2 archive, a .pt/.pth file (pickled modules need
-    --trust) or package.module:factory.
+    MODEL is a transformers directory, a recipe directory (convert/fold -o DIR/), a .pt2 archive,
+    a .pt/.pth file (pickled modules need --trust) or package.module:factory.
     """
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes)
     emit(api.inspect(loaded.model, loaded.example_inputs), as_json)

@@ -1,6 +1,6 @@
 """Prove an ONNX file in ONNX Runtime: sessions, feeding ``CallArgs`` in, comparing with PyTorch on
 the example inputs, random inputs like them, a second batch/sequence size for dynamic axes and the
-user's own inputs (``load_inputs_file``, read by ``files.read_tensors``)."""
+user's own inputs (read by ``verify.load_inputs_file``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import NormSurgeonError, one_line
-from ..files import read_tensors
 from ..graph import eval_modes, restore_modes
 from ..inputs import CallArgs, as_call_args
 from ..outputs import ErrorStats, compare_outputs, flatten_outputs
 from ..report import Table, fmt_float
+from ..verify import load_inputs_file  # noqa: F401 - its home is verify; exported here too
 from .counting import count_norm_ops
 
 __all__ = ["verify_onnx", "optimized_norm_ops", "load_inputs_file", "make_session", "session_signature", "VerifyReport", "InputCheck"]
@@ -309,55 +309,6 @@ def _verify(sess, model: torch.nn.Module, ci: CallArgs, *, rtol: float, atol: fl
     finally:
         restore_modes(modes)
     return report
-
-
-def load_inputs_file(path: str | os.PathLike, example_inputs: Any) -> list[CallArgs]:
-    """Read input sets from ``.pt``/``.npy``/``.npz``/``.safetensors``, keyed by input name or positional.
-
-    Names are those of ``CallArgs.names()`` (``input_0``... for positional arguments, keyword names
-    otherwise). A ``.pt`` file may also hold a list of such dicts (several input sets). Floats are cast to
-    the example's dtype; ranks and dtype kinds must match the example inputs.
-    """
-    path = Path(path)
-    ci = as_call_args(example_inputs)
-    obj = read_tensors(path, "--inputs")
-    if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj):
-        return [_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})") for i, o in enumerate(obj)]
-    return [_fit_inputs(obj, ci, f"--inputs {path}")]
-
-
-def _fit_inputs(obj: Any, ci: CallArgs, what: str) -> CallArgs:
-    named = _named_tensors(ci)
-    names = list(named)
-    if isinstance(obj, torch.Tensor):
-        obj = [obj]
-    if isinstance(obj, (list, tuple)):
-        if len(obj) != len(names):
-            raise NormSurgeonError(f"{what}: holds {len(obj)} tensors but the model takes {len(names)} "
-                                   f"({', '.join(names)}); store them by name")
-        obj = dict(zip(names, obj))
-    if not isinstance(obj, Mapping):
-        raise NormSurgeonError(f"{what}: expected tensors by input name, got {type(obj).__name__}")
-    unknown = [k for k in obj if k not in named]
-    missing = [n for n in names if n not in obj]
-    if unknown or missing:
-        raise NormSurgeonError(f"{what}: input names {sorted(obj)} do not match the model's {names}"
-                               + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
-    fitted = {}
-    for n, ex in named.items():
-        t = obj[n]
-        if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(np.asarray(t))
-        if t.is_floating_point() != ex.is_floating_point():
-            raise NormSurgeonError(f"{what}: input {n!r} is {t.dtype} but the model takes {ex.dtype}")
-        if t.dim() != ex.dim():
-            raise NormSurgeonError(f"{what}: input {n!r} has shape {list(t.shape)}; the model takes "
-                                   f"{ex.dim()}-d inputs like {list(ex.shape)}")
-        fitted[n] = t.to(ex.dtype)
-    values = [*ci.args, *ci.kwargs.values()]
-    out = [fitted.get(n, v) for n, v in zip(ci.names(), values)]
-    k = len(ci.args)
-    return CallArgs(tuple(out[:k]), dict(zip(list(ci.kwargs), out[k:])))
 
 
 def _check_fits(extra: Sequence[CallArgs], ci: CallArgs, dyn_batch: bool, seq_names: Sequence[str]) -> None:

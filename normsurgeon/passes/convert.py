@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,7 @@ from ..errors import NormSurgeonError, one_line
 from ..find import NormSite, find_norms
 from ..graph import ModelGraph, capture
 from ..inputs import CallArgs, as_call_args
+from ..recipe import record
 from ..report import Action, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, record_io, run_clean, set_module, site_error, \
     tolerance_for
@@ -57,7 +58,7 @@ from .ln_to_pn import LnToPn
 from .ln_to_progressive import LnToProgressive
 from .swap import Plan, SwapRule, kind_name
 
-__all__ = ["convert", "insert_ffn_bn", "ConvertReport", "RULES", "TARGETS"]
+__all__ = ["convert", "insert_ffn_bn", "replay", "ConvertReport", "RULES", "TARGETS"]
 
 # --to value -> the rule that implements it (one file each)
 RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
@@ -154,8 +155,9 @@ class ConvertReport:
 def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = None, groups: int | None = None,
             ffn_bn: bool = False, ffn_bn_position: str = "after-first", ffn_bn_init: str = "fresh",
             calibrate_batches: Iterable[Any] | None = None, inplace: bool = False, graph: ModelGraph | None = None,
-            progress: Callable[[int, int | None], None] | None = None, progressive: int | None = None,
-            pn_warmup_steps: int = 4000, pn_groups: int | None = None, padding_mask: str | None = "attention_mask"
+            progress: Callable[[int, int | None], None] | None = None,
+            extra_inputs: Sequence[Any] = (), progressive: int | None = None, pn_warmup_steps: int = 4000,
+            pn_groups: int | None = None, padding_mask: str | None = "attention_mask"
             ) -> tuple[nn.Module, ConvertReport]:
     """Convert the normalization layers of ``model``; returns (converted model, ConvertReport).
 
@@ -189,8 +191,12 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     it created BatchNorms (their running stats start at mean 0 / var 1).
     example_inputs: how to call the model (tensor, tuple, dict or CallArgs); defaults to the model's
     own ``example_inputs``. graph: a graph already captured from ``model`` (saves a capture).
+    extra_inputs: the user's own inputs (``verify.load_inputs_file``); they join the whole-model check
+    and the measured output change.
 
-    The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept.
+    The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept. What
+    was rewritten is recorded on the returned model (``normsurgeon.recipe``), so it can be saved as a
+    recipe and rebuilt.
     """
     validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup_steps, pn_groups)
     ci = _inputs(model, example_inputs)
@@ -198,12 +204,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
         graph = capture(model, ci)
     sites = find_norms(graph)
     report = ConvertReport(to, graph.describe())
-    if progressive is not None:
-        rule: SwapRule | None = LnToProgressive(steps=progressive)
-    elif to == "pn":
-        rule = LnToPn(warmup_steps=pn_warmup_steps, group_num=pn_groups)
-    else:
-        rule = RULES[to](groups) if to is not None else None
+    rule = _rule(to, groups, progressive, pn_warmup_steps, pn_groups)
     plans = _plan_norms(graph, sites, rule, report) if rule is not None else []
     blocks = []
     if ffn_bn:
@@ -225,8 +226,12 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
 
     target = model if inplace else copy.deepcopy(model)
     run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
+                      extra=[as_call_args(e) for e in extra_inputs],
                       padding_kwarg=padding_mask if to in ("bn", "pn") else None)
-    return target, run.run(blocks, to, calibrate_batches, progress)
+    run.run(blocks, to, calibrate_batches, progress)
+    _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
+            {"progressive": progressive, "pn_warmup_steps": pn_warmup_steps, "pn_groups": pn_groups})
+    return target, report
 
 
 def insert_ffn_bn(model: nn.Module, example_inputs: Any = None, *, position: str = "after-first",
@@ -275,6 +280,16 @@ def validate(to, groups, ffn_bn, position, init, progressive=None, pn_warmup_ste
         raise NormSurgeonError(f"unknown --ffn-bn-position {position!r}: use {' or '.join(_ffn.POSITIONS)}")
     if init not in _ffn.INITS:
         raise NormSurgeonError(f"unknown --ffn-bn-init {init!r}: use {' or '.join(_ffn.INITS)}")
+
+
+def _rule(to, groups, progressive=None, pn_warmup_steps=4000, pn_groups=None) -> SwapRule | None:
+    if to is None:
+        return None
+    if progressive is not None:
+        return LnToProgressive(steps=progressive)
+    if to == "pn":
+        return LnToPn(warmup_steps=pn_warmup_steps, group_num=pn_groups)
+    return RULES[to](groups)
 
 
 def _inputs(model: nn.Module, example_inputs: Any) -> CallArgs:
@@ -347,6 +362,7 @@ class _Conversion:
     position: str
     init: str
     spill: bool = False
+    extra: list[CallArgs] = field(default_factory=list)
     padding_kwarg: str | None = None
     swapped: dict[str, tuple[Plan, UndoLog]] = field(default_factory=dict)
     inserted: list[_Inserted] = field(default_factory=list)
@@ -355,7 +371,7 @@ class _Conversion:
     def run(self, blocks: list[FFNBlock], to: str | None, calibrate_batches, progress) -> ConvertReport:
         self.tol = tolerance_for(self.target)
         exact_plans = [p for p in self.plans if p.exact]
-        self.refs = References.record(self.target, self.ci, eval_mode=True)
+        self.refs = References.record(self.target, self.ci, extra=self.extra, eval_mode=True)
         recorded = record_io(self.target, [p.path for p in exact_plans], self.ci) if exact_plans else {}
         with UndoStore(spill=self.spill) as self.store:
             self._swap_norms()
@@ -521,11 +537,12 @@ class _Conversion:
             not (self.inserted and self.init == "fresh")
         report.function_preserving = all_exact
         change, _ = self.refs.compare(self.target)
-        report.output_change = change.to_dict()
+        report.output_change = {**change.to_dict(), "inputs": len(self.refs), "user_inputs": self.refs.user_inputs}
         rolled = _rolled_count(report)
         if not (exact_swaps or identity or rolled):
             return
         verify = {"sites_checked": len(self.site_errors), "max_site_error": max(self.site_errors, default=0.0),
+                  "inputs": len(self.refs), "user_inputs": self.refs.user_inputs,
                   "rtol": tol.rtol, "atol": tol.atol, "rolled_back": rolled, "max_abs_error": None,
                   "max_rel_error": None, "passed": None}
         report.verify = verify
@@ -571,6 +588,61 @@ class _Conversion:
             return action
         return Applied(item.bn_path, item, action, undo, redo, lambda why: Action("skipped", item.bn_path, {}, why),
                        describe=f"the BatchNorm at {item.bn_path}")
+
+
+# --- recipe: record and replay ------------------------------------------------------------------
+
+def _record(model: nn.Module, report: ConvertReport, to: str | None, groups: int | None, position: str,
+            init: str, ci: CallArgs, options: dict | None = None) -> None:
+    """What this conversion rewrote, site by site (rolled-back sites are not in it): ``replay`` redoes
+    exactly these sites, never re-deciding which to keep."""
+    if not (report.converted or report.inserted):
+        return
+    cal = report.calibration
+    record(model, {
+        "op": "convert", "to": to if report.converted else None, "groups": groups,
+        # the rule's options (progressive / PowerNorm) and whether a padding-mask hook went on
+        **{k: v for k, v in (options or {}).items() if v is not None},
+        "padding_mask": (report.statistics or {}).get("mask"),
+        "swapped": [a.path for a in report.converted],
+        "ffn_bn": {"position": position, "init": init,
+                   "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"]} for a in report.inserted]}
+        if report.inserted else None,
+        "function_preserving": report.function_preserving, "verify": report.verify,
+        "output_change": report.output_change,
+        "calibration": {"batches": cal.batches, "samples": cal.samples} if cal is not None else None,
+    }, ci)
+
+
+def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
+    """Redo a recorded conversion on ``model`` (a rebuilt base), in place: the rule of ``--to`` plans the
+    recorded sites on a fresh capture and the same swap rewrites them; FFN BatchNorms are wrapped in
+    at the recorded linears. Nothing is verified or calibrated: the weights are loaded afterwards."""
+    to, swapped, ffn = action.get("to"), action.get("swapped") or [], action.get("ffn_bn")
+    if swapped:
+        if to not in RULES:
+            raise NormSurgeonError(f"recipe: unknown convert target {to!r} (written by a newer normsurgeon?)")
+        rule = _rule(to, action.get("groups"), action.get("progressive"), action.get("pn_warmup_steps", 4000),
+                     action.get("pn_groups"))
+        graph = capture(model, ci)
+        by_path: dict[str, list[NormSite]] = {}
+        for s in find_norms(graph):
+            by_path.setdefault(s.path, []).append(s)
+        for path in swapped:
+            if path not in by_path:
+                raise NormSurgeonError(f"recipe: convert --to {to}: the rebuilt model has no norm at {path}")
+            reason, plan = rule.plan(graph, path, by_path[path])
+            if plan is None:
+                raise NormSurgeonError(f"recipe: convert --to {to}: cannot redo {path} on the rebuilt model: {reason}")
+            SwapRule.rewrite(model, plan, UndoLog())
+    sites = (ffn or {}).get("sites") or []
+    for site in sites:
+        _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity")
+    paths = list(swapped) + [site["linear"] for site in sites]
+    _disable_fastpath(model, paths, ConvertReport(to, "replay"))
+    if action.get("padding_mask"):
+        from ..nn import capture_padding_mask
+        capture_padding_mask(model, kwarg=action["padding_mask"])
 
 
 def _rolled_count(report: ConvertReport) -> int:

@@ -16,20 +16,21 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ..errors import one_line
+from ..errors import NormSurgeonError, one_line
 from ..graph import ModelGraph, capture
-from ..inputs import as_call_args
+from ..inputs import CallArgs, as_call_args
 from ..outputs import ErrorStats
+from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, UndoStore, tolerance_for
+from ..verify import References, UndoLog, UndoStore, tolerance_for
 from .base import Applied, apply_verified
 from .fold_bn import FoldContext, Site, check, combine, entry_reason, match, rewrite
 
-__all__ = ["fold", "FoldReport"]
+__all__ = ["fold", "FoldReport", "replay"]
 
 
 @dataclass
@@ -40,6 +41,7 @@ class FoldReport:
     actions: list[Action] = field(default_factory=list)
     verify: ErrorStats | None = None
     verified_inputs: int = 0
+    user_inputs: int = 0  # of verified_inputs, from the user (--inputs)
     tolerance: float | None = None
     passed: bool | None = None
     verify_error: str | None = None
@@ -74,8 +76,9 @@ class FoldReport:
         if self.passed is None:
             return text + "; not verified"
         err = self.verify.max_rel_error if self.verify else None
+        user = f", {self.user_inputs} from --inputs" if self.user_inputs else ""
         text += (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
-                 f"{self.verified_inputs} inputs): {'passed' if self.passed else 'FAILED'}")
+                 f"{self.verified_inputs} inputs{user}): {'passed' if self.passed else 'FAILED'}")
         if self.verify_error:
             text += f" ({self.verify_error})"
         training = sum(1 for a in self.skipped if (a.reason or "").startswith("in training mode"))
@@ -89,7 +92,7 @@ class FoldReport:
         if self.verify is not None:
             verify.update(max_abs_error=_finite(self.verify.max_abs_error),
                           max_rel_error=_finite(self.verify.max_rel_error))
-        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs)
+        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs)
         if self.verify_error:
             verify["error"] = self.verify_error
         return {
@@ -124,8 +127,8 @@ def _finite(x: float) -> float | None:
 
 
 def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify: bool = True,
-         rtol: float = 1e-5, atol: float | None = None, graph: ModelGraph | None = None
-         ) -> tuple[nn.Module, FoldReport]:
+         rtol: float = 1e-5, atol: float | None = None, graph: ModelGraph | None = None,
+         extra_inputs: Sequence[Any] = ()) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable BatchNorm of ``model`` into its neighbours; see the module docstring.
 
     Returns ``(folded_model, report)``. ``model`` is untouched unless ``inplace=True``. With
@@ -133,19 +136,21 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     inputs like them and one at another batch size; sites that push the max relative error (max abs
     error / max |expected|) above ``rtol`` (or the abs error above ``atol``) are rolled back. ``rtol``
     is raised to the tolerance table's entry for float16/bfloat16 models (``verify.TOLERANCE``).
+    ``extra_inputs`` (the user's data, e.g. ``verify.load_inputs_file``) join every check; the original
+    model must accept them. The folds are recorded on the returned model (``normsurgeon.recipe``).
     """
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     # The references run the example first: inputs the model rejects fail here, in one line, and the
     # capture need not run the model again to check them.
-    refs = References.record(work, ci) if verify else None
+    refs = References.record(work, ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
     graph = graph if graph is not None else capture(work, ci, checked=refs is not None)
     ctx = FoldContext(work, graph)
     report = FoldReport(graph.describe())
     tol = tolerance_for(work, rtol, atol)
     report.tolerance = tol.rtol
     if refs is not None:
-        report.verified_inputs = len(refs)
+        report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
 
     # An in-place fold owns the model: spill replaced weights to disk instead of holding a copy.
     with UndoStore(spill=inplace) as store:
@@ -155,7 +160,30 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
             actions.update(verdict.actions)
             report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
     report.actions = list(actions.values())
+    if report.folded:
+        record(work, {"op": "fold", "folded": [{"norm": a.path, "into": a.detail["into"],
+                                                "position": a.detail["position"]} for a in report.folded],
+                      "verify": report.to_json()["verify"]}, ci)
     return work, report
+
+
+def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
+    """Redo a recorded fold on ``model`` (a rebuilt base): the same match and rewrite, at exactly the
+    recorded sites, without verification (the weights that matter are loaded afterwards)."""
+    want = {f["norm"]: f for f in action.get("folded") or []}
+    graph = capture(model, ci)
+    ctx = FoldContext(model, graph)
+    for entry in match(model, graph, ctx):
+        f = want.pop(entry.norm, None)
+        if f is None:
+            continue
+        site = next((s for s in entry.sites if s.position == f["position"] and list(s.into) == list(f["into"])), None)
+        if site is None:
+            raise NormSurgeonError(f"recipe: cannot redo the fold of {entry.norm} into {', '.join(f['into'])} "
+                                   f"({f['position']}) on the rebuilt model: {entry.reason or 'no such site'}")
+        rewrite(site, ctx, UndoLog())
+    if want:
+        raise NormSurgeonError(f"recipe: the rebuilt model has no BatchNorm at {', '.join(want)} to fold")
 
 
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore

@@ -169,3 +169,23 @@ def test_bad_options_are_refused():
         normsurgeon.convert(zoo.gpt2(), to="bn", progressive=-1)
     with pytest.raises(NormSurgeonError, match="only go with --to pn"):
         normsurgeon.convert(zoo.gpt2(), to="bn", pn_groups=2)
+
+
+def test_repbn_after_a_linear_folds_as_one_site_into_its_producer():
+    """Linear -> RepBatchNorm -> output: x feeds both the inner BN and alpha * x, so the RepBN is one
+    site (its inner ``bn`` is never folded alone) and folds into the Linear, verified."""
+    lin = nn.Linear(6, 8)
+    rep = RepBatchNorm(8)
+    with torch.no_grad():
+        rep.bn.running_mean.normal_()
+        rep.bn.running_var.uniform_(0.5, 2.0)
+        rep.bn.weight.normal_()
+        rep.bn.bias.normal_()
+        rep.alpha.fill_(0.7)
+    model = nn.Sequential(lin, rep, nn.ReLU()).eval()
+    x = torch.randn(4, 5, 6)
+    folded, report = fold(model, x)
+    assert report.passed
+    assert [(a.path, a.kind, a.detail.get("position")) for a in report.actions] == [("1", "folded", "after")]
+    assert isinstance(folded[1], nn.Identity)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)

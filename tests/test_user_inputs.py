@@ -1,0 +1,134 @@
+"""The user's data in verification (`--inputs` on fold and convert) and integer inputs the tool draws."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from normsurgeon import api
+from normsurgeon.cli import main
+from normsurgeon.inputs import CallArgs, int_input_bounds
+
+MODELS = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+
+    class Branchy(nn.Module):
+        """Large images take a second pass through the same BatchNorm: a path the 16x16 example never takes."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.head = nn.Conv2d(8, 4, 1)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-0.5, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+                self.bn.weight.uniform_(0.5, 1.5)
+            self.eval()
+            self.example_inputs = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if x.shape[-1] > 16:
+                y = self.bn(y)
+            return self.head(y)
+
+
+    class SmallVocab(nn.Module):
+        """An embedding with 20 rows and no example inputs of its own."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(20, 8)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.out(self.norm(self.emb(ids)))
+
+
+    def branchy():
+        return Branchy()
+
+
+    def small_vocab():
+        return SmallVocab().eval()
+''')
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "ns_user_models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fold_verifies_on_the_users_inputs(user_models):
+    torch.save({"input_0": torch.randn(3, 3, 16, 16)}, user_models / "real.pt")
+    result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt", "--json")
+    assert result.exit_code == 0, result.output
+    verify = json.loads(result.output)["verify"]
+    assert verify["passed"] is True and verify["user_inputs"] == 1 and verify["inputs"] == 5
+
+
+def test_fold_caught_by_data_that_takes_another_path(user_models):
+    # the example and random inputs (16x16) never reach the second BN call: the fold looks fine ...
+    result = run("fold", "ns_user_models:branchy", "--json")
+    assert result.exit_code == 0, result.output
+    assert [f["norm"] for f in json.loads(result.output)["folded"]] == ["bn"]
+    # ... the user's 32x32 images do, and the fold is rolled back with the error it caused
+    torch.save([{"input_0": torch.randn(1, 3, 32, 32)}, {"input_0": torch.randn(2, 3, 32, 32)}],
+               user_models / "real.pt")
+    result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["folded"] == [] and doc["summary"]["rolled_back"] == 1
+    assert "changed the outputs" in doc["skipped"][0]["reason"]
+    assert doc["verify"]["user_inputs"] == 2
+    result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt")
+    assert "2 from --inputs" in result.output
+
+
+def test_user_inputs_the_model_rejects_are_an_error(user_models):
+    torch.save({"input_0": torch.randn(1, 5, 16, 16)}, user_models / "bad.pt")
+    for cmd in ("fold", "convert"):
+        extra = ["--to", "frozen"] if cmd == "convert" else []
+        result = run(cmd, "ns_user_models:branchy", *extra, "--inputs", "bad.pt")
+        assert result.exit_code == 2, result.output
+        assert "--inputs set 1: the model rejects it" in result.output and "Traceback" not in result.output
+
+
+def test_convert_counts_the_users_inputs(user_models):
+    torch.save({"input_0": torch.randn(1, 3, 32, 32)}, user_models / "real.pt")
+    result = run("convert", "ns_user_models:branchy", "--to", "frozen", "--inputs", "real.pt", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["verify"]["passed"] is True and doc["verify"]["user_inputs"] == 1
+    assert doc["output_change"]["user_inputs"] == 1
+
+
+def test_drawn_ids_stay_below_the_embedding_size(user_models):
+    # ids drawn from [0, 100) would index past the 20 rows ("index out of range in self")
+    for cmd in (["inspect"], ["convert", "--to", "bn"], ["fold"]):
+        result = run(*cmd, "ns_user_models:small_vocab", "--input-shape", "2,12", "--input-dtype", "int64")
+        assert result.exit_code == 0, result.output
+    loaded = api.load("ns_user_models:small_vocab", input_shapes=["4,50"], input_dtypes=["int64"])
+    ids = loaded.example_inputs.args[0]
+    assert int(ids.max()) < 20 and int(ids.max()) > 10
+
+
+def test_int_bounds_follow_the_consuming_embedding(zoo_model):
+    model, _ = zoo_model("bert")
+    ci = CallArgs((), {"input_ids": torch.randint(0, 500, (2, 8)), "token_type_ids": torch.randint(0, 5, (2, 8))})
+    assert int_input_bounds(model, ci) == {"input_ids": 100, "token_type_ids": 2}
