@@ -150,12 +150,17 @@ def test_padding_aware_statistics_ignore_padded_positions():
 
 def test_cli_pn_and_progressive(tmp_path):
     runner = CliRunner()
-    out = tmp_path / "gpt2.pt"
-    res = runner.invoke(main, ["convert", "normsurgeon.zoo:gpt2", "--to", "bn", "--progressive", "5", "--json", "-o", str(out)])
+    out = str(tmp_path / "gpt2") + "/"  # a recipe directory: the rule's options are replayed on load
+    res = runner.invoke(main, ["convert", "normsurgeon.zoo:gpt2", "--to", "bn", "--progressive", "5", "--json", "-o", out])
     assert res.exit_code == 0, res.output
     j = json.loads(res.output)
     assert j["verify"]["passed"] is True and j["function_preserving"] is True
     assert {c["to"] for c in j["converted"]} == {"ProgressiveNorm"} and j["statistics"]["padding_aware"]
+    from normsurgeon import api
+    loaded = api.load(out).model
+    prog = [m for m in loaded.modules() if isinstance(m, ProgressiveNorm)]
+    assert len(prog) == 5 and all(int(m.total_steps) == 5 for m in prog)
+    assert loaded.__dict__.get("_normsurgeon_padding_mask_handle")  # the hook is back
     res = runner.invoke(main, ["convert", "normsurgeon.zoo:bert", "--to", "pn", "--pn-warmup", "10", "--json"])
     assert res.exit_code == 0, res.output
     j = json.loads(res.output)
