@@ -4,6 +4,7 @@
     bn_model, report = normsurgeon.convert(model, to="bn", example_inputs=x, ffn_bn=True)
     normsurgeon.calibrate(bn_model, batches)
     folded, report = normsurgeon.fold(bn_model, x)
+    folded_ep, report = normsurgeon.fold(torch.export.load("m.pt2"))   # a program in, a program out
     report = normsurgeon.export_onnx(folded, x, "model.onnx")
     report = normsurgeon.measure_latency(["a.onnx", "b.onnx"])
     normsurgeon.save(bn_model, "bn_model/")        # a recipe directory: JSON + safetensors, no pickle

@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
+from torch.export import ExportedProgram
 
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
-from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: F401
+from .calibrate import (CalibrationReport, calibrate, load_calibration_data, shard_files,  # noqa: F401
+                        synthetic_batches)
 from .demo import run_demo as demo  # noqa: F401 - the `demo` command
 from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
 from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds
-from .loading import LoadedModel, check_output_path, load_model, save_model  # noqa: F401
+from .loading import LoadedModel, check_output_path, load_model, program_inputs, program_module, save_model  # noqa: F401
 from .onnx import ExportReport, export_onnx
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
@@ -35,8 +37,9 @@ from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file
 
 __all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
-           "synthetic_batches", "check_calibration_batch", "validate_convert", "export", "bench", "demo",
-           "save_model", "save", "check_output", "check_recipe_base", "apply_recipe", "load_inputs_file"]
+           "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
+           "export", "bench", "demo", "save_model", "save", "check_output", "check_recipe_base", "apply_recipe",
+           "load_inputs_file"]
 
 # How each norm kind shows up in an exported ONNX graph (op type, or the counting's decomposed_* key).
 _ONNX_OP = {"batchnorm": "BatchNormalization", "layernorm": "LayerNormalization", "groupnorm": "GroupNormalization",
@@ -151,7 +154,80 @@ def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> No
         restore_modes(modes)
 
 
-def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
+def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLike | Sequence, *,
+                    batch_size: int | None = None, max_batches: int | None = None, progress=None,
+                    group=None) -> CalibrationReport:
+    """Recompute ``model``'s BatchNorm statistics exactly from tensor files (``calibrate.calibrate``).
+
+    Under an initialized ``torch.distributed`` process group every rank calls this; each reads its own
+    shard (``calibrate.shard_files``: ``{rank}`` / ``{world_size}`` in the names, or its share of a list)
+    and the statistics merge exactly across ranks. A rank that cannot read or run its shard makes every
+    rank raise before any statistics change (no rank is left waiting in a collective).
+    ``max_batches`` counts this rank's batches.
+    """
+    import torch.distributed as dist
+
+    from .distributed import failed_ranks
+
+    on = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if on else (0, 1)
+    error: NormSurgeonError | None = None
+    files: list = []
+    batches: list[CallArgs] = []
+    try:
+        files = shard_files(data, rank, world)
+        for f in files:
+            batches += load_calibration_data(f, example_inputs, batch_size=batch_size)
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
+        first = batches[0].to(device=device) if device is not None else batches[0]
+        check_calibration_batch(model, first, str(files[0]))
+    except NormSurgeonError as e:
+        error = e
+    failed = failed_ranks(error is None, group)
+    if error is not None:
+        if world > 1:
+            raise type(error)(f"rank {rank}: {error}") from error
+        raise error
+    if failed:
+        raise NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
+                               "data (their error is on their stderr); nothing calibrated")
+    report = calibrate(model, batches, max_batches=max_batches, progress=progress, group=group)
+    report.files = [str(f) for f in files]
+    return report
+
+
+def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, output: str | os.PathLike, *,
+                trust: bool = False, imports: Sequence[str] = (), weights: str | os.PathLike | None = None,
+                input_shapes: Sequence[str] = (), input_dtypes: Sequence[str] = (),
+                batch_size: int | None = None, max_batches: int | None = None, device: str = "auto",
+                force: bool = False, progress=None) -> tuple[CalibrationReport, int]:
+    """The ``calibrate`` command: load ``model``, recalibrate it on ``data`` and save it to ``output``.
+
+    Under ``torchrun`` the process group is initialized from its environment (NCCL on GPUs, gloo on the
+    CPU; ``device`` ``auto`` takes this rank's GPU when there is one), each rank reads its own shard and
+    only rank 0 writes ``output`` (atomically; never the model's own file; an existing file needs
+    ``force``). Returns the report and this process's rank.
+    """
+    from .distributed import process_group
+
+    model_path = Path(model) if Path(model).exists() else None
+    out = check_output(output, force=force, inputs=[model_path])  # every rank: fail before any work
+    with process_group(device) as ranks:
+        loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                      input_dtypes=input_dtypes, need_inputs=True)
+        loaded.model.to(ranks.device)
+        report = calibrate_files(loaded.model, loaded.example_inputs, data, batch_size=batch_size,
+                                 max_batches=max_batches, progress=progress if ranks.rank == 0 else None)
+        if ranks.rank == 0:
+            loaded.model.to("cpu")
+            # a recipe directory (-o DIR/) keeps the recipe the model carries; its weights are the new statistics
+            out = save(loaded.model, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+            report.output = str(out)
+            report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
+    return report, ranks.rank
+
+
+def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
            fold_rtol: float = 1e-5, inplace: bool = False, inputs_file: str | os.PathLike | None = None,
            extra_inputs: Iterable | None = None, progress=None, **export_kwargs: Any) -> ExportReport:
     """Export ``model`` to ONNX, verified in ONNX Runtime (``onnx.export_onnx``; keyword arguments go
@@ -160,9 +236,14 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
     The fold is verified against the original model by the fold pass; if that verification fails,
     nothing is exported and ``VerificationError`` is raised (its ``report`` is the fold report). The
     norm ops of the unfolded model are counted on its captured graph (``report.norm_ops_unfolded``),
-    so the model is exported once. ``model`` is folded in place only with ``inplace=True``.
+    so the model is exported once. ``model`` is folded in place only with ``inplace=True``. An
+    ``ExportedProgram`` (``LoadedModel.program``) is exported as it is or, with ``fold``, its own graph is
+    folded first (``passes.fold.fold_program``); its example inputs default to the program's own.
     """
-    ci = as_call_args(example_inputs)
+    program = model if isinstance(model, ExportedProgram) else None
+    if program is not None:
+        model = program_module(program)
+    ci = as_call_args(example_inputs) if example_inputs is not None or program is None else program_inputs(program)
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, ci)
@@ -173,8 +254,12 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, fo
             progress("folding")
         graph = capture(model, ci)
         unfolded = norm_ops_on_graph(find_norms(graph))
-        model, fold_report = _fold_pass.fold(model, ci, graph=graph, inplace=inplace, rtol=fold_rtol,
-                                             extra_inputs=extra)
+        if program is not None:  # a .pt2: its own graph is folded, a new program exported
+            folded, fold_report = _fold_pass.fold_program(program, ci, rtol=fold_rtol, extra_inputs=extra)
+            model = program_module(folded)
+        else:
+            model, fold_report = _fold_pass.fold(model, ci, graph=graph, inplace=inplace, rtol=fold_rtol,
+                                                 extra_inputs=extra)
         if fold_report.passed is False:
             err = VerificationError(f"the folded model's outputs do not match ({fold_report.summary()}); "
                                     "nothing exported")

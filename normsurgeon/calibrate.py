@@ -38,7 +38,7 @@ from .nn import SyncTokenBatchNorm, TokenBatchNorm
 from .nn.padding_mask import capture_padding_mask, real_rows
 from .report import Table
 
-__all__ = ["calibrate", "CalibrationReport", "load_calibration_data", "synthetic_batches",
+__all__ = ["calibrate", "CalibrationReport", "load_calibration_data", "synthetic_batches", "shard_files",
            "DEFAULT_BATCH_SIZE"]
 
 DEFAULT_BATCH_SIZE = 32
@@ -59,19 +59,30 @@ class CalibrationReport:
     world_size: int = 1
     norms: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    #: set by ``api.calibrate_files`` / ``api.recalibrate``: the files this rank read, where the model went
+    files: list[str] = field(default_factory=list)
+    output: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def recalibrated(self) -> int:
         return len(self.norms)
 
     def to_json(self) -> dict:
-        return {"recalibrated": self.recalibrated, "batches": self.batches, "samples": self.samples,
-                "world_size": self.world_size, "norms": [dict(n) for n in self.norms],
-                "skipped": [dict(s) for s in self.skipped]}
+        d = {"recalibrated": self.recalibrated, "batches": self.batches, "samples": self.samples,
+             "world_size": self.world_size, "norms": [dict(n) for n in self.norms],
+             "skipped": [dict(s) for s in self.skipped]}
+        if self.files:
+            d["files"] = list(self.files)
+        if self.output is not None or self.notes:
+            d["output"] = self.output
+            d["notes"] = list(self.notes)
+        return d
 
     def tables(self) -> list[Table]:
         notes = [f"{self.recalibrated} BatchNorm(s) recalibrated on {self.batches} batch(es), {self.samples} sample(s)"
                  + (f" across {self.world_size} ranks" if self.world_size > 1 else "")]
+        notes.extend(self.notes)
         main = Table("Recalibrated BatchNorms", ["path", "kind", "channels", "positions", "calls"],
                      [[n["path"], n["kind"], n["channels"], n["positions"], n["calls"]] for n in self.norms], notes)
         out = [main]
@@ -339,6 +350,32 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
 # ---------------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------------
+
+def shard_files(data: str | Path | list, rank: int = 0, world_size: int = 1) -> list[Path]:
+    """The calibration files of one rank.
+
+    ``{rank}`` and ``{world_size}`` in a name are replaced (``calib-{rank}.pt``): each rank reads the
+    files its own names give. Without ``{rank}``, several ranks share the list: rank r reads files
+    r, r + world_size, ... (so the ranks together read every file once), which needs at least one
+    file per rank. One process reads them all.
+    """
+    names = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
+    if not names:
+        raise NormSurgeonError("no calibration data given")
+    names = [n.replace("{world_size}", str(world_size)) for n in names]
+    if any("{rank}" in n for n in names):
+        if not all("{rank}" in n for n in names):
+            raise NormSurgeonError("calibration data: put {rank} in every file name or in none "
+                                   f"(got {', '.join(names)})")
+        return [Path(n.replace("{rank}", str(rank))) for n in names]
+    if world_size > 1:
+        if len(names) < world_size:
+            raise NormSurgeonError(
+                f"calibration data: {len(names)} file(s) for {world_size} ranks; give at least one file per rank "
+                "or name the shards with {rank} (e.g. calib-{rank}.pt)")
+        return [Path(n) for n in names[rank::world_size]]
+    return [Path(n) for n in names]
+
 
 def synthetic_batches(example_inputs: Any, n: int, seed: int = 0, batch_size: int | None = None) -> list[CallArgs]:
     """``n`` random batches shaped like ``example_inputs`` (``batch_size`` overrides the batch dim).

@@ -187,3 +187,20 @@ def expand_channels(v: Tensor, stride: int, length: int) -> Tensor:
     if length % (n * stride):
         raise ValueError(f"an axis of {length} cannot hold {n} channels of {stride} elements each")
     return v.repeat_interleave(stride).repeat(length // (n * stride))
+
+
+def fold_bn_into(kind: str, position: str, weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
+                 *, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """The fold for a weighted op of ``kind`` (linear | linear_t | conv | conv_transpose) with the BN
+    ``position``ed "after" it (its producer) or "before" it (its consumer): ``(weight, bias)``."""
+    if position == "after":
+        if kind == "linear":
+            return fold_bn_after_linear(weight, bias, scale, shift)
+        if kind == "linear_t":
+            return fold_bn_after_transposed_linear(weight, bias, scale, shift)
+        return fold_bn_after_conv(weight, bias, scale, shift, groups=groups, transposed=kind == "conv_transpose")
+    if kind == "linear":
+        return fold_bn_before_linear(weight, bias, scale, shift)
+    if kind == "linear_t":
+        return fold_bn_before_transposed_linear(weight, bias, scale, shift)
+    return fold_bn_before_conv(weight, bias, scale, shift, groups=groups)

@@ -38,6 +38,7 @@ class LoadedModel:
     example_inputs: CallArgs | None
     source: str  # transformers | pt2 | pickle | factory
     path: Path | None = None
+    program: Any = None  # a .pt2's ExportedProgram itself: fold rewrites it (passes.fold.fold_program)
 
 
 def import_modules(names: Sequence[str]) -> None:
@@ -115,7 +116,8 @@ class ExportedModel(torch.nn.Module):
 
     Its train/eval behaviour was fixed when it was exported and its graph module refuses
     ``train()``/``eval()``, so this wrapper records the flag without passing it on. Its norms are
-    functional ops on lifted weights: inspect and export see them, fold and convert cannot edit them.
+    functional ops on lifted weights: inspect and export see them, convert cannot edit them, and fold
+    rewrites the program itself (``LoadedModel.program``).
     """
 
     def __init__(self, program: torch.nn.Module) -> None:
@@ -154,11 +156,43 @@ def _load_pt2(path: Path) -> LoadedModel:
                 except Exception:  # noqa: BLE001 - fall through to the error below
                     pass
             raise NormSurgeonError(f"{path}: not a readable torch.export archive: {one_line(e)}") from e
-    inputs = None
+    return LoadedModel(program_module(ep), program_inputs(ep), "pt2", path, ep)
+
+
+def program_module(ep: torch.export.ExportedProgram) -> ExportedModel:
+    """``ep`` as a callable module (train()/eval() are no-ops: the program's mode is fixed)."""
+    return ExportedModel(ep.module())
+
+
+def program_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> CallArgs:
+    """Example inputs for ``ep``: the ones saved with it, else random ones shaped like its input
+    placeholders (dynamic sizes at their example values)."""
+    from torch.export.graph_signature import InputKind
+
+    from .graph.capture import size_hint
+
     if getattr(ep, "example_inputs", None) is not None:
         args, kwargs = ep.example_inputs
-        inputs = CallArgs(tuple(args), dict(kwargs))
-    return LoadedModel(ExportedModel(ep.module()), inputs, "pt2", path)
+        return CallArgs(tuple(args), dict(kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    flat = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        val = placeholders[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
+        if not isinstance(val, torch.Tensor):
+            flat.append(getattr(spec.arg, "value", val))
+            continue
+        shape = [size_hint(d) or 2 for d in val.shape]
+        if val.dtype.is_floating_point:
+            flat.append(torch.randn(shape, generator=gen).to(val.dtype))
+        elif val.dtype == torch.bool:
+            flat.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            flat.append(torch.randint(0, 2, shape, generator=gen, dtype=val.dtype))
+    args, kwargs = torch.utils._pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    return CallArgs(tuple(args), dict(kwargs))
 
 
 class _Collect(logging.Handler):
@@ -320,6 +354,13 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False,
     return out
 
 
+def check_program_output(out: Path) -> None:
+    """A torch.export program (a folded ``.pt2``) is saved as ``.pt2`` only: ``ep.module()`` holds
+    local functions, which ``torch.save`` cannot pickle."""
+    if out.suffix.lower() != ".pt2":
+        raise NormSurgeonError(f"-o {out}: a torch.export program is saved as .pt2, not {out.suffix}")
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then move the file into place, so a failure leaves nothing half-written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
@@ -333,11 +374,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_inputs: Any = None,
-               force: bool = False, input_path: str | os.PathLike | None = None) -> Path:
-    """Write ``model`` to ``.pt`` (pickled module) or ``.pt2`` (torch.export archive), atomically."""
+def save_model(model: torch.nn.Module | torch.export.ExportedProgram, path: str | os.PathLike, *,
+               example_inputs: Any = None, force: bool = False, input_path: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` to ``.pt`` (pickled module) or ``.pt2`` (torch.export archive), atomically; an
+    ``ExportedProgram`` (a folded ``.pt2``) is written as it is, to ``.pt2`` only."""
     out = check_output_path(path, force=force, inputs=[input_path])
-    if out.suffix.lower() == ".pt2":
+    if isinstance(model, torch.export.ExportedProgram):
+        check_program_output(out)
+        _save_pt2(model, out, "")
+    elif out.suffix.lower() == ".pt2":
         if example_inputs is None:
             raise NormSurgeonError(f"-o {out}: a .pt2 archive needs example inputs (--input-shape)")
         ci = as_call_args(example_inputs)
@@ -345,20 +390,23 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, *, example_input
             ep = torch.export.export(model.eval(), ci.args, ci.kwargs, strict=False)
         except Exception as e:  # noqa: BLE001
             raise NormSurgeonError(f"-o {out}: torch.export failed ({one_line(e)}); save as .pt instead") from e
-        def write(tmp: str) -> None:
-            torch.export.save(ep, tmp)
-            try:  # a file we report as saved must load back
-                with _quiet_torch_logs():
-                    torch.export.load(tmp)
-            except Exception as e:  # noqa: BLE001
-                raise NormSurgeonError(f"-o {out}: the archive does not load back ({one_line(e)}); "
-                                       "save as .pt instead") from e
-
-        atomic_write(out, write)
+        _save_pt2(ep, out, "; save as .pt instead")
     else:
         _store_example_inputs(model)
         atomic_write(out, lambda tmp: torch.save(model, tmp))
     return out
+
+
+def _save_pt2(ep: torch.export.ExportedProgram, out: Path, hint: str) -> None:
+    def write(tmp: str) -> None:
+        torch.export.save(ep, tmp)
+        try:  # a file we report as saved must load back
+            with _quiet_torch_logs():
+                torch.export.load(tmp)
+        except Exception as e:  # noqa: BLE001
+            raise NormSurgeonError(f"-o {out}: the archive does not load back ({one_line(e)}){hint}") from e
+
+    atomic_write(out, write)
 
 
 def _store_example_inputs(model: torch.nn.Module) -> None:

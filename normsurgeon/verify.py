@@ -58,7 +58,13 @@ def tolerance_for(model: nn.Module, rtol: float | None = None, atol: float | Non
     """The tolerance for ``model``: the table's entry for the least precise dtype among its floating
     parameters, or the caller's ``rtol``/``atol`` raised to at least the table's for float16/bfloat16
     (a caller asking 1e-5 of a float16 model would roll back every exact rewrite)."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} or {torch.float32}
+    return tolerance_for_dtypes({p.dtype for p in model.parameters() if p.is_floating_point()}, rtol, atol)
+
+
+def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, atol: float | None = None
+                         ) -> Tolerance:
+    """``tolerance_for`` a model (or a program's state) whose floating tensors have these dtypes."""
+    dtypes = dtypes or {torch.float32}
     worst = max((TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes), key=lambda t: t[0])
     if rtol is None:
         return Tolerance(*worst)

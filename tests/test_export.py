@@ -72,7 +72,7 @@ def vit_export(tmp_path_factory):
 def bert_export(tmp_path_factory):
     model = zoo.bert()
     path = tmp_path_factory.mktemp("bert") / "bert.onnx"
-    report = export_onnx(model, model.example_inputs(), path, dynamic_batch=True, dynamic_seq=True)
+    report = export_onnx(model, model.example_inputs(), path)  # dynamic batch and sequence by default
     return model, path, report
 
 
@@ -89,14 +89,16 @@ def test_resnet_export_verifies_and_exporter_folds_conv_bn(tmp_path):
     report = export_onnx(model, model.example_inputs(), tmp_path / "r.onnx")
     assert report.exporter == "dynamo" and report.fallback_reason is None
     assert report.verify.passed and report.verify.max_abs_error < 1e-4
-    assert len(report.verify.checks) == 4  # example + 3 random
+    assert len(report.verify.checks) == 6  # example + 3 random + batch 1 and 8
     # every BN of this ResNet follows a Conv: the dynamo exporter folds them all
     assert report.norm_ops.get("BatchNormalization", 0) == 0
     onnx.checker.check_model(str(tmp_path / "r.onnx"))
     data = report.to_json()
     assert data["onnx"] == str(tmp_path / "r.onnx") and data["exporter"] == "dynamo"
     assert {"max_abs_error", "max_rel_error", "cosine", "passed", "inputs_checked"} <= set(data["verify"])
-    assert data["verify"]["inputs_checked"] == 4
+    assert data["verify"]["inputs_checked"] == 6
+    assert data["dynamic"] == {"pixel_values": {"0": "batch"}} and data["static_reason"] is None
+    assert data["dynamic_sizes_verified"] == {"batch": [1, 8]}
     assert data["outputs"][0]["name"] == "logits"
     json.dumps(data)  # plain JSON
     assert not list(tmp_path.glob(".r.onnx.*")), "temporary files left behind"
@@ -115,14 +117,14 @@ def test_vit_export_counts_layernorms_and_ort_fusions(vit_export):
     assert any("Verification" in t for t in titles) and any("Normalization ops" in t for t in titles)
 
 
-def test_bert_dynamic_batch_and_seq(bert_export):
+def test_bert_dynamic_batch_and_seq_by_default(bert_export):
     model, path, report = bert_export
-    assert report.inputs == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
-    assert report.dynamic_axes == {"input_ids": {0: "batch", 1: "seq"}}
-    names = [c.name for c in report.verify.checks]
-    assert "batch=3" in names and "seq=9 batch=3" in names
+    assert report.inputs == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
+    assert report.dynamic_axes == {"input_ids": {0: "batch", 1: "sequence"}}
+    # two other sizes of each dynamic dim; sequences stay within max_position_embeddings (32)
+    assert report.dynamic_sizes == {"batch": [1, 8], "sequence": [6, 24]}
     shapes = {c.name: c.shapes["input_ids"] for c in report.verify.checks}
-    assert shapes["seq=9 batch=3"] == [3, 9]
+    assert shapes["batch=1 sequence=6"] == [1, 6] and shapes["batch=8 sequence=24"] == [8, 24]
     assert report.verify.passed, report.verify.to_json()
     assert [o["name"] for o in report.outputs] == ["last_hidden_state", "pooler_output"]
     assert report.norm_ops == {"LayerNormalization": layernorms(model)}
@@ -141,15 +143,19 @@ def test_levit_keeps_its_batchnorms(tmp_path):
     assert report.norm_ops_optimized == {"BatchNormalization": len(kept)}
 
 
-def test_transformer_encoder_dynamic_batch(tmp_path):
-    model = zoo.transformer_encoder()
-    report = export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", dynamic_batch=True)
-    assert report.inputs[0]["shape"] == ["batch", 10, 32]
-    assert "batch=3" in [c.name for c in report.verify.checks]
+def test_transformer_encoder_batch_and_sequence_from_batch_first(tmp_path):
+    model = zoo.transformer_encoder()  # nn.TransformerEncoder, batch_first=True: (B, T, C)
+    report = export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", dynamic_seq=True)
+    assert report.inputs[0]["shape"] == ["batch", "sequence", 32]
+    assert [c.shapes["input_0"] for c in report.verify.checks[-2:]] == [[1, 5, 32], [8, 20, 32]]
     assert report.verify.passed
     assert report.norm_ops == {"LayerNormalization": layernorms(model)}
+    static = export_onnx(model, model.example_inputs(), tmp_path / "te2.onnx", static=True, num_random=0)
+    assert static.inputs[0]["shape"] == [2, 10, 32] and static.dynamic_axes == {}
+    assert static.static_reason.startswith("--static") and len(static.verify.checks) == 1
+    vit = zoo.vit()
     with pytest.raises(NormSurgeonError, match="no sequence input"):
-        export_onnx(model, model.example_inputs(), tmp_path / "te2.onnx", dynamic_seq=True)
+        export_onnx(vit, vit.example_inputs(), tmp_path / "v.onnx", dynamic_seq=True)
 
 
 def test_fallback_to_torchscript_is_reported_and_verification_catches_the_baked_branch(tmp_path):
@@ -249,8 +255,10 @@ def test_user_inputs_from_files(tmp_path, bert_export):
 def test_user_inputs_must_fit_static_export(tmp_path):
     model = zoo.transformer_encoder()
     bad = (torch.randn(3, 10, 32),)
-    with pytest.raises(NormSurgeonError, match="--dynamic-batch"):
-        export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", extra_inputs=[bad])
+    with pytest.raises(NormSurgeonError, match="every dimension of it is static"):
+        export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", extra_inputs=[bad], static=True)
+    with pytest.raises(NormSurgeonError, match=r"dim 1 \(sequence\)"):
+        export_onnx(model, model.example_inputs(), tmp_path / "te.onnx", extra_inputs=[(torch.randn(3, 10, 8),)])
     assert not (tmp_path / "te.onnx").exists()
 
 

@@ -42,13 +42,14 @@ def main(debug: bool) -> None:
 
 def _register() -> None:
     from .bench_cmd import bench
+    from .calibrate_cmd import calibrate
     from .convert_cmd import convert
     from .demo_cmd import demo
     from .export_cmd import export
     from .fold_cmd import fold
     from .inspect_cmd import inspect
 
-    for cmd in (inspect, fold, convert, export, bench, demo):
+    for cmd in (inspect, fold, convert, calibrate, export, bench, demo):
         main.add_command(cmd)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from ..errors import NormSurgeonError, one_line
@@ -92,7 +93,8 @@ def render_table(table, console: Console) -> None:
     for col in table.columns:
         rt.add_column(col, overflow="fold")
     for row in table.rows:
-        rt.add_row(*["" if v is None else str(v) for v in row])
+        # cells are data, not rich markup: a dynamic shape "[batch, 3, 64, 64]" would vanish as a tag
+        rt.add_row(*["" if v is None else escape(str(v)) for v in row])
     if table.rows:
         console.print(rt)
     else:

@@ -29,8 +29,12 @@ def _status(enabled: bool = True):
 @click.option("--opset", type=click.IntRange(7, 30), default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="auto = dynamo, falling back to TorchScript when dynamo fails.")
-@click.option("--dynamic-batch", is_flag=True, help="Make dim 0 of every input dynamic.")
-@click.option("--dynamic-seq", is_flag=True, help="Make dim 1 of token inputs (integer ids, input_values) dynamic.")
+@click.option("--static", is_flag=True,
+              help="Keep every dimension at the example's size (default: batch and token sequence are dynamic).")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Require a dynamic batch: fail instead of falling back to static shapes.")
+@click.option("--dynamic-seq", is_flag=True,
+              help="Require a dynamic sequence (token inputs): fail instead of falling back to static shapes.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
               help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
 @click.option("--random-inputs", "num_random", type=click.IntRange(0, 1000), default=3, show_default=True,
@@ -44,11 +48,14 @@ def _status(enabled: bool = True):
 @output_options
 @guarded
 def export(model, trust, imports, weights, input_shapes, input_dtypes, output, do_fold, opset, exporter,
-           dynamic_batch, dynamic_seq, inputs_file, num_random, rtol, atol, force, keep_failed, as_json, debug):
+           static, dynamic_batch, dynamic_seq, inputs_file, num_random, rtol, atol, force, keep_failed, as_json, debug):
     """Export MODEL to ONNX and prove it in ONNX Runtime.
 
-    Verifies the file against PyTorch on the example inputs, random ones, a second batch/sequence size for
-    dynamic axes and --inputs; counts normalization ops as exported and after ONNX Runtime's optimizations.
+    The batch dimension and the sequence dimension of token inputs are dynamic (--static: the example's
+    shapes); a model that cannot export them dynamic is exported static, and the report says why.
+    Verifies the file against PyTorch on the example inputs, random ones, two other sizes of each dynamic
+    dimension (batch 1 and 8; two sequence lengths within the model's limit) and --inputs; counts
+    normalization ops as exported and after ONNX Runtime's optimizations.
     Exit 1 when verification fails; the file is then not written unless --keep-failed. With --fold, a fold
     whose own verification fails is not exported (exit 1).
     """
@@ -62,9 +69,13 @@ def export(model, trust, imports, weights, input_shapes, input_dtypes, output, d
         loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
         try:
             # the CLI owns the model it loaded: fold it in place (no second copy in memory)
-            report = api.export(loaded.model, loaded.example_inputs, output, fold=do_fold, inplace=True,
-                                inputs_file=inputs_file, opset=opset, dynamic_batch=dynamic_batch,
-                                dynamic_seq=dynamic_seq, rtol=rtol, atol=atol, num_random=num_random, force=force,
+            # a .pt2 goes as its program: --fold folds the program's own graph
+            target = loaded.program if loaded.program is not None else loaded.model
+            report = api.export(target, loaded.example_inputs, output, fold=do_fold, inplace=True,
+                                inputs_file=inputs_file, opset=opset, static=static,
+                                # an absent flag is None: dynamic where possible, static with a note otherwise
+                                dynamic_batch=dynamic_batch or None, dynamic_seq=dynamic_seq or None,
+                                rtol=rtol, atol=atol, num_random=num_random, force=force,
                                 progress=progress, exporter=exporter, input_path=loaded.path,
                                 keep_failed=keep_failed)
         except VerificationError as e:

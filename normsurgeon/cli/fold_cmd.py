@@ -6,6 +6,7 @@ import click
 
 from ..errors import NormSurgeonError, VerificationError
 from .. import api
+from ..loading import check_program_output
 from .common import emit, guarded, load_from_options, model_options, output_options, stderr
 
 
@@ -29,7 +30,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
     BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
     and why. Verified on the example inputs, random ones and --inputs. Exit 1 if the folded model's
-    outputs do not match.
+    outputs do not match. A .pt2 (torch.export program) is folded in its own graph and saved as a .pt2
+    program; its example inputs come from the program.
     """
     if rtol <= 0:
         raise NormSurgeonError("--rtol must be positive")
@@ -37,10 +39,14 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     if output is not None:
         out_path = api.check_output(output, force=force, inputs=[model])
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    if output is not None:
+    if loaded.program is not None and out_path is not None:
+        check_program_output(out_path)  # before any work, like every output check
+    elif output is not None:
         api.check_recipe_base(loaded.model, output)
     extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
-    folded, report = api.fold(loaded.model, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
+    # a .pt2 folds in its own graph (a new program, saved as .pt2); a module in place (the CLI owns it)
+    target = loaded.program if loaded.program is not None else loaded.model
+    folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
     if report.passed and out_path is not None:
         api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
     if as_json:
@@ -51,16 +57,17 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     else:
         emit(report, False)
         if report.passed or out_path is None:  # a failure is said once, by the error below
-            stderr.print(_note(report, out_path), soft_wrap=True, highlight=False)
+            stderr.print(_note(report, out_path, "program" if loaded.program is not None else "model"),
+                         soft_wrap=True, highlight=False)
     if not report.passed:
         raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
 
 
-def _note(report, out_path) -> str:
+def _note(report, out_path, what: str) -> str:
     if out_path is None:
-        return "dry run: no output written (pass -o FILE to save the folded model)"
+        return f"dry run: no output written (pass -o FILE to save the folded {what})"
     if report.passed:
-        return f"saved the folded model to {out_path}"
+        return f"saved the folded {what} to {out_path}"
     return "verification failed: nothing written"
 
 

@@ -129,6 +129,13 @@ def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "", call: int = 
         ep = torch.export.export(model, ci.args, ci.kwargs, strict=False)
     finally:
         restore_modes(modes)
+    return program_nodes(ep, prefix, call)
+
+
+def program_nodes(ep: torch.export.ExportedProgram, prefix: str = "", call: int = 0) -> list[GNode]:
+    """An exported program's graph as ``GNode``s (dynamic sizes at their example values); lifted
+    state placeholders are ``param`` nodes named by their state name. ``prefix``/``call``: as in
+    ``_export_nodes`` (a child captured alone)."""
     sig = ep.graph_signature
     param_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
                    **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
@@ -307,12 +314,23 @@ def _link_users(nodes: list[GNode]) -> None:
             i.users.append(n)
 
 
+def size_hint(d: Any) -> int | None:
+    """A size as an int: a dynamic one at its example value; None for an unbacked one."""
+    if isinstance(d, int):
+        return d
+    try:
+        hint = d.node.hint
+        if hint is None:
+            hint = d.node.shape_env.size_hint(d.node.expr)
+        return int(hint)
+    except Exception:  # noqa: BLE001 - an unbacked size: no shape for this node
+        return None
+
+
 def _shape_dtype(val: Any) -> tuple[tuple | None, torch.dtype | None]:
     if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(d) for d in val.shape), val.dtype
-        except (TypeError, ValueError):  # symbolic sizes
-            return None, val.dtype
+        dims = [size_hint(d) for d in val.shape]
+        return (None if None in dims else tuple(dims)), val.dtype
     return None, None
 
 

@@ -53,22 +53,33 @@ ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hard
                       nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
                       nn.LogSoftmax, nn.PReLU, nn.GLU, nn.Threshold)
 
+# Every form a batch norm takes in an export graph (``batch_norm``; after ``run_decompositions()``,
+# ``_native_batch_norm_legit_no_training``, ...) and whether the form fixes the mode (True: training,
+# False: inference, None: read its ``training`` argument).
+BATCH_NORM_FORMS: dict[str, bool | None] = {
+    "batch_norm": None, "native_batch_norm": None, "_native_batch_norm_legit": None,
+    "_native_batch_norm_legit_no_training": False, "_batch_norm_no_update": False,
+    "_native_batch_norm_legit_functional": True, "_batch_norm_with_update": True,
+    "_batch_norm_with_update_functional": True, "cudnn_batch_norm": None, "miopen_batch_norm": None,
+}
+
 # batch_norm argument orders: aten (and torch.batch_norm) vs torch.nn.functional.batch_norm.
 _BN_ATEN_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
 _BN_FUNCTIONAL_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 
 
 def batch_norm_args(node: GNode) -> dict[str, Any] | None:
-    """The arguments of a ``batch_norm`` node by name, for the aten order (export graphs,
-    ``torch.batch_norm``) and for ``F.batch_norm`` (FX graphs: ``running_mean`` second).
+    """The arguments of a batch-norm node by name: every aten form by its schema (export graphs),
+    ``torch.batch_norm`` in the aten order and ``F.batch_norm`` (FX graphs: ``running_mean`` second).
     None where the node is not a call whose argument order is known (e.g. an FX leaf module)."""
     target = node.target
     if node.leaf_module:
         return None
     if target is F.batch_norm:
         names = _BN_FUNCTIONAL_ARGS
-    elif target is torch.batch_norm or isinstance(target, torch._ops.OpOverload) \
-            or isinstance(target, torch._ops.OpOverloadPacket):
+    elif isinstance(target, torch._ops.OpOverload):  # every form: its schema names the arguments
+        names = tuple(a.name for a in target._schema.arguments)
+    elif target is torch.batch_norm or isinstance(target, torch._ops.OpOverloadPacket):
         names = _BN_ATEN_ARGS
     else:
         return None

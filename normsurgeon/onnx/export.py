@@ -31,8 +31,9 @@ from ..loading import check_output_path
 from ..outputs import flatten_outputs
 from ..report import Table
 from .counting import count_norm_ops, load_structure
-from .runtime import (Progress, VerifyReport, _check_fits, _named_tensors, _report_progress, _seq_input_names,
-                      _verify, make_session)
+from .dynamic import dynamic_axes as _default_axes, sequence_limit, verify_sizes
+from .runtime import (Progress, VerifyReport, _check_fits, _named_tensors, _report_progress, _resized,
+                      _verify, graph_axes, make_session)
 
 __all__ = ["export_onnx", "ExportReport", "EXTERNAL_DATA_THRESHOLD"]
 
@@ -46,7 +47,12 @@ class ExportReport:
     exporter: str  # dynamo | torchscript
     opset: int | None = None
     fallback_reason: str | None = None
+    #: the dimensions left dynamic in the file, ``{input: {axis: "batch" | "sequence"}}``
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: the sizes of each dynamic dimension verification ran besides the example's
+    dynamic_sizes: dict[str, list[int]] = field(default_factory=dict)
+    #: why the export has static shapes (``--static``, or the dynamic export that failed); None if dynamic
+    static_reason: str | None = None
     external_data: str | None = None
     weights_bytes: int = 0
     inputs: list[dict] = field(default_factory=list)
@@ -65,7 +71,8 @@ class ExportReport:
     def to_json(self) -> dict:
         d = {"onnx": self.onnx, "exporter": self.exporter, "fallback_reason": self.fallback_reason,
              "opset": self.opset,
-             "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
+             "dynamic": {k: {str(a): n for a, n in v.items()} for k, v in self.dynamic_axes.items()},
+             "dynamic_sizes_verified": self.dynamic_sizes, "static_reason": self.static_reason,
              "external_data": self.external_data, "inputs": self.inputs, "outputs": self.outputs,
              "verify": self.verify.to_json() if self.verify is not None else None,
              "norm_ops": self.norm_ops, "norm_ops_optimized": self.norm_ops_optimized}
@@ -84,6 +91,9 @@ class ExportReport:
         exporter = self.exporter + (f" (fallback: dynamo failed: {self.fallback_reason})" if self.fallback_reason else "")
         info.rows.append(["exporter", exporter])
         info.rows.append(["opset", self.opset])
+        dims = sorted({d for a in self.dynamic_axes.values() for d in a.values()})
+        info.rows.append(["dynamic dims", ", ".join(f"{d} (verified at {', '.join(map(str, self.dynamic_sizes.get(d, [])))})"
+                                                   for d in dims) if dims else f"none: {self.static_reason}"])
         for spec in self.inputs:
             info.rows.append([f"input {spec['name']}", f"{spec['dtype']} [{', '.join(map(str, spec['shape']))}]"])
         for spec in self.outputs:
@@ -129,6 +139,18 @@ def _exc_summary(e: BaseException) -> str:
         first = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", first)
         return first[:300]
     return f"{type(e).__name__}: {one_line(e)}"
+
+
+def _dynamic_summary(e: BaseException) -> str:
+    """Why torch.export refused a dynamic dimension, in one line."""
+    text = _strip_ansi(str(e))
+    m = re.search(r"tracing inferred a static shape of (\d+) for dimension (\S+?)\.?\s*$", text, re.M)
+    if m:
+        return f"the model's code fixes {m.group(2)} to {m.group(1)}"
+    m = re.search(r"Not all values of (\S+) .*?are valid because (.+?)$", text, re.M)
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"[:300]
+    return _exc_summary(e)
 
 
 def _failed_op(text: str) -> str | None:
@@ -279,16 +301,15 @@ def _signature_order(model: torch.nn.Module, ci: CallArgs) -> CallArgs:
 
 
 def _dynamic_shapes(model: torch.nn.Module, ci: CallArgs, axes: dict[str, dict[int, str]]):
-    """torch.export ``dynamic_shapes`` keyed by forward's parameter names."""
-    from torch.export import Dim
+    """torch.export ``dynamic_shapes`` keyed by forward's parameter names.
 
-    dims: dict[str, Any] = {}
+    Axis names (strings) become ``Dim.DYNAMIC`` in the ONNX exporter, which keeps them as the graph's
+    dimension names and, unlike ``Dim.AUTO``, fails instead of silently specializing an axis.
+    """
 
     def spec(name: str):
         a = axes.get(name)
-        if not a:
-            return None
-        return {ax: dims.setdefault(dn, Dim(dn)) for ax, dn in a.items()}
+        return dict(a) if a else None
 
     sig = inspect.signature(model.forward)
     bound = sig.bind(*ci.args, **ci.kwargs)
@@ -377,8 +398,23 @@ def _dtype_name(t: str) -> str:
     return t.replace("tensor(", "").replace(")", "")
 
 
+_DYNAMIC_FAILURE = re.compile(r"Dim\.(?:DYNAMIC|AUTO)|dynamic_shapes|[Cc]onstraints? [Vv]iolat|specializ|"
+                              r"inferred a static shape|guard", re.S)
+
+
+def _attempts(order: list[str], axes: dict, fallback: bool) -> list[tuple[str, dict]]:
+    """(exporter, dynamic axes) to try in turn: each exporter dynamic, and static after a dynamic failure."""
+    out = []
+    for name in order:
+        out.append((name, axes))
+        if axes and fallback:
+            out.append((name, {}))
+    return out
+
+
 def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.PathLike, *, verify: bool = True,
-                opset: int | None = None, dynamic_batch: bool = False, dynamic_seq: bool = False,
+                opset: int | None = None, static: bool = False, dynamic_batch: bool | None = None,
+                dynamic_seq: bool | None = None,
                 rtol: float = 1e-4, atol: float = 1e-4, extra_inputs: Iterable | None = None,
                 num_random: int = 3, force: bool = False, progress: Progress = None,
                 exporter: str = "auto", input_path: str | os.PathLike | None = None,
@@ -386,51 +422,63 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     """Export ``model`` to ``path`` (.onnx), check it, verify it in ONNX Runtime and count its norm ops.
 
     ``exporter``: ``auto`` (dynamo, then TorchScript if dynamo fails), ``dynamo`` or ``torchscript``.
-    ``dynamic_batch`` makes dim 0 of every input dynamic; ``dynamic_seq`` makes dim 1 of integer token
-    inputs and ``input_values`` dynamic. Weights above 2 GB go to ``<path>.data``. The output is written
-    atomically; an existing file needs ``force``; ``input_path`` (the model's own file) is never
-    overwritten. A failed verification does not raise (see ``report.verify.passed``), and the file is
-    then left out of ``path`` (``report.written`` is False) unless ``keep_failed``: nothing at the
-    output path may pass for a good export.
+
+    Dimensions (``onnx.dynamic``): by default dim 0 of every input is a dynamic ``batch`` and the
+    sequence axis of token inputs a dynamic ``sequence``; verification then also runs each at two
+    other sizes (batch 1 and 8, sequences within the model's position limit). An export that fails
+    with dynamic dimensions is redone with the example's static shapes, and ``report.static_reason``
+    says why. ``static=True`` keeps the example shapes; ``dynamic_batch`` / ``dynamic_seq``: False
+    keeps that axis static, True requires it (an error instead of the static fallback).
+
+    Weights above 2 GB go to ``<path>.data``. The output is written atomically; an existing file needs
+    ``force``; ``input_path`` (the model's own file) is never overwritten. A failed verification does
+    not raise (see ``report.verify.passed``), and the file is then left out of ``path``
+    (``report.written`` is False) unless ``keep_failed``: nothing at the output path may pass for a
+    good export.
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise NormSurgeonError(f"unknown exporter {exporter!r}: use auto, dynamo or torchscript")
+    if static and (dynamic_batch or dynamic_seq):
+        raise NormSurgeonError("--static contradicts --dynamic-batch/--dynamic-seq")
     out = check_output_path(path, force=force, inputs=[input_path], suffixes=(".onnx",))
     ci = _signature_order(model, as_call_args(example_inputs))
     named = _named_tensors(ci)
     if not named:
         raise NormSurgeonError("the example inputs hold no tensors; nothing to export")
     input_names = list(named)
-    seq_names = _seq_input_names(ci)
-    if dynamic_seq and not seq_names:
-        raise NormSurgeonError("--dynamic-seq: no sequence input (integer token ids or input_values) among "
-                               f"{input_names}; only --dynamic-batch applies to this model")
     axes: dict[str, dict[int, str]] = {}
-    for n, t in named.items():
-        a = {}
-        if dynamic_batch and t.dim() >= 1:
-            a[0] = "batch"
-        if dynamic_seq and n in seq_names:
-            a[1] = "seq"
-        if a:
-            axes[n] = a
-    extra = [as_call_args(e) for e in (extra_inputs or [])]
-    _check_fits(extra, ci, dynamic_batch, seq_names if dynamic_seq else [])
-
+    if not static:
+        axes = _default_axes(model, named, batch=dynamic_batch is not False, sequence=dynamic_seq is not False)
+    if dynamic_seq and not any("sequence" in a.values() for a in axes.values()):
+        raise NormSurgeonError("--dynamic-seq: no sequence input (token ids, attention masks, input_values, "
+                               f"inputs_embeds) among {input_names}; only the batch axis can be dynamic here")
+    required = bool(dynamic_batch or dynamic_seq)
     notes: list[str] = []
+    if axes and not required:
+        axes = _accepted_axes(model, ci, axes, verify_sizes(axes, named, sequence_limit(model)), seed, notes)
+    extra = [as_call_args(e) for e in (extra_inputs or [])]
+    _check_fits(extra, ci, axes)
+
     export_ci = ci
-    if axes:  # torch.export specializes sizes 0 and 1; trace dynamic axes at a size >= 2
-        small_batch = dynamic_batch and any(t.dim() >= 1 and t.shape[0] < 2 for t in named.values())
-        small_seq = dynamic_seq and any(named[n].shape[1] < 2 for n in seq_names)
-        if small_batch or small_seq:
-            export_ci = ci.like(torch.Generator().manual_seed(seed), batch=2 if small_batch else None,
-                                seq=2 if small_seq else None, seq_dims={n: 1 for n in seq_names})
-            notes.append("traced at batch/sequence size 2 (size 1 would be specialized by torch.export)")
+    small = {n: [ax for ax in a if named[n].shape[ax] < 2] for n, a in axes.items()}
+    if any(small.values()):  # torch.export specializes sizes 0 and 1: trace dynamic axes at size 2
+        gen = torch.Generator().manual_seed(seed)
+        export_ci = _resized(ci, {n: {ax: 2 for ax in a} for n, a in small.items() if a}, gen)
+        notes.append("traced at size 2 on the dynamic axes (size 1 would be specialized by torch.export)")
+    if static:
+        static_reason = "--static: every dimension has the example's size"
+    elif not axes and notes:
+        static_reason = notes[-1]
+    elif not axes:
+        static_reason = "the example inputs have no batch or sequence axis to make dynamic"
+    else:
+        static_reason = None
 
     weights = _weights_bytes(model)
     big = weights > EXTERNAL_DATA_THRESHOLD
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
     errors: dict[str, BaseException] = {}
+    dynamic_errors: dict[str, BaseException] = {}
     logs: dict[str, str] = {}
     caught: list[str] = []
     modes = eval_modes(model)
@@ -446,35 +494,51 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
                                        f"{one_line(e)}") from e
         output_names = [n if output_names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(output_names)]
         dest = tmpdir / out.name
-        used = None
-        for name in order:
-            _report_progress(progress, f"exporting with the {name} exporter")
+        used = used_axes = None
+        for name, try_axes in _attempts(order, axes, fallback=not required):
+            if not try_axes and axes and name not in dynamic_errors:
+                continue  # this exporter failed for another reason than the dynamic axes: static fails too
+            _report_progress(progress, f"exporting with the {name} exporter"
+                             + (" (static shapes)" if axes and not try_axes else ""))
             for f in tmpdir.iterdir():
                 f.unlink()
             captured = _Captured()
             try:
                 with _quiet(caught) as captured:
                     (_export_dynamo if name == "dynamo" else _export_torchscript)(
-                        model, export_ci, dest, opset=opset, input_names=input_names, output_names=output_names,
-                        dynamic_axes=axes, big=big)
+                        model, export_ci if try_axes else ci, dest, opset=opset, input_names=input_names,
+                        output_names=output_names, dynamic_axes=try_axes, big=big)
                 data_name = _consolidate_external(dest, big)
                 import onnx
                 onnx.checker.check_model(str(dest))
-            except Exception as e:  # noqa: BLE001 - any exporter failure moves on to the next exporter
-                errors[name] = e
-                logs[name] = captured.text
+            except Exception as e:  # noqa: BLE001 - any exporter failure moves on to the next attempt
+                if try_axes and _DYNAMIC_FAILURE.search(_strip_ansi(str(e)) + captured.text):
+                    dynamic_errors[name] = e
+                else:
+                    errors[name] = e
+                    logs[name] = captured.text
                 continue
-            used = name
+            used, used_axes = name, try_axes
             break
         if used is None:
+            errors = {**dynamic_errors, **errors}
             raise NormSurgeonError(_explain_failure(errors, opset, logs)) from next(iter(errors.values()))
         export_seconds = time.perf_counter() - t0
 
         report = ExportReport(onnx=str(out), exporter=used, external_data=data_name, weights_bytes=weights,
-                              dynamic_axes=axes, export_seconds=export_seconds)
-        if "dynamo" in errors:
-            report.fallback_reason = _exc_summary(errors["dynamo"])
+                              export_seconds=export_seconds, static_reason=static_reason)
+        if not used_axes:
+            notes = [n for n in notes if not n.startswith("traced at size 2")]
+        if axes and not used_axes:
+            why = _dynamic_summary(dynamic_errors[used])
+            report.static_reason = f"the {used} exporter failed with dynamic dimensions: {why}"
+            notes.append(f"exported with the example's static shapes ({_describe_axes(axes)} fixed): the {used} "
+                         f"exporter failed with dynamic dimensions ({why}); --static skips trying")
+        if "dynamo" in errors or ("dynamo" in dynamic_errors and used != "dynamo"):
+            report.fallback_reason = _exc_summary(errors.get("dynamo") or dynamic_errors["dynamo"])
         report.notes.extend(notes)
+        # inputs sharing "batch"/"sequence" share one symbol; the exporter warns that it keeps one name
+        caught = [w for w in caught if "shares the same shape constraints" not in w]
         report.notes.extend(f"exporter warning: {w}" for w in caught[:5])
         if len(caught) > 5:
             report.notes.append(f"... and {len(caught) - 5} more exporter warnings")
@@ -488,11 +552,30 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
         report.norm_ops_optimized = count_norm_ops(opt_path)
         report.inputs = [{"name": i.name, "dtype": _dtype_name(i.type), "shape": list(i.shape)} for i in sess.get_inputs()]
         report.outputs = [{"name": o.name, "dtype": _dtype_name(o.type), "shape": list(o.shape)} for o in sess.get_outputs()]
+        report.dynamic_axes = {n: {ax: d for ax, d in a.items() if used_axes.get(n, {}).get(ax) == d}
+                               for n, a in graph_axes(sess).items()}
+        report.dynamic_axes = {n: a for n, a in report.dynamic_axes.items() if a}
+        lost = {n: {ax: d for ax, d in a.items() if ax not in report.dynamic_axes.get(n, {})}
+                for n, a in used_axes.items()}
+        lost = {n: a for n, a in lost.items() if a}
+        if lost:
+            report.notes.append(f"the {used} exporter fixed {_describe_axes(lost)} to the example's size")
+        report.dynamic_sizes = verify_sizes(report.dynamic_axes, named, sequence_limit(model))
         if verify:
             report.verify = _verify(sess, model, ci, rtol=rtol, atol=atol, extra_inputs=extra,
-                                    num_random=num_random, seed=seed, progress=progress)
+                                    num_random=num_random, seed=seed, progress=progress,
+                                    sizes=report.dynamic_sizes, axes=report.dynamic_axes)
         del sess
         shutil.rmtree(opt_path.parent)
+
+        wrong_sizes = _failed_only_at_other_sizes(report.verify, num_random, len(extra))
+        if wrong_sizes and not required:
+            static_report = _static_after_wrong_sizes(wrong_sizes, locals_=dict(
+                model=model, example_inputs=ci, path=path, verify=verify, opset=opset, rtol=rtol, atol=atol,
+                extra_inputs=extra, num_random=num_random, force=force, progress=progress, exporter=used,
+                input_path=input_path, seed=seed, keep_failed=keep_failed))
+            if static_report is not None:
+                return static_report
 
         if report.verify is not None and not report.verify.passed and not keep_failed:
             report.written = False
@@ -510,6 +593,68 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     finally:
         restore_modes(modes)
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _accepted_axes(model, ci: CallArgs, axes: dict[str, dict[int, str]], sizes: dict[str, list[int]], seed: int,
+                   notes: list[str]) -> dict[str, dict[int, str]]:
+    """The dynamic dimensions whose other sizes the PyTorch model itself accepts.
+
+    A model may refuse them (a ``.pt2`` program guards its example shapes; a model may hard-code its
+    batch): such a dimension stays static, with a note, instead of an export that cannot be verified.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rejected: dict[str, str] = {}
+    modes = eval_modes(model)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for dim, dim_sizes in sizes.items():
+                for size in dim_sizes:
+                    resize = {n: {ax: size for ax, d in a.items() if d == dim} for n, a in axes.items()}
+                    try:
+                        _resized(ci, resize, gen).call(model)
+                    except Exception as e:  # noqa: BLE001 - any refusal keeps this dimension static
+                        rejected[dim] = f"{dim}={size}: {type(e).__name__}: {one_line(e)}"[:300]
+                        break
+    finally:
+        restore_modes(modes)
+    if not rejected:
+        return axes
+    for dim, why in rejected.items():
+        notes.append(f"{dim} kept static: the PyTorch model rejects other sizes ({why})")
+    kept = {n: {ax: d for ax, d in a.items() if d not in rejected} for n, a in axes.items()}
+    return {n: a for n, a in kept.items() if a}
+
+
+def _failed_only_at_other_sizes(verify: VerifyReport | None, num_random: int, n_extra: int) -> list:
+    """The failed checks when only those at other sizes of the dynamic dimensions failed, else []."""
+    if verify is None or verify.passed:
+        return []
+    checks = verify.checks
+    sized = checks[1 + num_random:len(checks) - n_extra]
+    if not sized or not all(c.passed for c in checks[:1 + num_random]) or \
+            not all(c.passed for c in checks[len(checks) - n_extra:]):
+        return []
+    return [c for c in sized if not c.passed]
+
+
+def _static_after_wrong_sizes(failed: list, locals_: dict) -> ExportReport | None:
+    """Export again with static shapes, after the dynamic file disagreed with PyTorch at other sizes
+    (a model whose code takes another path for them, e.g. at batch 1). None if the static export
+    cannot take the user's inputs either."""
+    what = "; ".join(f"{c.name}: " + (c.error or f"max abs error {c.stats.max_abs_error:.3g}") for c in failed)
+    try:
+        report = export_onnx(static=True, **locals_)
+    except NormSurgeonError:
+        return None
+    report.static_reason = f"the dynamic export disagrees with PyTorch at other sizes ({what})"
+    report.notes.insert(0, f"exported with the example's static shapes: the dynamic export disagreed with PyTorch "
+                           f"at other sizes ({what}); --dynamic-batch/--dynamic-seq keep the dynamic file and fail")
+    return report
+
+
+def _describe_axes(axes: dict[str, dict[int, str]]) -> str:
+    return ", ".join(f"{n} dim {ax} ({d})" for n, a in axes.items() for ax, d in a.items())
 
 
 def _opset(path: Path) -> int | None:

@@ -44,6 +44,7 @@ from ..find import NormSite, find_norms
 from ..graph import ModelGraph, capture
 from ..inputs import CallArgs, as_call_args
 from ..recipe import record
+from ..loading import ExportedModel
 from ..report import Action, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, record_io, run_clean, set_module, site_error, \
     tolerance_for
@@ -196,9 +197,13 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
 
     The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept. What
     was rewritten is recorded on the returned model (``normsurgeon.recipe``), so it can be saved as a
-    recipe and rebuilt.
+    recipe and rebuilt. A torch.export program (or a loaded ``.pt2``) is refused: ``NormSurgeonError``.
     """
     validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup_steps, pn_groups)
+    if isinstance(model, (torch.export.ExportedProgram, ExportedModel)):
+        raise NormSurgeonError("convert needs the nn.Module (.pt, transformers directory or package.module:factory): "
+                               "a conversion changes what the model trains, and a torch.export program (.pt2) "
+                               "holds a frozen inference graph (fold and export work on it)")
     ci = _inputs(model, example_inputs)
     if graph is None:
         graph = capture(model, ci)

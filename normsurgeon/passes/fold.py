@@ -18,19 +18,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 import torch.nn as nn
+from torch.export import ExportedProgram
 
 from ..errors import NormSurgeonError, one_line
 from ..graph import ModelGraph, capture
 from ..inputs import CallArgs, as_call_args
+from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, UndoLog, UndoStore, tolerance_for
+from ..verify import References, Tolerance, UndoLog, UndoStore, tolerance_for, tolerance_for_dtypes
+from . import fold_bn_program as program_rule
 from .base import Applied, apply_verified
 from .fold_bn import FoldContext, Site, check, combine, entry_reason, match, rewrite
 
-__all__ = ["fold", "FoldReport", "replay"]
+__all__ = ["fold", "fold_program", "FoldReport", "replay"]
 
 
 @dataclass
@@ -126,8 +130,8 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify: bool = True,
-         rtol: float = 1e-5, atol: float | None = None, graph: ModelGraph | None = None,
+def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inplace: bool = False,
+         verify: bool = True, rtol: float = 1e-5, atol: float | None = None, graph: ModelGraph | None = None,
          extra_inputs: Sequence[Any] = ()) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable BatchNorm of ``model`` into its neighbours; see the module docstring.
 
@@ -138,7 +142,14 @@ def fold(model: nn.Module, example_inputs: Any, *, inplace: bool = False, verify
     is raised to the tolerance table's entry for float16/bfloat16 models (``verify.TOLERANCE``).
     ``extra_inputs`` (the user's data, e.g. ``verify.load_inputs_file``) join every check; the original
     model must accept them. The folds are recorded on the returned model (``normsurgeon.recipe``).
+
+    A ``torch.export.ExportedProgram`` is folded in its own graph (``fold_program``): a new program is
+    returned (never in place), and ``example_inputs`` default to the program's own.
     """
+    if isinstance(model, ExportedProgram):
+        return fold_program(model, example_inputs, verify=verify, rtol=rtol, atol=atol, extra_inputs=extra_inputs)
+    if example_inputs is None:
+        raise NormSurgeonError("fold needs example inputs for an nn.Module (the graph is captured by running it)")
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     # The references run the example first: inputs the model rejects fail here, in one line, and the
@@ -223,8 +234,103 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
     return actions, applied
 
 
-def _rolled_back(site: Site, why: str) -> Action:
+def _rolled_back(site: Any, why: str) -> Action:
     detail = {"into": site.into, "position": site.position}
-    if site.functional:
+    if getattr(site, "functional", False):
         detail["functional"] = True
     return Action("rolled_back", site.norm, detail, why)
+
+
+# --- a torch.export program --------------------------------------------------------------------------
+
+def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: bool = True, rtol: float = 1e-5,
+                 atol: float | None = None, extra_inputs: Sequence[Any] = ()) -> tuple[ExportedProgram, FoldReport]:
+    """Fold every foldable batch norm of ``ep``'s graph (``fold_bn_program``); ``ep`` is untouched.
+
+    Verified like ``fold``, against the same references and tolerance table. A program is not edited
+    in place: the sites are applied to a fresh copy, and if the check fails they are re-applied one at
+    a time to fresh copies, keeping those that verify (a site that deviates is rolled back).
+    """
+    ci = as_call_args(example_inputs) if example_inputs is not None else program_inputs(ep)
+    report = FoldReport("torch.export program")
+    dtypes = {t.dtype for t in (*ep.state_dict.values(), *ep.constants.values())
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    tol = tolerance_for_dtypes(dtypes, rtol, atol)
+    report.tolerance = tol.rtol
+    # another batch size is tried too: a static program rejects it, and it is left out
+    refs = References.record(program_module(ep), ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
+    if refs is not None:
+        report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
+
+    actions: dict[str, Action] = {}
+    chosen: list[program_rule.ProgramSite] = []
+    for entry in program_rule.match(ep):
+        if entry.reason is not None or not entry.sites:
+            reason = entry.reason or combine(entry.reasons)
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.functional}, reason)
+            continue
+        site = entry.sites[0]  # "after" first, as in the module fold
+        chosen.append(site)
+        actions[entry.norm] = Action("folded", site.norm)
+
+    folded, applied = _build(ep, chosen, actions)
+    if refs is not None:
+        stats, err = _compare_program(folded, refs)
+        if not tol.ok(stats, err) and applied:
+            folded, stats, err = _keep_verified(ep, applied, actions, refs, tol)
+        report.verify, report.passed, report.verify_error = stats, tol.ok(stats, err), err
+    report.actions = list(actions.values())
+    return folded, report
+
+
+def _build(ep: ExportedProgram, sites: list, actions: dict[str, Action]) -> tuple[ExportedProgram, list]:
+    """Apply ``sites`` to a fresh copy; a site whose rewrite fails is skipped (and the copy restarted)."""
+    todo = list(sites)
+    while True:
+        work, applied = program_rule.ProgramEdit(ep), []
+        try:
+            for site in todo:
+                actions[site.norm] = program_rule.rewrite(site, work)
+                applied.append(site)
+            return work.finish(), applied
+        except Exception as e:  # noqa: BLE001 - a failed rewrite is a skipped site, never a half-edit
+            if not todo:
+                raise NormSurgeonError(f"cannot rebuild the program: {one_line(e, typed=True)}") from e
+            # a rewrite failed, or the rebuilt program does not verify: drop sites from the end
+            bad = todo[len(applied)] if len(applied) < len(todo) else todo[-1]
+            actions[bad.norm] = Action("skipped", bad.norm, {}, f"rewrite failed: {one_line(e, typed=True)}")
+            todo.remove(bad)
+
+
+def _keep_verified(ep: ExportedProgram, applied: list, actions: dict[str, Action], refs: References,
+                   tol: Tolerance) -> tuple[ExportedProgram, ErrorStats, str | None]:
+    """Re-apply the sites one at a time on fresh copies, keeping only those that verify."""
+    kept: list = []
+    folded = ep
+    stats, err = _compare_program(ep, refs)
+    if not tol.ok(stats, err):
+        for site in applied:
+            actions[site.norm] = _rolled_back(site, "rolled back: the outputs differ even with nothing folded "
+                                                    "(the program is not deterministic?)")
+        return ep, stats, err
+    for site in applied:
+        trial, done = _build(ep, [*kept, site], actions)
+        s, e = _compare_program(trial, refs) if site in done else (stats, "rewrite failed")
+        if site in done and tol.ok(s, e):
+            kept.append(site)
+            folded, stats, err = trial, s, e
+            continue
+        what = e or f"max rel error {fmt_float(s.max_rel_error)} > tolerance {tol.rtol:g}"
+        actions[site.norm] = _rolled_back(site, f"rolled back: folding into {', '.join(site.into)} changed the "
+                                                f"outputs ({what})")
+    if not kept:
+        folded = _build(ep, [], actions)[0]
+    return folded, stats, err
+
+
+def _compare_program(ep: ExportedProgram, refs: References) -> tuple[ErrorStats, str | None]:
+    try:
+        model = program_module(ep)
+    except Exception as e:  # noqa: BLE001 - a program that cannot be run is a failed check
+        return ErrorStats(math.inf, math.inf, -1.0), f"the program does not run: {one_line(e)}"
+    return refs.compare(model)

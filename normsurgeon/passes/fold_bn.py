@@ -542,31 +542,13 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
     n = stats.num_features
     n_in, n_out = _in_out(t, mod)
     if position == "after":
-        users = [_data_users(x) for x in [node, *t.chain]]
-        nxt = [*t.chain, site.node]
-        for x, us, expected in zip([node, *t.chain], users, nxt):
-            others = [u for u in us if u is not expected]
-            if others:
-                what = "output" if x is node else f"output (after {x.op})"
-                return f"{role} {path} {what} is also used by {_where(others[0])}"
-        if n == 1:
-            return None  # one channel: a scalar affine map, whatever axis it sits on
-        axis = _channel_axis(kind, spatial, node.shape)
-        if axis is None:
-            return f"no shape information for {path} (the captured graph has no shapes)"
-        axis, why = _track(t.chain, axis)
-        if axis is None:
-            return f"between {path} and the BN: {why}"
-        if axis != 1:
-            return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
-        if n_out != n:
-            return f"{path} has {n_out} output channels, the BN {n}"
-        return None
+        # one channel (n == 1): a scalar affine map, whatever axis it sits on
+        return producer_layout(path, node, t.chain, site.node, kind, spatial, n_out, n, any_axis=n == 1)
     if kind == "conv_transpose":
         why = _check_conv_transpose_consumer(mod, path, stats)
         if why:
             return why
-    if kind == "conv" and mod.padding_mode == "zeros" and _reads_padding(mod):
+    if kind == "conv" and mod.padding_mode == "zeros" and reads_padding(mod.padding, mod.dilation, mod.kernel_size):
         return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
                 "shift would not reach the padded border, so the fold would not be exact")
     if n == 1:
@@ -638,12 +620,71 @@ def _check_attention(t: Target, role: str, mha: nn.Module) -> str | None:
     return None
 
 
-def _reads_padding(conv: nn.Module) -> bool:
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
+# --- checks the module fold and the program fold share (passes.fold_bn_program) ---------------------
+
+where = _where
+channel_axis = _channel_axis
+WEIGHTED_OPS = _WEIGHTED_OPS
+
+
+def reads_padding(padding: Any, dilation: Any, kernel_size: Any) -> bool:
+    """A conv with this padding reads padded values (``"same"`` pads unless every kernel is 1)."""
+    if isinstance(padding, str):
+        if padding == "valid":
             return False
-        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size))
-    return any(p != 0 for p in conv.padding)
+        return any(d * (k - 1) > 0 for d, k in zip(dilation, kernel_size))
+    pads = padding if isinstance(padding, (list, tuple)) else [padding]
+    return any(p != 0 for p in pads)
+
+
+def producer_layout(path: str, node: GNode, chain: list[GNode], bn_node: GNode, kind: str, spatial: int,
+                    n_out: int | None, n_bn: int | None, *, any_axis: bool = False) -> str | None:
+    """Why a BN after producer ``node`` (through ``chain``) does not fold into it: the producer's output
+    read elsewhere, its channels merged, moved off axis 1 or of another count (``any_axis``: a
+    one-channel BN, a scalar map, folds wherever its axis sits); None when it folds."""
+    for n, expected in zip([node, *chain], [*chain, bn_node]):
+        others = [u for u in _data_users(n) if u is not expected]
+        if others:
+            what = "output" if n is node else f"output (after {n.op})"
+            return f"producer {path} {what} is also used by {_where(others[0])}"
+    if any_axis:
+        return None
+    axis = _channel_axis(kind, spatial, node.shape)
+    if axis is None:
+        return f"no shape information for {path} (the captured graph has no shapes)"
+    axis, why = _track(chain, axis)
+    if axis is None:
+        return f"between {path} and the BN: {why}"
+    if axis != 1:
+        return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
+    if n_out != n_bn:
+        return f"{path} has {n_out} output channels, the BN {n_bn}"
+    return None
+
+
+def consumer_layout(path: str, src: Any, chain: list[GNode], kind: str, spatial: int, n_in: int | None,
+                    n_bn: int | None, *, padding: str | None = None) -> str | None:
+    """Why a BN before consumer ``path`` (reading ``src`` at the end of ``chain``) does not fold into it
+    in a program: a ConvTranspose, a conv that zero-pads (``padding``: its padding, shown), the BN's
+    channels not arriving on the axis the consumer reads, or in another count. (The module fold also
+    folds merged channels and exact ConvTranspose cases: ``_consumer_channels``,
+    ``_check_conv_transpose_consumer``.)"""
+    if kind == "conv_transpose":
+        return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
+    if padding is not None:
+        return (f"consumer {path} zero-pads its input (padding={padding}): the BN shift would not reach the "
+                "padded border, so the fold would not be exact")
+    axis, why = _track(chain, 1)
+    if axis is None:
+        return f"between the BN and {path}: {why}"
+    want = _channel_axis(kind, spatial, src.shape if isinstance(src, GNode) else None)
+    if want is None:
+        return f"no shape information for {path}'s input (the captured graph has no shapes)"
+    if axis != want:
+        return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
+    if n_in != n_bn:
+        return f"{path} has {n_in} input channels, the BN {n_bn}"
+    return None
 
 
 def _fmt_padding(p: Any) -> str:
