@@ -35,6 +35,7 @@ from .errors import NormSurgeonError
 from .files import read_tensors
 from .inputs import CallArgs, as_call_args
 from .nn import SyncTokenBatchNorm, TokenBatchNorm
+from .nn.padding_mask import capture_padding_mask, real_rows
 from .report import Table
 
 __all__ = ["calibrate", "CalibrationReport", "load_calibration_data", "synthetic_batches", "shard_files",
@@ -146,9 +147,13 @@ class RunningStats:
 
 
 def as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN."""
+    """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN.
+    A TokenBatchNorm under an active padding mask (see ``normsurgeon.nn.padding_mask``) counts its
+    real tokens only, as its own batch statistics do."""
     if isinstance(bn, TokenBatchNorm):
-        return x.reshape(-1, bn.num_features)
+        rows = real_rows(x, bn.num_features)
+        x2d = x.reshape(-1, bn.num_features)
+        return x2d if rows is None else x2d[rows]
     if x.dim() == 2:
         return x
     return x.transpose(0, 1).reshape(bn.num_features, -1).t()
@@ -224,7 +229,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
     statistics are restored too. A BN that no batch reached keeps its statistics (listed as skipped).
 
     ``batches``: iterable of CallArgs, tensors, tuples of tensors or dicts of keyword tensors; they
-    are moved to the model's device. ``max_batches`` stops early. ``progress(done, total)`` is called
+    are moved to the model's device; a batch with an ``attention_mask`` (keyword or positional, 2-D,
+    nonzero at real tokens) calibrates the token BatchNorms on its real tokens only. ``max_batches`` stops early. ``progress(done, total)`` is called
     after each batch (``total`` is None when unknown).
     """
     if max_batches is not None and max_batches < 0:
@@ -267,6 +273,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
 
     try:
         model.eval()
+        handles.append(capture_padding_mask(model))
         for _, bn in targets:
             bn.reset_running_stats()
             bn.momentum = None

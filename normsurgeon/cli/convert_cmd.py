@@ -11,11 +11,21 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 
 @click.command("convert")
 @model_options
-@click.option("--to", "to", default=None, metavar="bn|ln|gn|frozen",
-              help="Target: bn (LayerNorm/RMSNorm -> BatchNorm), ln (BatchNorm -> LayerNorm), "
+@click.option("--to", "to", default=None, metavar="bn|pn|ln|gn|frozen",
+              help="Target: bn (LayerNorm/RMSNorm -> BatchNorm), pn (LayerNorm/RMSNorm -> PowerNorm), "
+                   "ln (BatchNorm -> LayerNorm), "
                    "gn (BatchNorm -> GroupNorm), frozen (BatchNorm -> FrozenBatchNorm, exact).")
 @click.option("--groups", type=int, default=None, metavar="G",
               help="Groups for --to gn (default 1); must divide every BatchNorm's channels.")
+@click.option("--progressive", type=int, default=None, metavar="STEPS",
+              help="With --to bn: lambda*LN(x) + (1-lambda)*RepBN(x), lambda 1 -> 0 over STEPS training steps "
+                   "(exact at step 0, verified).")
+@click.option("--pn-warmup", type=int, default=4000, metavar="N",
+              help="With --to pn: training steps that use the batch statistic before the running one (default 4000).")
+@click.option("--pn-groups", type=int, default=None, metavar="G",
+              help="With --to pn: the authors' group scaling with G channel groups (off by default; does not fold).")
+@click.option("--no-padding-mask", is_flag=True,
+              help="bn/pn: do not hook the model's attention_mask into the token norms' batch statistics.")
 @click.option("--ffn-bn", is_flag=True, help="Insert a BatchNorm into every FFN block (Yao et al. 2021).")
 @click.option("--ffn-bn-position", default="after-first", metavar="after-first|before-second",
               help="Where the FFN BatchNorm goes: after the first linear (default) or before the second.")
@@ -34,13 +44,18 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @output_options
 @guarded
-def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, ffn_bn, ffn_bn_position,
-            ffn_bn_init, calibrate_file, calibrate_synthetic, batch_size, inputs_file, output, force, as_json, debug):
+def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, progressive, pn_warmup,
+            pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic,
+            batch_size, inputs_file, output, force, as_json, debug):
     """Convert the normalization layers of MODEL.
 
     \b
     --to bn      LayerNorm / RMSNorm -> TokenBatchNorm (BatchNorm over the last dim, any leading shape)
                  or BatchNorm1d/2d/3d for a channels-first LayerNorm; affine parameters carry over
+    --to bn --progressive STEPS
+                 LayerNorm -> ProgressiveNorm (LN blended into a RepBN over STEPS training steps;
+                 exact at step 0, verified)
+    --to pn      LayerNorm / RMSNorm -> PowerNorm (Shen et al. 2020)
     --to ln      BatchNorm -> LayerNorm on (N, C), ChannelLayerNorm (LN over dim 1) otherwise
     --to gn      BatchNorm -> GroupNorm(G, C)
     --to frozen  BatchNorm -> FrozenBatchNorm: exact in eval, verified, deviating sites rolled back
@@ -55,8 +70,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
 
     # options first: nothing is loaded or computed for a bad command line
     if to is None and not ffn_bn:
-        raise NormSurgeonError("give --to bn|ln|gn|frozen (and/or --ffn-bn)")
-    api.validate_convert(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init)
+        raise NormSurgeonError("give --to bn|pn|ln|gn|frozen (and/or --ffn-bn)")
+    api.validate_convert(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup, pn_groups)
     if not ffn_bn and (ffn_bn_position != "after-first" or ffn_bn_init != "fresh"):
         raise NormSurgeonError("--ffn-bn-position/--ffn-bn-init go with --ffn-bn")
     if calibrate_file is not None and calibrate_synthetic is not None:
@@ -82,7 +97,9 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         converted, report = api.convert(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
                                           ffn_bn=ffn_bn, ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init,
                                           calibrate_batches=batches, inplace=True, progress=progress,
-                                          extra_inputs=extra)
+                                          extra_inputs=extra,
+                                          progressive=progressive, pn_warmup_steps=pn_warmup, pn_groups=pn_groups,
+                                          padding_mask=None if no_padding_mask else "attention_mask")
     if report.verify is not None and report.verify.get("passed") is False:
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")

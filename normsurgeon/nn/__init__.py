@@ -6,6 +6,10 @@ this package only defines what they compute and how they are built from the modu
 - :class:`TokenBatchNorm`   BatchNorm over the last dim of (B, C), (B, T, C), (B, H, W, C) inputs.
 - :class:`ChannelLayerNorm` LayerNorm over dim 1 of (N, C, *) inputs ("channels_first" LN).
 - :class:`FrozenBatchNorm`  BN as a fixed per-channel scale/shift from buffers (any rank, channel dim 1).
+- :class:`PowerNorm`        Shen et al. 2020: quadratic-mean BN for token models (running stats, approx. backward).
+- :class:`RepBatchNorm`     SLAB's RepBN, ``TokenBatchNorm(x) + alpha * x``.
+- :class:`ProgressiveNorm`  SLAB's progressive LN -> RepBN switch, ``lam * LN(x) + (1 - lam) * RepBN(x)``.
+- :func:`capture_padding_mask`, :func:`padding_mask`: token BN / PowerNorm statistics over real tokens only.
 - :func:`batchnorm_to_groupnorm`, :func:`ffn_batchnorm`, :func:`make_identity`.
 - :func:`convert_sync_batchnorm`, :class:`SyncTokenBatchNorm`: synchronized BN for DDP training.
 
@@ -27,12 +31,16 @@ from ._common import MIN_BN_EPS, bn_eps  # noqa: F401 - convert and tests use th
 from .channel_layer_norm import ChannelLayerNorm
 from .factories import batchnorm_to_groupnorm, ffn_batchnorm, make_identity
 from .frozen_batch_norm import FrozenBatchNorm
+from .padding_mask import capture_padding_mask, current_padding_mask, padding_mask
+from .power_norm import GroupScaling, PowerNorm
+from .progressive_norm import ProgressiveNorm, RepBatchNorm
 from .sync_batch_norm import SyncTokenBatchNorm, convert_sync_batchnorm
 from .token_batch_norm import TokenBatchNorm
 from .registry import MODULES, module_class  # noqa: E402 - target name -> class
 
 __all__ = [
-    "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
+    "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm", "PowerNorm", "GroupScaling",
+    "RepBatchNorm", "ProgressiveNorm", "capture_padding_mask", "current_padding_mask", "padding_mask",
     "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity", "MODULES", "module_class",
     "SyncTokenBatchNorm", "convert_sync_batchnorm",
 ]

@@ -10,6 +10,8 @@ from torch import nn
 
 from .channel_layer_norm import ChannelLayerNorm
 from .frozen_batch_norm import FrozenBatchNorm
+from .power_norm import PowerNorm
+from .progressive_norm import ProgressiveNorm, RepBatchNorm
 from .token_batch_norm import TokenBatchNorm
 
 MODULES: dict[str, type[nn.Module]] = {
@@ -19,6 +21,9 @@ MODULES: dict[str, type[nn.Module]] = {
     "channel_ln": ChannelLayerNorm,  # LN over dim 1 at each position
     "gn": nn.GroupNorm,
     "frozen_bn": FrozenBatchNorm,  # BN as a fixed scale/shift
+    "pn": PowerNorm,  # quadratic-mean BN over the last dim (Shen et al. 2020)
+    "rep_bn": RepBatchNorm,  # token BN + alpha * x (SLAB)
+    "progressive": ProgressiveNorm,  # lam * LN(x) + (1 - lam) * RepBN(x), lam 1 -> 0 (SLAB)
 }
 
 

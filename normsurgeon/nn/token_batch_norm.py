@@ -8,6 +8,7 @@ from torch import nn
 from ..errors import NormSurgeonError
 from . import _sync_guard
 from ._common import _copy_param, _like, bn_eps
+from .padding_mask import real_rows
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -21,6 +22,12 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
     This is the norm of BN-transformers (LeViT; Yao et al. 2021): it replaces a token LayerNorm, and
     in eval it is a per-channel affine map that can be folded into the adjacent Linear.
+
+    Padding-aware: in training, when a padding mask is active (``normsurgeon.nn.capture_padding_mask``
+    or ``padding_mask``) and matches the input's leading shape, the batch statistics (and the running
+    statistics updated from them) are those of the real tokens only, exactly ``BatchNorm1d`` on
+    ``x.reshape(-1, C)[mask]``; padded positions are normalized with the same statistics. Without a
+    mask every position counts, as before.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -32,8 +39,31 @@ class TokenBatchNorm(nn.BatchNorm1d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         shape = input.shape
-        out = super().forward(input.reshape(-1, self.num_features))
-        return out.view(shape)
+        x = input.reshape(-1, self.num_features)
+        rows = real_rows(input, self.num_features) if self.training or self.running_mean is None else None
+        if rows is None:
+            return super().forward(x).view(shape)
+        return self._masked_forward(x, rows).view(shape)
+
+    def _masked_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """BatchNorm1d's training computation with statistics from ``x[rows]`` only."""
+        real = x[rows]
+        n = real.shape[0]
+        if n < 2:
+            raise ValueError(f"TokenBatchNorm({self.num_features}): the padding mask leaves {n} real token(s) in "
+                             "the batch; batch statistics need at least 2")
+        acc = torch.promote_types(x.dtype, torch.float32)  # as BatchNorm: accumulate in float32 at least
+        var, mean = torch.var_mean(real.to(acc), dim=0, correction=0)
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var.detach() * (n / (n - 1)), alpha=factor)
+        out = (x.to(acc) - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
 
     # -- constructors ---------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ fast path (and only that; the layer still calls ``self.activation``).
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -54,12 +55,14 @@ from .bn_to_gn import BnToGn
 from .bn_to_ln import BnToLn
 from .ffn_bn import FFNBlock
 from .ln_to_bn import LnToBn
+from .ln_to_pn import LnToPn
+from .ln_to_progressive import LnToProgressive
 from .swap import Plan, SwapRule, kind_name
 
 __all__ = ["convert", "insert_ffn_bn", "replay", "ConvertReport", "RULES", "TARGETS"]
 
 # --to value -> the rule that implements it (one file each)
-RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, BnToLn, BnToGn, BnToFrozen)}
+RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
 TARGETS = tuple(RULES)
 _NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 
@@ -80,6 +83,8 @@ class ConvertReport:
     calibration: CalibrationReport | None = None
     ffn_blocks: list[FFNBlock] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # new token BNs / PowerNorms: whose batch statistics they take ({"padding_aware", "mask", "note"})
+    statistics: dict | None = None
 
     @property
     def converted(self) -> list[Action]:
@@ -105,6 +110,7 @@ class ConvertReport:
             "output_change": self.output_change,
             "calibration": self.calibration.to_json() if self.calibration is not None else None,
             "ffn_blocks": [b.to_json() for b in self.ffn_blocks],
+            "statistics": self.statistics,
             "notes": list(self.notes),
         }
 
@@ -136,6 +142,8 @@ class ConvertReport:
             oc = self.output_change
             notes.append(f"output change on the example inputs (eval): max abs {fmt_float(oc['max_abs_error'])}, "
                          f"max rel {fmt_float(oc['max_rel_error'])}, cosine {oc['cosine']:.4f}")
+        if self.statistics is not None:
+            notes.append(f"statistics: {self.statistics['note']}")
         notes.extend(self.notes)
         if not out:
             out.append(Table("Conversion", ["path", "reason"], []))
@@ -149,7 +157,9 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
             ffn_bn: bool = False, ffn_bn_position: str = "after-first", ffn_bn_init: str = "fresh",
             calibrate_batches: Iterable[Any] | None = None, inplace: bool = False, graph: ModelGraph | None = None,
             progress: Callable[[int, int | None], None] | None = None,
-            extra_inputs: Sequence[Any] = ()) -> tuple[nn.Module, ConvertReport]:
+            extra_inputs: Sequence[Any] = (), progressive: int | None = None, pn_warmup_steps: int = 4000,
+            pn_groups: int | None = None, padding_mask: str | None = "attention_mask"
+            ) -> tuple[nn.Module, ConvertReport]:
     """Convert the normalization layers of ``model``; returns (converted model, ConvertReport).
 
     to:
@@ -162,6 +172,16 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
                     C). Not exact.
       ``"frozen"``  BatchNorm -> ``FrozenBatchNorm`` (running stats as buffers). Exact in eval; verified,
                     deviating sites rolled back.
+      ``"pn"``      LayerNorm / RMSNorm over the last dim -> ``PowerNorm`` (quadratic-mean BN; batch statistic
+                    for ``pn_warmup_steps`` training steps, then the running one; ``pn_groups`` turns on the
+                    authors' group scaling, which does not fold). Not exact: train it.
+
+    progressive: with ``to="bn"``, install ``ProgressiveNorm`` (``lam * LN(x) + (1 - lam) * RepBN(x)``,
+    lam 1 -> 0 over ``progressive`` training steps) instead of a BatchNorm: exact at step 0, verified.
+    padding_mask: for ``bn``/``pn``, the keyword (or positional parameter) of the model's forward that
+    carries the (B, T) attention mask; when the forward has it, ``nn.capture_padding_mask`` is installed
+    on the returned model so token BN / PowerNorm batch statistics count real tokens only (the report's
+    ``statistics`` says which). ``None``: never.
       ``None``      only with ``ffn_bn=True``: insert FFN BNs, convert nothing.
 
     ffn_bn: also insert a TokenBatchNorm into every FFN block (see :mod:`normsurgeon.passes.ffn_bn`), at
@@ -179,7 +199,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     was rewritten is recorded on the returned model (``normsurgeon.recipe``), so it can be saved as a
     recipe and rebuilt. A torch.export program (or a loaded ``.pt2``) is refused: ``NormSurgeonError``.
     """
-    validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init)
+    validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup_steps, pn_groups)
     if isinstance(model, (torch.export.ExportedProgram, ExportedModel)):
         raise NormSurgeonError("convert needs the nn.Module (.pt, transformers directory or package.module:factory): "
                                "a conversion changes what the model trains, and a torch.export program (.pt2) "
@@ -189,7 +209,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
         graph = capture(model, ci)
     sites = find_norms(graph)
     report = ConvertReport(to, graph.describe())
-    rule = RULES[to](groups) if to is not None else None
+    rule = _rule(to, groups, progressive, pn_warmup_steps, pn_groups)
     plans = _plan_norms(graph, sites, rule, report) if rule is not None else []
     blocks = []
     if ffn_bn:
@@ -211,9 +231,11 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
 
     target = model if inplace else copy.deepcopy(model)
     run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
-                      extra=[as_call_args(e) for e in extra_inputs])
+                      extra=[as_call_args(e) for e in extra_inputs],
+                      padding_kwarg=padding_mask if to in ("bn", "pn") else None)
     run.run(blocks, to, calibrate_batches, progress)
-    _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci)
+    _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
+            {"progressive": progressive, "pn_warmup_steps": pn_warmup_steps, "pn_groups": pn_groups})
     return target, report
 
 
@@ -236,11 +258,22 @@ def insert_ffn_bn(model: nn.Module, example_inputs: Any = None, *, position: str
 
 # --- validation --------------------------------------------------------------------------------
 
-def validate(to, groups, ffn_bn, position, init) -> None:
+def validate(to, groups, ffn_bn, position, init, progressive=None, pn_warmup_steps=4000, pn_groups=None) -> None:
     """Refuse a bad combination of options before any work (the CLI calls this too)."""
+    if progressive is not None:
+        if to != "bn":
+            raise NormSurgeonError(f"--progressive only goes with --to bn (got --to {to})")
+        if isinstance(progressive, bool) or not isinstance(progressive, int) or progressive < 0:
+            raise NormSurgeonError(f"--progressive must be a number of training steps >= 0, got {progressive!r}")
+    if to != "pn" and (pn_warmup_steps != 4000 or pn_groups is not None):
+        raise NormSurgeonError(f"--pn-warmup/--pn-groups only go with --to pn (got --to {to})")
+    if isinstance(pn_warmup_steps, bool) or not isinstance(pn_warmup_steps, int) or pn_warmup_steps < 0:
+        raise NormSurgeonError(f"--pn-warmup must be a number of training steps >= 0, got {pn_warmup_steps!r}")
+    if pn_groups is not None and (isinstance(pn_groups, bool) or not isinstance(pn_groups, int) or pn_groups < 1):
+        raise NormSurgeonError(f"--pn-groups must be a positive integer, got {pn_groups!r}")
     if to is None:
         if not ffn_bn:
-            raise NormSurgeonError("nothing to do: give a target (--to bn|ln|gn|frozen) or --ffn-bn")
+            raise NormSurgeonError("nothing to do: give a target (--to bn|pn|ln|gn|frozen) or --ffn-bn")
     elif to not in TARGETS:
         raise NormSurgeonError(f"unknown --to {to!r}: use one of {', '.join(TARGETS)}")
     if groups is not None:
@@ -252,6 +285,16 @@ def validate(to, groups, ffn_bn, position, init) -> None:
         raise NormSurgeonError(f"unknown --ffn-bn-position {position!r}: use {' or '.join(_ffn.POSITIONS)}")
     if init not in _ffn.INITS:
         raise NormSurgeonError(f"unknown --ffn-bn-init {init!r}: use {' or '.join(_ffn.INITS)}")
+
+
+def _rule(to, groups, progressive=None, pn_warmup_steps=4000, pn_groups=None) -> SwapRule | None:
+    if to is None:
+        return None
+    if progressive is not None:
+        return LnToProgressive(steps=progressive)
+    if to == "pn":
+        return LnToPn(warmup_steps=pn_warmup_steps, group_num=pn_groups)
+    return RULES[to](groups)
 
 
 def _inputs(model: nn.Module, example_inputs: Any) -> CallArgs:
@@ -325,6 +368,7 @@ class _Conversion:
     init: str
     spill: bool = False
     extra: list[CallArgs] = field(default_factory=list)
+    padding_kwarg: str | None = None
     swapped: dict[str, tuple[Plan, UndoLog]] = field(default_factory=dict)
     inserted: list[_Inserted] = field(default_factory=list)
     site_errors: list[float] = field(default_factory=list)
@@ -346,6 +390,7 @@ class _Conversion:
                 self._identity_ffn_bns(batches)
             self._check_exact_sites(recorded)
             self._check_whole_model()
+        self._padding_mask()
         _add_statements(self.report, to, self.init, batches is not None)
         return self.report
 
@@ -395,6 +440,32 @@ class _Conversion:
             self._unwrap(item, f"rolled back: the model fails with this BN inserted ({why})")
         self.inserted = []
         run_clean(self.target, self.ci, eval_mode=True)  # raises if the norm swaps alone break it
+
+    def _padding_mask(self) -> None:
+        """New token norms take batch statistics: over real tokens when the forward gets a padding mask."""
+        from ..nn import PowerNorm, ProgressiveNorm, TokenBatchNorm, capture_padding_mask
+
+        kinds = (TokenBatchNorm, PowerNorm, ProgressiveNorm)
+        new = [a.path for a in self.report.actions if a.kind in ("converted", "inserted")
+               and isinstance(self.target.get_submodule(a.path), kinds)]
+        if not new:
+            return
+        kw = self.padding_kwarg
+        try:
+            params = inspect.signature(self.target.forward).parameters if kw else {}
+        except (TypeError, ValueError):
+            params = {}
+        if kw and kw in params:
+            capture_padding_mask(self.target, kwarg=kw)
+            self.report.statistics = {
+                "padding_aware": True, "mask": kw,
+                "note": f"over real tokens only when the model is called with {kw} (a padding-mask hook is "
+                        "installed on the model; calibrate uses it too)"}
+        else:
+            self.report.statistics = {
+                "padding_aware": False, "mask": None,
+                "note": "statistics include every position (the model's forward takes no "
+                        f"{kw or 'padding mask'} argument; use normsurgeon.nn.padding_mask(mask) to give one)"}
 
     def _calibrate(self, batches: list | None, progress) -> None:
         if batches is None:
@@ -458,8 +529,8 @@ class _Conversion:
             if err > self.tol.rtol:
                 undo.restore()
                 del self.swapped[path]
-                _rollback(self.report, path, f"rolled back: FrozenBatchNorm deviates from the BN by {fmt_float(err)} "
-                                             f"(relative; tolerance {self.tol.rtol:g})")
+                _rollback(self.report, path, f"rolled back: {type(new).__name__} deviates from the original by "
+                                             f"{fmt_float(err)} (relative; tolerance {self.tol.rtol:g})")
 
     def _check_whole_model(self) -> None:
         """Compare the whole model with the references when every change is exact (a changed function
@@ -527,7 +598,7 @@ class _Conversion:
 # --- recipe: record and replay ------------------------------------------------------------------
 
 def _record(model: nn.Module, report: ConvertReport, to: str | None, groups: int | None, position: str,
-            init: str, ci: CallArgs) -> None:
+            init: str, ci: CallArgs, options: dict | None = None) -> None:
     """What this conversion rewrote, site by site (rolled-back sites are not in it): ``replay`` redoes
     exactly these sites, never re-deciding which to keep."""
     if not (report.converted or report.inserted):
@@ -535,6 +606,9 @@ def _record(model: nn.Module, report: ConvertReport, to: str | None, groups: int
     cal = report.calibration
     record(model, {
         "op": "convert", "to": to if report.converted else None, "groups": groups,
+        # the rule's options (progressive / PowerNorm) and whether a padding-mask hook went on
+        **{k: v for k, v in (options or {}).items() if v is not None},
+        "padding_mask": (report.statistics or {}).get("mask"),
         "swapped": [a.path for a in report.converted],
         "ffn_bn": {"position": position, "init": init,
                    "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"]} for a in report.inserted]}
@@ -553,7 +627,8 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     if swapped:
         if to not in RULES:
             raise NormSurgeonError(f"recipe: unknown convert target {to!r} (written by a newer normsurgeon?)")
-        rule = RULES[to](action.get("groups"))
+        rule = _rule(to, action.get("groups"), action.get("progressive"), action.get("pn_warmup_steps", 4000),
+                     action.get("pn_groups"))
         graph = capture(model, ci)
         by_path: dict[str, list[NormSite]] = {}
         for s in find_norms(graph):
@@ -570,6 +645,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity")
     paths = list(swapped) + [site["linear"] for site in sites]
     _disable_fastpath(model, paths, ConvertReport(to, "replay"))
+    if action.get("padding_mask"):
+        from ..nn import capture_padding_mask
+        capture_padding_mask(model, kwarg=action["padding_mask"])
 
 
 def _rolled_count(report: ConvertReport) -> int:
@@ -609,7 +687,7 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
     changed = [a for a in report.converted if not a.detail.get("exact")]
     if changed:
         kinds = sorted({f"{a.detail['from']} -> {a.detail['to']}" for a in changed})
-        if to == "bn":
+        if to in ("bn", "pn"):
             report.notes.append(
                 f"NOT function-preserving: {', '.join(kinds)} normalizes with batch statistics instead of per-sample "
                 "ones. " + ("The new BatchNorms were calibrated on the data given; " if calibrated else
@@ -619,6 +697,12 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
             report.notes.append(
                 f"NOT function-preserving: {', '.join(kinds)} normalizes each sample instead of using batch "
                 "statistics; fine-tune the model afterwards.")
+    if any(a.detail.get("to") == "ProgressiveNorm" for a in report.converted):
+        report.notes.append("ProgressiveNorm: lambda falls from 1 to 0 over the training steps (counted in each module, "
+                            "saved with it); once it reaches 0 only the RepBN runs and fold removes it")
+    if any(a.detail.get("to") == "PowerNorm" for a in report.converted):
+        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training (calibrate "
+                            "does not set it); in eval it folds like a BatchNorm")
     if any(a.detail.get("init") == "fresh" for a in report.inserted):
         report.notes.append("the inserted FFN BatchNorms are fresh (weight 1, bias 0): they change the function; "
                             "train (or use --ffn-bn-init identity for an exact insertion into a trained model).")

@@ -36,6 +36,7 @@ from ..graph import ops
 from ..graph.ops import batch_norm_args, data_users as _data_users, is_nonlinear as _is_nonlinear, track_axis as _track
 from ..report import Action
 from ..verify import UndoLog
+from . import bn_like
 
 __all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
 
@@ -187,14 +188,17 @@ def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
 def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -> list[NormEntry]:
     """Every BatchNorm of ``model`` with the sites it could fold at (read-only)."""
     ctx = ctx or FoldContext(model, graph)
+    like_problems, nested = _collapse_bn_like(model, graph, ctx)
     entries: dict[int, NormEntry] = {}
     for path, m in model.named_modules():
-        if isinstance(m, _BN):
-            entries[id(m)] = NormEntry(path, m)
+        if (isinstance(m, _BN) or bn_like.is_bn_like(m)) and path not in nested:
+            entries[id(m)] = NormEntry(path, m, reason=like_problems.get(path))
     functional: list[NormEntry] = []
     for node in graph.ops("batch_norm"):
         m = ctx.module(node.module_path)
-        if isinstance(m, _BN):
+        if node.module_path in nested:
+            continue  # the inner BN of a BN-like module that could not be collapsed: its entry says why
+        if id(m) in entries:
             entries[id(m)].nodes.append(node)
         else:
             functional.append(NormEntry(f"{node.module_path or '<root>'}:{node.name}", None, [node]))
@@ -215,6 +219,19 @@ def match(model: nn.Module, graph: ModelGraph, ctx: FoldContext | None = None) -
         for site in entry.sites:
             site.functional = entry.module is None
     return list(entries.values()) + functional
+
+
+def _collapse_bn_like(model: nn.Module, graph: ModelGraph, ctx: FoldContext) -> tuple[dict[str, str], set[str]]:
+    """BN-like modules (``passes.bn_like``) become one token-BN-shaped site each; ctx follows the graph."""
+    nested = bn_like.inside_bn_like(model)
+    if not any(bn_like.is_bn_like(m) for m in ctx.modules.values()):
+        return {}, nested
+    problems = bn_like.collapse(model, graph)
+    for node in graph.ops("batch_norm"):
+        if node.call_key is not None and node.call_key.endswith("#bn_like"):
+            ctx.regions[node.call_key] = [n for n in graph.nodes if n.call_key == node.call_key]
+            ctx.calls[node.module_path] = {node.call_key}
+    return problems, nested
 
 
 def _target(node: GNode, chain: list[GNode], ctx: FoldContext) -> Target:
@@ -302,6 +319,9 @@ def _stats(site: Site, ctx: FoldContext) -> _Stats:
     if isinstance(bn, _BN):
         return _Stats(bn.num_features, bn.running_mean, bn.running_var, bn.weight if bn.affine else None,
                       bn.bias if bn.affine else None, _bn_eps(site.node, bn))
+    if bn_like.is_bn_like(bn):  # x * scale + shift is a BN with mean 0, var 1, eps 0
+        scale, shift = bn_like.scale_shift(bn)
+        return _Stats(scale.numel(), torch.zeros_like(scale), torch.ones_like(scale), scale, shift, 0.0)
     args = _bn_args(site.node)
     t = {k: None if args.get(k) is None else _tensor(ctx, args[k].param)
          for k in ("running_mean", "running_var", "weight", "bias")}
@@ -318,7 +338,8 @@ def _tensor(ctx: FoldContext, qualname: str) -> torch.Tensor | None:
 def check(site: Site, ctx: FoldContext) -> str | None:
     """Why ``site`` must not be folded, or None when the fold is exact and safe."""
     bn = ctx.module(site.norm)
-    why = _check_norm(bn, site.node, ctx) if isinstance(bn, _BN) else _check_functional(site.node, ctx)
+    why = _check_norm(bn, site.node, ctx) if isinstance(bn, _BN) or bn_like.is_bn_like(bn) \
+        else _check_functional(site.node, ctx)
     if why:
         return why
     stats = _stats(site, ctx)
@@ -365,11 +386,16 @@ def _check_functional(node: GNode, ctx: FoldContext) -> str | None:
 
 def _check_norm(bn: nn.Module | None, node: GNode, ctx: FoldContext) -> str | None:
     path = node.module_path
-    if not isinstance(bn, _BN):
+    like = bn_like.is_bn_like(bn)
+    if like:
+        why = bn_like.not_foldable_reason(bn)
+        if why:
+            return why
+    elif not isinstance(bn, _BN):
         return "not an nn.BatchNorm module"
     if bn.training:
         return "in training mode: it normalizes with batch statistics (call model.eval() first)"
-    if bn.running_mean is None or bn.running_var is None:
+    if not like and (bn.running_mean is None or bn.running_var is None):
         return "has no running statistics (track_running_stats=False): it always uses batch statistics"
     paths = ctx.aliases(bn)
     if len(paths) > 1:
@@ -722,7 +748,7 @@ def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
     detail: dict[str, Any] = {"into": site.into, "position": site.position,
                               "via": [n.op for n in site.targets[0].chain] if len(site.targets) == 1 else []}
     bn = ctx.module(site.norm)
-    if isinstance(bn, _BN):
+    if isinstance(bn, _BN) or bn_like.is_bn_like(bn):
         parent_path, _, name = site.norm.rpartition(".")
         parent = ctx.module(parent_path)
         undo.save_child(parent, name)
