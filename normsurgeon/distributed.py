@@ -78,8 +78,13 @@ def process_group(device: str = "auto") -> Iterator[Ranks]:
         raise NormSurgeonError(f"cannot join the torchrun process group ({backend}): {type(e).__name__}: {e}") from e
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), dev)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # torchrun stops the other ranks when this one fails
+        raise
+    # Tear down together: a gloo rank that destroys its group while a peer still works (rank 0 saving)
+    # can abort ("terminate called without an active exception") and fail the whole launch.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def failed_ranks(ok: bool, group=None) -> list[int]:

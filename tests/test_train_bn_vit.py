@@ -7,7 +7,6 @@ of the same scale. A tiny transformers ViT learns it on CPU in a few hundred ste
 
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 
