@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from normsurgeon import zoo  # noqa: E402
-from normsurgeon.fold import fold  # noqa: E402
+from normsurgeon.passes.fold import fold  # noqa: E402
 from normsurgeon.inputs import CallArgs  # noqa: E402
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -104,7 +104,7 @@ def fx_fuse(model: nn.Module) -> str:
 
 def export(model: nn.Module, ci: CallArgs, path: Path) -> None:
     try:
-        from normsurgeon.onnx_export import export_onnx
+        from normsurgeon.onnx import export_onnx
     except ImportError:
         export_onnx = None
     if export_onnx is not None:
@@ -116,7 +116,7 @@ def export(model: nn.Module, ci: CallArgs, path: Path) -> None:
 def bn_ops(path: Path) -> tuple[int, int]:
     """BatchNormalization ops in the exported file, and in the graph ONNX Runtime actually runs."""
     try:
-        from normsurgeon.onnx_export import count_norm_ops, optimized_norm_ops
+        from normsurgeon.onnx import count_norm_ops, optimized_norm_ops
         return (count_norm_ops(path).get("BatchNormalization", 0),
                 optimized_norm_ops(path).get("BatchNormalization", 0))
     except ImportError:

@@ -30,7 +30,9 @@ import numpy as np
 
 from .errors import NormSurgeonError
 from .inputs import CallArgs
-from .onnx_export import _ORT_TYPES, _one_line, count_norm_ops, make_session
+from .errors import one_line as _one_line
+from .onnx import count_norm_ops, make_session
+from .onnx.runtime import _ORT_TYPES
 from .outputs import compare_outputs
 from .report import Table, fmt_float
 

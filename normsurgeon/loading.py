@@ -13,9 +13,7 @@ the passes; ``api.load`` takes every form.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import os
 import re
 import pickle
@@ -30,6 +28,7 @@ import torch
 
 from .errors import NormSurgeonError, one_line
 from .inputs import CallArgs, as_call_args, inputs_from_hf_config
+from .quiet import quiet_torch
 
 
 @dataclass
@@ -140,7 +139,7 @@ def _load_pt2(path: Path) -> LoadedModel:
     while True:
         logged: list[str] = []
         try:
-            with _quiet_torch_logs(logged):
+            with quiet_torch(logged):
                 ep = torch.export.load(str(path))
             break
         except Exception as e:  # noqa: BLE001
@@ -193,36 +192,6 @@ def program_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> CallArgs:
             flat.append(torch.randint(0, 2, shape, generator=gen, dtype=val.dtype))
     args, kwargs = torch.utils._pytree.tree_unflatten(flat, ep.call_spec.in_spec)
     return CallArgs(tuple(args), dict(kwargs))
-
-
-class _Collect(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(record.getMessage())
-        if record.exc_info:
-            self.sink.append(logging.Formatter().formatException(record.exc_info))
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs(sink: list[str] | None = None):
-    """torch logs a warning with a full traceback before raising on a bad archive: collect it instead
-    of showing it (the error is said in one line)."""
-    # torch gives several of its loggers ("torch", "torch.export", ...) their own stderr handler.
-    names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
-    loggers = [logging.getLogger(n) for n in names]
-    loggers = [lg for lg in loggers if lg.handlers or lg.name == "torch"]
-    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
-    collect = _Collect(sink if sink is not None else [])
-    for lg in loggers:
-        lg.handlers, lg.propagate = [collect], False
-    try:
-        yield
-    finally:
-        for lg, handlers, propagate in saved:
-            lg.handlers, lg.propagate = handlers, propagate
 
 
 def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
@@ -401,7 +370,7 @@ def _save_pt2(ep: torch.export.ExportedProgram, out: Path, hint: str) -> None:
     def write(tmp: str) -> None:
         torch.export.save(ep, tmp)
         try:  # a file we report as saved must load back
-            with _quiet_torch_logs():
+            with quiet_torch():
                 torch.export.load(tmp)
         except Exception as e:  # noqa: BLE001
             raise NormSurgeonError(f"-o {out}: the archive does not load back ({one_line(e)}){hint}") from e

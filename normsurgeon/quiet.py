@@ -22,6 +22,8 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.sink.append(record.getMessage())
+        if record.exc_info:  # torch logs a traceback before raising on a bad .pt2: the caller may read it
+            self.sink.append(logging.Formatter().formatException(record.exc_info))
 
 
 @contextlib.contextmanager

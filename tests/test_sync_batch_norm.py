@@ -255,7 +255,7 @@ def test_calibrate_runs_sync_token_batch_norm_locally():
 
 
 def test_synchronized_vit_calibrates_and_folds_like_a_token_bn_vit(converted_vit):
-    from normsurgeon.fold import fold
+    from normsurgeon.passes.fold import fold
     bn_vit = convert_sync_batchnorm(copy.deepcopy(converted_vit))
     gen = torch.Generator().manual_seed(0)
     calibrate(bn_vit, [{"pixel_values": torch.randn(8, 3, 32, 32, generator=gen)} for _ in range(2)])
