@@ -231,7 +231,7 @@ def test_a_bias_free_linear_takes_folds_from_both_sides():
     (WeightReadTwice, torch.randn(4, 8), "producer fc.weight is read by 2 nodes (shared)"),
     (UsedTwice, img, "producer conv output is also used by add"),
     (NonLin, img, "a nonlinearity (relu) sits between conv2d conv and the BN"),
-    (lambda: Consumer(padding=1), img, "consumer conv zero-pads its input (padding=[1, 1])"),
+    (lambda: Consumer(padding=1), img, "consumer conv zero-pads its input (padding=(1, 1))"),
 ], ids=["weight-read-twice", "output-used-twice", "nonlinearity", "padded-consumer"])
 def test_refusals_give_the_module_folds_reasons(model, x, reason):
     ep, folded, report, action = fold_one(model(), x)
