@@ -93,6 +93,7 @@ class Site:
     position: str  # "after" (BN after its producer) | "before" (BN before its consumers)
     targets: list[Target]
     functional: bool = False  # a functional batch_norm call, not an nn.BatchNorm module
+    module: nn.Module | None = None  # the BN module object a rewrite replaces (set by the pass once rewritten)
 
     @property
     def into(self) -> list[str]:

@@ -971,3 +971,28 @@ def test_a_bn_module_whose_forward_moves_data_folds_only_if_the_moves_cancel():
         if not folds:
             assert "rearranges the data" in report.skipped[0].reason
         assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+class TupleCalled(nn.Module):
+    """Issue 19 item 7: conv and BN registered in a ModuleList, called through a plain tuple attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)])
+        self.pair = (self.layers[0], self.layers[1])  # a plain attribute: replacing layers[1] cannot reach it
+
+    def forward(self, x):
+        conv, bn = self.pair
+        return self.layers[3](self.layers[2](torch.relu(bn(conv(x)))))
+
+
+def test_a_bn_the_forward_still_calls_is_not_reported_folded():
+    model = TupleCalled().eval()  # fresh statistics: nearly the identity, so outputs alone would not tell
+    folded, report = fold(model, CallArgs((torch.randn(2, 3, 8, 8),)))
+    kinds = {a.path: a.kind for a in report.actions}
+    assert kinds == {"layers.1": "rolled_back", "layers.3": "folded"}, report.summary()
+    assert "still calls this BatchNorm" in report.rolled_back[0].reason
+    assert isinstance(folded.layers[1], nn.BatchNorm2d) and isinstance(folded.layers[3], nn.Identity)
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(folded.pair[0].weight, model.pair[0].weight)  # the conv it would have folded into: restored
+    assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6) and report.passed
