@@ -996,3 +996,45 @@ def test_a_bn_the_forward_still_calls_is_not_reported_folded():
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(folded.pair[0].weight, model.pair[0].weight)  # the conv it would have folded into: restored
     assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6) and report.passed
+
+
+class PitchTracker(nn.Module):
+    """Issue 19 item 10, a CREPE-like pitch tracker: (conv → ReLU → BN → max-pool) × 3, then
+    permute → reshape → Linear. The last BN reaches the classifier through the max-pool."""
+
+    def __init__(self, channels=(1, 8, 8, 6), length=32):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(a, b, 5, padding=2), nn.ReLU(), nn.BatchNorm1d(b), nn.MaxPool1d(2))
+            for a, b in zip(channels, channels[1:]))
+        self.fc = nn.Linear(channels[-1] * length // 8, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.permute(0, 2, 1).reshape(x.shape[0], -1))
+
+
+def test_a_bn_folds_through_max_pool_where_every_scale_is_positive():
+    model = randomize(PitchTracker())  # γ in [0.5, 1.5): every scale γ/σ is positive
+    x = CallArgs((torch.randn(2, 1, 32),))
+    folded, report = fold(model, x)
+    kinds = {a.path: a.kind for a in report.actions}
+    assert kinds == {"blocks.0.2": "skipped", "blocks.1.2": "skipped", "blocks.2.2": "folded"}, report.summary()
+    (done,) = report.folded
+    assert done.detail["into"] == ["fc"] and done.detail["via"] == ["max_pool1d", "permute", "reshape"]
+    for a in report.skipped:  # the others sit before zero-padded convs (and after a ReLU): refused, rightly
+        assert "zero-pads its input" in a.reason and "a nonlinearity" in a.reason
+    assert report.passed and isinstance(folded.blocks[2][2], nn.Identity)
+    y = torch.randn(5, 1, 32)
+    assert torch.allclose(folded(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_scale_does_not_commute_with_max_pool():
+    model = randomize(PitchTracker())
+    with torch.no_grad():
+        model.blocks[2][2].weight[3] = -0.7  # one channel's scale negative: max(s·x) is s·min(x) there
+    folded, report = fold(model, CallArgs((torch.randn(2, 1, 32),)))
+    (last,) = [a for a in report.actions if a.path == "blocks.2.2"]
+    assert last.kind == "skipped" and "negative on 1 of 6 channels (channel 3 first)" in last.reason
+    assert "max_pool1d" in last.reason and not report.folded

@@ -20,7 +20,7 @@ from normsurgeon.inputs import CallArgs
 from normsurgeon.outputs import compare_outputs
 from normsurgeon.passes.fold_bn_program import count_batch_norms
 
-from test_fold import Consumer, NonLin, UsedTwice, WeightReadTwice, randomize
+from test_fold import Consumer, NonLin, PitchTracker, UsedTwice, WeightReadTwice, randomize
 
 img = torch.randn(2, 3, 8, 8)
 
@@ -300,6 +300,15 @@ def test_refusals_give_the_module_folds_reasons(model, x, reason):
     ep, folded, report, action = fold_one(model(), x)
     assert action.kind == "skipped" and reason in action.reason
     assert count_batch_norms(folded) == 1 and report.verify.max_rel_error == 0
+
+
+def test_pitch_tracker_program_folds_its_last_bn_through_max_pool_like_the_module():
+    model, x = randomize(PitchTracker()), torch.randn(2, 1, 32)
+    ep = export(model, x).run_decompositions()  # max_pool1d decomposes to max_pool2d_with_indices + getitem
+    folded, report = fold_program(ep)
+    assert [a.path for a in report.folded] == ["blocks.2.2"] and report.passed
+    assert all("zero-pads its input" in a.reason for a in report.skipped) and len(report.skipped) == 2
+    assert rel(ep, folded, CallArgs((torch.randn(2, 1, 32),))) <= 1e-5  # a static batch: reshape(x.shape[0])
 
 
 def test_training_mode_batch_norm_is_refused():
