@@ -49,7 +49,7 @@ Three editors apply the same folds: the ``nn.Module`` editor (``passes.fold_bn``
    (padding, ConvTranspose taps), ``commute_reason`` (a max-pool between needs ``s ≥ 0`` on every
    channel).
 
-4. **The math**: ``fold(row, position, weight, bias, scale, shift, groups=, channels=, n_channels=)``
+4. **The math**: ``fold(row, position, weight, bias, scale, shift, groups=, channels=)``
    returns the new ``(weight, bias)`` in float64-exact ``fold_math``, cast back.
 
 An editor then does only what is its own: who owns a weight (a module attribute, a program
