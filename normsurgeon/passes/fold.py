@@ -29,7 +29,7 @@ from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, Tolerance, UndoLog, UndoStore, tolerance_for, tolerance_for_dtypes
+from ..verify import References, Tolerance, UndoLog, UndoStore, run_clean, tolerance_for, tolerance_for_dtypes
 from . import fold_bn_program as program_rule
 from .base import Applied, apply_verified
 from .fold_bn import FoldContext, check, combine, entry_reason, match, rewrite
@@ -251,8 +251,7 @@ def _drop_still_running(work: nn.Module, ci: CallArgs, applied: list[Applied], a
     ran: set[int] = set()
     hooks = [a.site.module.register_forward_pre_hook(lambda m, _args: ran.add(id(m))) for a in watched]
     try:
-        with torch.no_grad():
-            ci.call(work)
+        run_clean(work, ci)  # no grad, fixed RNG, training-mode BN statistics restored
     except Exception:  # noqa: BLE001 - a model that no longer runs is the verification's to report
         return applied
     finally:

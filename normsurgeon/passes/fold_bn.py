@@ -44,7 +44,6 @@ from ..report import Action
 from ..verify import UndoLog
 from . import bn_like
 from . import fold_targets as ft
-from .fold_targets import where as _where
 
 __all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
 

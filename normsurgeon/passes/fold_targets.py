@@ -345,6 +345,11 @@ def where(node: GNode) -> str:
     return f"{op} ({node.module_path})" if node.module_path else op
 
 
+def live_users(node: GNode) -> list[GNode]:
+    """``ops.data_users`` less the unread extra outputs of a tuple (a max-pool's indices nobody reads)."""
+    return [u for u in ops.data_users(node) if not (u.op == "getitem" and u.args[1] != 0 and not u.users)]
+
+
 def passes_through(node: GNode, moves: Moves) -> bool:
     """A BN's per-channel map can be followed through ``node`` (moved data, or a max-pool: checked later)."""
     return moves(node) or ops.commutes_with_positive_affine(node)
@@ -382,7 +387,7 @@ def match_before(out: GNode, *, moves: Moves = ops.is_data_movement, read: Reade
     stack: list[tuple[GNode, list[GNode]]] = [(out, [])]
     while stack:
         node, chain = stack.pop()
-        users = ops.data_users(node)
+        users = live_users(node)
         if not users:
             return None, "its output is not used"
         for u in users:
@@ -413,7 +418,7 @@ def producer_reason(path: str, reach: Reach, bn: GNode, n_out: int | None, n_bn:
     scalar map and folds wherever its axis sits. None when it folds."""
     node, chain = reach.node, reach.chain
     for n, expected in zip([node, *chain], [*chain, bn]):
-        others = [u for u in ops.data_users(n) if u is not expected]
+        others = [u for u in live_users(n) if u is not expected]
         if others:
             what = "output" if n is node else f"output (after {n.op})"
             return f"producer {path} {what} is also used by {where(others[0])}"

@@ -1038,3 +1038,30 @@ def test_a_negative_scale_does_not_commute_with_max_pool():
     (last,) = [a for a in report.actions if a.path == "blocks.2.2"]
     assert last.kind == "skipped" and "negative on 1 of 6 channels (channel 3 first)" in last.reason
     assert "max_pool1d" in last.reason and not report.folded
+
+
+@pytest.mark.parametrize("pool,position,via", [
+    (nn.AdaptiveMaxPool2d(2), "before", ["adaptive_max_pool2d", "getitem", "flatten"]),  # (values, indices)
+    (nn.MaxPool2d(2, padding=1), "before", ["max_pool2d", "flatten"]),  # the −∞ padding commutes too
+])
+def test_max_pool_forms_fold_in_module_and_program(pool, position, via):
+    from normsurgeon.passes.fold import fold_program
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), pool, nn.Flatten(),
+                                    nn.LazyLinear(3)))
+    x = CallArgs((torch.randn(2, 3, 9, 9),))
+    model(*x.args)  # materialize the lazy Linear
+    folded, report = fold(model, x)
+    (done,) = report.folded
+    assert done.detail["position"] == position and done.detail["via"] == via and report.passed
+    ep = torch.export.export(model, x.args, strict=False)
+    for program in (ep, ep.run_decompositions()):
+        _, preport = fold_program(program)
+        assert [a.path for a in preport.folded] == ["2"] and preport.passed
+
+
+def test_a_bn_after_max_pool_folds_into_the_conv_before_it():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU()))
+    folded, report = fold(model, CallArgs((torch.randn(2, 3, 9, 9),)))
+    (done,) = report.folded
+    assert done.detail == {"into": ["0"], "position": "after", "via": ["max_pool2d"]} and report.passed
