@@ -132,16 +132,11 @@ def match(ep: ExportedProgram) -> list[ProgramEntry]:
         scale, shift = fold_math.bn_scale_shift(tensors["running_mean"], tensors["running_var"], eps,
                                                 tensors["weight"], tensors["bias"])
         n_bn = rm.shape[0] if rm.shape else None
-        for position in ("after", "before"):
-            if position == "after":
-                targets, why = _after(node, n_bn, scale)
-            else:
-                targets, why = _before(out, n_bn, scale, shift)
-            if targets is None:
-                entry.reasons[position] = why
-            else:
-                entry.sites.append(ProgramSite(entry.norm, node.name, [e.name for e in extra], position,
-                                               targets, names, eps))
+        sites, entry.reasons = ft.plan(node, out, n_bn, scale, shift, own=_own, name=_path)
+        for site in sites:
+            targets = [_target(r, ch) for r, ch in zip(site.reaches, site.channels)]
+            entry.sites.append(ProgramSite(entry.norm, node.name, [e.name for e in extra], site.position,
+                                           targets, names, eps))
     return entries
 
 
@@ -192,51 +187,18 @@ def _norm_output(node: GNode) -> tuple[GNode | None, list[GNode], str]:
     return out, extra, ""
 
 
-def _after(bn: GNode, n_bn: int | None, scale: torch.Tensor) -> tuple[list[ProgramTarget] | None, str]:
-    reach, why = ft.match_after(bn)
-    if reach is None:
-        return None, why
-    t = _target(reach, "producer")
-    if isinstance(t, str):
-        return None, t
-    r = reach.read
-    why = ft.producer_reason(t.path, reach, bn, ft.out_channels(r.kind, r.weight_shape(), t.groups), n_bn) \
-        or ft.commute_reason(reach.chain, scale)
-    return (None, why) if why else ([t], "")
+def _path(reach: ft.Reach) -> str:
+    w = reach.read.weight
+    return _owner(w.param) if isinstance(w, GNode) and w.op == "param" else (reach.node.module_path or "<root>")
 
 
-def _before(out: GNode, n_bn: int | None, scale: torch.Tensor, shift: torch.Tensor
-            ) -> tuple[list[ProgramTarget] | None, str]:
-    reaches, why = ft.match_before(out)
-    if reaches is None:
-        return None, why
-    targets = []
-    for reach in reaches:
-        t = _target(reach, "consumer")
-        if isinstance(t, str):
-            return None, t
-        r = reach.read
-        shape = r.weight_shape()
-        why = ft.before_reason(r.row, t.path, shift, padding=r.padding, dilation=r.dilation,
-                               kernel=shape[2:] if shape else None, stride=r.stride, output_padding=r.output_padding)
-        if why is None and n_bn is not None:
-            ch, why = ft.consumer_channels(t.path, reach, n_bn)
-            if ch is not None:
-                t.stride = ch.stride
-        why = why or ft.commute_reason(reach.chain, scale)
-        if why:
-            return None, why
-        targets.append(t)
-    return targets, ""
-
-
-def _target(reach: ft.Reach, role: str) -> ProgramTarget | str:
-    """The target's placeholders, or why its weight/bias cannot be rewritten in the program's state."""
+def _own(reach: ft.Reach, role: str) -> str | None:
+    """Why the target's weight/bias cannot be rewritten in the program's state (read elsewhere, computed)."""
     node, w = reach.node, reach.read
-    where_ = node.module_path or "<root>"
     if not (isinstance(w.weight, GNode) and w.weight.op == "param"):
-        return f"{role} {node.op} in {where_}: its weight is computed in the program, not read from its state"
-    path = _owner(w.weight.param)
+        return (f"{role} {node.op} in {node.module_path or '<root>'}: its weight is computed in the program, not "
+                "read from its state")
+    path = _path(reach)
     readers = max([len(w.weight.users), *(len(n.users) for n in w.weight_chain)])
     if readers > 1:
         return f"{role} {path}.weight is read by {readers} nodes (shared)"
@@ -249,8 +211,14 @@ def _target(reach: ft.Reach, role: str) -> ProgramTarget | str:
             return f"{role} {path}'s bias is read by {len(w.bias.users)} nodes (shared)"
     if w.groups is None or w.groups < 1:
         return f"{role} {path}: cannot read its groups"
-    return ProgramTarget(path, node.name, w.kind, w.weight.name, w.bias.name if w.bias is not None else None,
-                         w.bias_index, w.groups, [n.op for n in reach.chain], w.row.name)
+    return None
+
+
+def _target(reach: ft.Reach, ch: ops.Channels) -> ProgramTarget:
+    w = reach.read
+    return ProgramTarget(_path(reach), reach.node.name, w.kind, w.weight.name,
+                         w.bias.name if w.bias is not None else None, w.bias_index, w.groups,
+                         [n.op for n in reach.chain], w.row.name, ch.stride)
 
 
 # --- rewrite ------------------------------------------------------------------------------------------------
