@@ -58,7 +58,7 @@ def load(model: str | os.PathLike, *, trust: bool = False, imports: Sequence[str
     if is_recipe_dir(model):
         if weights is not None:
             raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a recipe directory")
-        loaded = replay.load_dir(model)
+        loaded = replay.load_dir(model, trust=trust, imports=imports)
     else:
         loaded = load_model(model, trust=trust, imports=imports, weights=weights)
         _remember_base(loaded, str(model))
