@@ -1,11 +1,16 @@
 """Load models from what users have on disk, and save results without ever losing anything.
 
 Accepted model arguments:
-- a transformers model directory (config.json + weights), loaded offline, never with remote code;
-- a ``.pt2`` torch.export archive (safe: no pickle);
+- a transformers model directory (config.json + weights), loaded offline, never with remote code,
+  built-in attention only;
+- a ``.pt2`` torch.export archive, its contents checked first (``pt2_check``): pickled or code parts
+  need ``trust=True``;
 - a ``.pt``/``.pth`` file: a pickled ``nn.Module`` (only with ``trust=True``, because unpickling runs
   arbitrary code) or a state dict (safe; needs an architecture from a factory spec);
 - a ``package.module:factory`` spec, optionally with weights from ``.pt``/``.safetensors``.
+
+What each may run, and what ``trust`` unlocks, is ``normsurgeon.trust``'s concern (docs/cli.md,
+"What loading trusts").
 
 Recipe directories (``convert``/``fold -o DIR/``) are rebuilt by ``normsurgeon.replay``, which needs
 the passes; ``api.load`` takes every form.
@@ -14,6 +19,7 @@ the passes; ``api.load`` takes every form.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pickle
 import tempfile
@@ -94,8 +100,12 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{path}/config.json: cannot read config: {one_line(e)}") from e
-    check_config_attention({"attn_implementation": getattr(config, "_attn_implementation", None),
-                            **config.to_dict()}, f"{path}/config.json")
+    try:  # the file as written: sub-model configs may name their own attention
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    check_config_attention({"attn_implementation": getattr(config, "_attn_implementation", None), "file": raw},
+                           f"{path}/config.json")
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, str(arch), None) if arch else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):

@@ -123,9 +123,8 @@ def build_base(base: dict, *, trust: bool = False, where: str = "recipe", max_by
                 return cls._from_config(config, attn_implementation=impl) if impl else cls(config)
 
             if max_bytes is not None:  # sizes from the config, measured without allocating
-                with torch.device("meta"):
-                    size = _state_bytes(build())
-                if size > max_bytes:
+                size = _meta_bytes(build)
+                if size is not None and size > max_bytes:
                     raise NormSurgeonError(
                         f"{where}: base.config describes a {name} of {size / 2**30:.1f} GiB, far more than the "
                         f"recipe's weights ({max_bytes / 2**30:.1f} GiB at most): refused before allocating it")
@@ -138,7 +137,14 @@ def build_base(base: dict, *, trust: bool = False, where: str = "recipe", max_by
     return model.eval()
 
 
-def _state_bytes(model: nn.Module) -> int:
+def _meta_bytes(build) -> int | None:
+    """Bytes of the model ``build()`` makes, built on the meta device (None: it cannot be built there;
+    the real build then says what is wrong)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001
+        return None
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
