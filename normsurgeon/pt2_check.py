@@ -6,8 +6,11 @@ restricted (weights-only) unpickler refuses (it retries with the full one); it l
 shared libraries; pytree contexts may name modules it imports (``defaultdict`` factories, enums);
 shape expressions go through ``sympy.sympify`` (``eval``); and ``ExportedProgram.module()``
 ``exec``\\ s the archive's ``guards_code``. This module reads the archive's JSON and its sample
-inputs (weights-only) and lists each such part, so the loader refuses them without trust. Plain
-archives written by ``torch.export.save`` of ordinary models contain none of them.
+inputs (weights-only) and lists each such part, so the loader refuses them without trust. Names
+are checked too: FX pastes parameter and buffer paths into the Python source of the module
+``ExportedProgram.module()`` builds (``getattr(self, "<name>")``, unescaped), so a quote in a
+weight's name is code. Plain archives written by ``torch.export.save`` of ordinary models contain
+none of them.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ def _check_payloads(read, names: list[str], config_file: str, kind: str, report:
         return
     for fqn, meta in config.items():
         meta = meta if isinstance(meta, dict) else {}
+        if not _SAFE_NAME.match(fqn):
+            report.needs_trust.append(f"its {kind} {fqn[:60]!r} has a name with characters that torch would paste "
+                                      "into generated code")
         path = str(meta.get("path_name", ""))
         if meta.get("use_pickle"):
             report.needs_trust.append(f"its {kind} {fqn!r} is stored as a pickle (use_pickle)")
@@ -134,7 +140,13 @@ def _check_program(program: Any, report: ArchiveReport) -> None:
         if not safe_guard(guard):
             report.needs_trust.append(f"its guards_code {str(guard)[:80]!r} is not a plain shape check (torch "
                                       "runs it as Python code)")
+    bad_name = None
     for key, value in _walk(program):
+        if (key.endswith("_name") or key in ("name", "fqn")) and isinstance(value, str) \
+                and not _SAFE_NAME.match(value) and bad_name is None:
+            bad_name = value  # FX pastes parameter/buffer paths into the source of the module it builds
+            report.needs_trust.append(f"it names {key} {value[:60]!r}, with characters that torch would paste "
+                                      "into generated code")
         if key == "expr_str" and not safe_sym_expr(value):
             report.needs_trust.append(f"its shape expression {str(value)[:80]!r} is not a plain sympy expression "
                                       "(torch evaluates it)")

@@ -289,6 +289,24 @@ def test_shape_expression_that_is_not_sympy_is_refused(tmp_path):
     assert _trusted_runs(bad, marker)
 
 
+def test_parameter_name_that_is_code_is_refused(tmp_path):
+    """FX writes getattr(self, "<name>") into the module's source without escaping the name."""
+    src, _, x = plain_archive(tmp_path / "m.pt2")
+    marker = tmp_path / "MARKER"
+    inj = f'training"),getattr(getattr(__import__(\'pathlib\'),\'Path\')(\'{marker}\'),\'touch\')(),getattr(self,"training'
+
+    def edit(name, data):
+        if name in ("models/model.json", "data/weights/model_weights_config.json"):
+            return data.replace(b'"conv.weight"', json.dumps("conv." + inj).encode())
+        return data
+
+    bad = edit_archive(src, tmp_path / "bad.pt2", edit)
+    with pytest.raises(NormSurgeonError, match="torch would paste into generated code"):
+        load_model(bad)
+    assert not marker.exists()
+    assert _trusted_runs(bad, marker, call=lambda loaded: loaded.model(x))
+
+
 def test_compiled_code_in_archive_is_refused(tmp_path):
     src, _, _ = plain_archive(tmp_path / "m.pt2")
     bad = edit_archive(src, tmp_path / "bad.pt2", lambda name, data: data)
