@@ -442,3 +442,17 @@ def test_recipe_fields_out_of_range_are_refused_before_allocating(vit_recipe, tm
     with pytest.raises(NormSurgeonError, match=match):
         normsurgeon.load(d)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: under 512 MiB
+
+
+def test_python_dash_m_does_not_make_the_working_directory_importable(cwd):
+    """`python -m` puts the working directory on sys.path; the CLI takes it off (--import puts it back)."""
+    import os
+    import subprocess
+
+    write_evil_module(cwd, "mymodels")
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "normsurgeon", "inspect", "mymodels:x", "--input-shape", "1,2"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--import mymodels" in proc.stderr, proc.stderr[-2000:]
+    assert not (cwd / "MARKER").exists()
