@@ -19,6 +19,7 @@ import ast
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
@@ -115,7 +116,9 @@ def _check_sample_inputs(data: bytes, report: ArchiveReport) -> None:
     if not data:
         return
     try:  # the restricted unpickler: tensors and plain containers only, nothing runs
-        inputs = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # its complaints about the file are the refusal below
+            warnings.simplefilter("ignore")
+            inputs = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001
         report.needs_trust.append(f"its sample inputs hold pickled objects beyond tensors ({one_line(e, limit=120)})")
         return

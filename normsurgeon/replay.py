@@ -148,17 +148,20 @@ def _meta_bytes(build) -> int | None:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def _weights_limit(file: Path) -> int | None:
+def _weights_limit(file: Path) -> int:
     """How large a base may be for ``file``'s weights: the base is built in float32 (4 bytes an
     element, whatever dtype the file stores), allowed twice the file's elements (norms folded away,
-    tied weights stored once) plus 256 MiB of buffers the file does not hold."""
+    tied weights stored once) plus 256 MiB of buffers the file does not hold. Read from the header,
+    before anything is built: a missing or unreadable file is an error here."""
     from safetensors import safe_open
 
+    if not file.is_file():
+        raise NormSurgeonError(f"{file}: missing (the weights of the recipe)")
     try:
         with safe_open(str(file), framework="pt") as f:
             elements = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by the weights load
-        return None
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{file}: cannot read: {one_line(e)}") from e
     return 2 * 4 * elements + (256 << 20)
 
 
@@ -316,9 +319,9 @@ def load_dir(path: str | os.PathLike, *, trust: bool = False, imports=()) -> Loa
     """``load`` with the example inputs, as every command loads a model argument."""
     path = Path(path)
     recipe = _read_recipe(path)
+    limit = _weights_limit(path / WEIGHTS_FILE)
     with user_code(trust=trust, imports=imports):
-        model = build_base(recipe.base, trust=trust, where=str(path / RECIPE_FILE),
-                           max_bytes=_weights_limit(path / WEIGHTS_FILE))
+        model = build_base(recipe.base, trust=trust, where=str(path / RECIPE_FILE), max_bytes=limit)
     apply_recipe(model, recipe)
     if recipe.dtype is not None:  # non-persistent buffers too (rotary tables...), as model.half() did
         model.to(getattr(torch, recipe.dtype))

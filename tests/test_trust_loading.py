@@ -444,6 +444,18 @@ def test_recipe_fields_out_of_range_are_refused_before_allocating(vit_recipe, tm
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: under 512 MiB
 
 
+def test_absurd_config_without_weights_is_refused_before_building(vit_recipe, tmp_path):
+    import resource
+
+    d = copy_recipe(vit_recipe, tmp_path / "r", lambda doc: doc["base"]["config"].update(
+        hidden_size=1 << 16, intermediate_size=1 << 16))
+    (d / "model.safetensors").unlink()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(NormSurgeonError, match="model.safetensors: missing"):
+        normsurgeon.load(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024
+
+
 def test_python_dash_m_does_not_make_the_working_directory_importable(cwd):
     """`python -m` puts the working directory on sys.path; the CLI takes it off (--import puts it back)."""
     import os
