@@ -79,15 +79,29 @@ def check_recipe_factory(spec: object, where: str, *, trust: bool) -> None:
         f"{_TRUST_HINT}")
 
 
+def _installed_flash_attention(name: object) -> bool:
+    """``flash_attention_N`` whose package is installed: transformers runs it, nothing is fetched (when
+    it is missing, transformers would fetch a replacement kernel from the hub)."""
+    try:
+        import transformers.utils as tu
+    except ImportError:  # pragma: no cover
+        return False
+    check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}
+    fn = getattr(tu, check.get(str(name), ""), None)
+    return bool(fn is not None and fn())
+
+
 def check_attention(value: object, where: str) -> None:
-    """``value`` (an ``attn_implementation``, or a dict of them per sub-model) names built-in attention only."""
+    """``value`` (an ``attn_implementation``, or a dict of them per sub-model) names built-in attention
+    only (or an installed flash-attention package): never a kernel from the hub."""
     values = value.values() if isinstance(value, dict) else [value]
     for v in values:
-        if v is not None and v not in BUILTIN_ATTENTION:
+        if v is not None and v not in BUILTIN_ATTENTION and not _installed_flash_attention(v):
             raise NormSurgeonError(
-                f"{where}: attn_implementation {v!r} is not built into transformers (a hub kernel or an optional "
-                f"package that transformers may fetch from the Hugging Face hub); normsurgeon loads with "
-                f"{', '.join(BUILTIN_ATTENTION)} only: set one of them")
+                f"{where}: attn_implementation {v!r} is not built into transformers (a hub kernel, or a "
+                f"flash-attention package that is not installed, which transformers would fetch from the Hugging "
+                f"Face hub); normsurgeon loads with {', '.join(BUILTIN_ATTENTION)} (or an installed flash-attention) "
+                "only: set one of them")
 
 
 def check_config_attention(config: object, where: str) -> None:
