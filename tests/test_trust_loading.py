@@ -257,6 +257,30 @@ def test_foreign_pytree_type_is_refused_and_not_imported(cwd):
         sys.modules.pop("evilpt", None)
 
 
+def test_pytree_context_naming_a_module_is_refused_and_not_imported(cwd):
+    """torch imports the module of an enum a pytree context names (``"__enum__"``)."""
+    marker = write_evil_module(cwd, "evilenum")
+    src, _, _ = plain_archive(cwd / "m.pt2")
+
+    def set_context(doc):
+        sig = doc["graph_module"]["module_call_graph"][0]["signature"]
+        version, spec = json.loads(sig["in_spec"])
+        kwargs = spec["children_spec"][1]
+        assert kwargs["type"] == "builtins.dict"
+        kwargs["context"] = json.dumps([{"__enum__": True, "fqn": "evilenum:E", "name": "A"}])
+        sig["in_spec"] = json.dumps([version, spec])
+
+    bad = edit_archive(src, cwd / "bad.pt2", lambda name, data: edit_json(data, set_context)
+                       if name == "models/model.json" else data)
+    with pytest.raises(NormSurgeonError, match="names an enum"):
+        load_model(bad)
+    assert not marker.exists() and "evilenum" not in sys.modules
+    try:
+        assert _trusted_runs(bad, marker)
+    finally:
+        sys.modules.pop("evilenum", None)
+
+
 def test_guards_code_that_is_not_a_shape_check_is_refused(tmp_path):
     src, _, x = plain_archive(tmp_path / "m.pt2")
     marker = tmp_path / "MARKER"
