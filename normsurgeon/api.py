@@ -51,14 +51,15 @@ def load(model: str | os.PathLike, *, trust: bool = False, imports: Sequence[str
          input_dtypes: Sequence[str] = (), need_inputs: bool = False) -> LoadedModel:
     """Load a model as every command does, with example inputs from ``input_shapes`` or the model.
 
-    A recipe directory (``save``) is rebuilt without unpickling anything (no ``trust`` needed). The
+    A recipe directory (``save``) is rebuilt without unpickling anything (``trust`` is needed only for
+    a factory base other than ``normsurgeon.zoo:NAME``). The
     model remembers how it was built (``normsurgeon.recipe``), so what the passes do to it can be
     saved as a recipe. Integer inputs drawn for ``input_shapes`` stay below the size of the embedding
     that consumes them (or the config's vocabulary)."""
     if is_recipe_dir(model):
         if weights is not None:
             raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a recipe directory")
-        loaded = replay.load_dir(model)
+        loaded = replay.load_dir(model, trust=trust, imports=imports)
     else:
         loaded = load_model(model, trust=trust, imports=imports, weights=weights)
         _remember_base(loaded, str(model))

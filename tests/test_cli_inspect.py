@@ -133,8 +133,9 @@ def test_failed_capture_attempts_reach_the_terminal_as_one_line_each(tmp_path):
 
     (tmp_path / "branchy.py").write_text(BRANCHY)
     cli = str(Path(sys.executable).parent / "normsurgeon")
-    for args in (["inspect", "branchy:make", "--input-shape", "2,5,8"],
-                 ["convert", "branchy:make", "--to", "bn", "--input-shape", "2,5,8"]):
+    # the working directory is importable only with --import (or --trust)
+    for args in (["inspect", "branchy:make", "--import", "branchy", "--input-shape", "2,5,8"],
+                 ["convert", "branchy:make", "--import", "branchy", "--to", "bn", "--input-shape", "2,5,8"]):
         proc = subprocess.run([cli, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stderr == "", proc.stderr[:2000]  # no graph dump, log line or warning

@@ -23,7 +23,8 @@ def model_options(fn: Callable) -> Callable:
     """MODEL argument plus the options that say how to load it and how to call it."""
     opts = [
         click.argument("model"),
-        click.option("--trust", is_flag=True, help="Allow unpickling a .pt/.pth model (runs code from the file)."),
+        click.option("--trust", is_flag=True, help="Allow code from the model file: unpickling a .pt/.pth, a recipe's factory base, a .pt2's "
+                     "pickled parts; the working directory becomes importable."),
         click.option("--import", "imports", multiple=True, metavar="MODULE",
                      help="Import MODULE first (classes a pickle or factory needs). Repeatable."),
         click.option("--weights", type=click.Path(), default=None,
