@@ -8,7 +8,8 @@
   sizes. Every refusal carries the reason: a value also read elsewhere (shared producer), a weight
   read by other nodes (shared initializer), a padded conv, a nonlinearity between, an axis that
   cannot be proved.
-- **rewrite**: new weights from ``fold_math`` (float64, cast back to the weight's dtype), written
+- **rewrite**: new weights from the table's ``fold_targets.fold`` (``fold_math``: float64, cast back
+  to the weight's dtype), written
   where the weight lives (an initializer stays an initializer under its name, a ``Constant`` node
   keeps being one; a weight computed from constants, such as ``Transpose(W)``, becomes a new
   initializer); a MatMul without a bias gets ``Add(bias)`` after it (ONNX Runtime fuses MatMul+Add);
@@ -26,22 +27,55 @@ import numpy as np
 import torch
 
 from .. import fold_math
+from ..graph import ops
+from ..passes import fold_targets
 from .graph import (DATA_MOVEMENT, IDENTITY_OPS, NONLINEAR, OnnxGraph, map_axis_through_reshape,
                     map_channels_through_reshape, numel, shape_text)
 
-__all__ = ["OnnxSite", "OnnxTarget", "match", "rewrite", "node_label", "TARGETS"]
+__all__ = ["OnnxSite", "OnnxTarget", "OnnxRead", "read_onnx", "match", "rewrite", "node_label"]
 
-#: The fold targets of an ONNX graph, one row each: the fold_math kind of its weight layout (see
-#: ``fold_math.fold_bn_into``), which input is the weight and which the bias, the axis of its output
-#: that holds its output channels and the axis of its input that holds its input channels (None:
-#: the last), and whether a BN before it folds exactly.
-TARGETS: dict[str, dict] = {
-    "Conv": {"kind": "conv", "weight": 1, "bias": 2, "out_axis": 1, "in_axis": 1, "before": True},
-    "ConvTranspose": {"kind": "conv_transpose", "weight": 1, "bias": 2, "out_axis": 1, "in_axis": 1,
-                      "before": False},
-    "Gemm": {"kind": "linear", "weight": 1, "bias": 2, "out_axis": 1, "in_axis": 1, "before": True},
-    "MatMul": {"kind": "linear_t", "weight": 1, "bias": None, "out_axis": -1, "in_axis": -1, "before": True},
-}
+
+@dataclass
+class OnnxRead:
+    """What an ONNX weighted node is in the one fold-target table (``passes.fold_targets``), and where
+    it takes its weight and bias (input indices; ``bias`` None: the op has none, MatMul)."""
+
+    row: fold_targets.FoldTarget
+    weight: int = 1
+    bias: int | None = 2
+    groups: int = 1
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+
+def read_onnx(g: OnnxGraph, node) -> OnnxRead | None:
+    """The table row of ``node`` (``fold_targets.rows_for_onnx``), or None if it is no fold target:
+    Conv/ConvTranspose by their weight's rank, Gemm as ``linear`` (transB=1: an (out, in) weight) or
+    ``matmul`` (transB=0: (in, out)), MatMul ``x @ W`` with a constant 2-D ``W`` as ``matmul``."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        rank = g.rank(node.inputs[1])
+        if rank not in (3, 4, 5):
+            return None
+        name = f"{'conv_transpose' if op == 'ConvTranspose' else 'conv'}{rank - 2}d"
+        r = fold_targets.row(name)
+        return OnnxRead(r, groups=int(_attr(node, "group", 1))) if op in r.onnx else None
+    if op == "Gemm":
+        if _attr(node, "transA", 0):
+            return None
+        return OnnxRead(fold_targets.row("linear" if _attr(node, "transB", 0) else "matmul"))
+    if op == "MatMul":
+        if g.rank(node.inputs[1]) != 2 or g.const(node.inputs[1]) is None or g.const(node.inputs[0]) is not None:
+            return None
+        return OnnxRead(fold_targets.row("matmul"), bias=None)
+    return None
+
+
+TARGET_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass
@@ -54,6 +88,7 @@ class OnnxTarget:
     chain: list[str] = field(default_factory=list)  # data-movement ops between, in dataflow order
     bias_add: int | None = None  # "after": the index of an Add(constant) between producer and BN
     out_rank: int = 2  # rank of the node's output
+    axis: int = 1  # its channel axis: of its output ("after"), of its input ("before")
     stride: int = 1  # "before": input feature i holds BN channel (i // stride) % C
 
 
@@ -185,6 +220,18 @@ def _track(g: OnnxGraph, chain: list, axis: int, n: int, stride: int = 1) -> tup
 
 # --- after: BN(producer(x)) ------------------------------------------------------------------------
 
+def _own_params_problem(g: OnnxGraph, node, label: str, rd: OnnxRead) -> str | None:
+    why = _weight_problem(g, node, label, rd.weight)
+    if why is None and rd.bias is not None:
+        why = _weight_problem(g, node, label, rd.bias, "bias")
+    if why is None and node.op_type == "Gemm":
+        c = g.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        n = fold_targets.out_channels(rd.kind, tuple(g.const(node.inputs[1]).shape))
+        if c is not None and not _per_channel(c, 2, 1, n):
+            return f"{label}'s bias C has shape {list(c.shape)}: not one value per output channel"
+    return why
+
+
 def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxTarget | None, str]:
     x = bn.inputs[0]
     chain: list = []
@@ -194,11 +241,12 @@ def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxT
         p = x.producer()
         if p is None:
             return None, "its input is a graph input, not the output of a Conv/Gemm/MatMul"
-        if why and p.op_type in TARGETS:
+        rd = read_onnx(g, p)
+        if why and rd is not None:
             return None, f"producer {node_label(p, index[id(p)])} output is also read elsewhere: {why}"
         if why:
             return None, why
-        if p.op_type in TARGETS and p.domain in ("", "ai.onnx"):
+        if rd is not None:
             break
         if p.op_type in DATA_MOVEMENT and p.domain in ("", "ai.onnx"):
             chain.insert(0, p)
@@ -207,7 +255,7 @@ def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxT
         if p.op_type == "Add" and bias_add is None:
             c, ci = _const_bias(g, p, None)
             src = p.inputs[1 - ci] if ci >= 0 else None
-            if src is not None and src.producer() is not None and src.producer().op_type in TARGETS:
+            if src is not None and src.producer() is not None and read_onnx(g, src.producer()) is not None:
                 bias_add = p
                 x = src
                 continue
@@ -215,59 +263,70 @@ def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxT
             return None, f"a nonlinearity ({p.op_type}) sits between the producer and the BN"
         return None, f"its input comes from {p.op_type} ({node_label(p, index[id(p)])}), not from a Conv/Gemm/MatMul"
     label = node_label(p, index[id(p)])
-    row = TARGETS[p.op_type]
-    why = _weight_problem(g, p, label, row["weight"])
+    if rd.row.after is None:
+        return None, f"a BN after {label} ({rd.row.name}) does not fold into it"
+    why = _own_params_problem(g, p, label, rd)
     if why:
         return None, why
-    if row["bias"] is not None:
-        why = _weight_problem(g, p, label, row["bias"], "bias")
-        if why:
-            return None, why
-    out = p.outputs[0]
-    rank = g.rank(out)
-    if rank is None:
-        return None, f"the shape of {label}'s output is unknown"
-    axis = row["out_axis"] % rank
-    if p.op_type == "MatMul":
-        wr = g.rank(p.inputs[1])
-        if g.const(p.inputs[0]) is not None or wr != 2:
-            return None, f"{label} is not x @ W with a constant 2-D W"
-    if p.op_type == "Gemm":
-        if _attr(p, "transA", 0):
-            return None, f"{label} transposes its input (transA=1): its output channels are its weight's"
-        c = g.const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
-        n_out = g.shape(out)[1]
-        if c is not None and n_out is not None and not _per_channel(c, 2, 1, n_out[0]):
-            return None, f"{label}'s bias C has shape {list(c.shape)}: not one value per output channel"
-    if p.op_type in ("Conv", "ConvTranspose") and len(p.outputs) != 1:
+    if len(p.outputs) != 1:
         return None, f"{label} has several outputs"
-    n_out = g.shape(out)[axis]
-    if n_out != (C, ()):
-        return None, f"{label} has {n_out[0] if n_out else '?'} output channels, the BN {C}"
+    out = p.outputs[0]
+    shape = g.shape(out)
+    if shape is None:
+        return None, f"the shape of {label}'s output is unknown"
+    rank = len(shape)
+    axis = fold_targets.channel_axis(rd.kind, rd.row.spatial, tuple(shape))
+    n_out = fold_targets.out_channels(rd.kind, tuple(g.const(p.inputs[rd.weight]).shape), rd.groups)
     steps = ([bias_add] if bias_add is not None else []) + chain
-    a, stride, why = _track(g, chain, axis, C)
-    if why:
-        return None, f"between {label} and the BN: {why}"
-    if a != 1 or stride != 1:
-        return None, f"the BN normalizes axis 1 but {label}'s channels arrive on axis {a}"
+    if C != 1:  # a one-channel BN is a scalar map: it folds wherever its axis sits
+        a, stride, why = _track(g, chain, axis, C)
+        if why:
+            return None, f"between {label} and the BN: {why}"
+        if a != 1 or stride != 1:
+            return None, f"the BN normalizes axis 1 but {label}'s channels arrive on axis {a}"
+        if n_out != C:
+            return None, f"{label} has {n_out} output channels, the BN {C}"
     if bias_add is not None:
-        c, _ = _const_bias(g, bias_add, None)
-        why = _weight_problem(g, bias_add, f"the bias Add after {label}", [i for i, v in enumerate(bias_add.inputs)
-                                                                            if g.const(v) is not None][0], "bias")
+        ci = [i for i, v in enumerate(bias_add.inputs) if g.const(v) is not None][0]
+        c = g.const(bias_add.inputs[ci])
+        why = _weight_problem(g, bias_add, f"the bias Add after {label}", ci, "bias")
         if why:
             return None, why
-        if not _per_channel(c, rank, axis, C):
+        if not _per_channel(c, rank, axis, n_out):
             return None, f"the Add after {label} adds a constant of shape {list(c.shape)}: not one value per channel"
     return OnnxTarget(index[id(p)], label, p.op_type, [n.op_type for n in steps],
-                      bias_add=index[id(bias_add)] if bias_add is not None else None, out_rank=rank), ""
+                      bias_add=index[id(bias_add)] if bias_add is not None else None, out_rank=rank, axis=axis), ""
 
 
 # --- before: consumer(BN(x)) -----------------------------------------------------------------------
+
+def _conv_before_reason(node, label: str, rd: OnnxRead, shift: torch.Tensor, w_shape) -> str | None:
+    """``fold_targets.before_reason`` with an ONNX Conv/ConvTranspose's attributes."""
+    n = rd.row.spatial
+    kernel = list(_attr(node, "kernel_shape") or w_shape[2:])
+    pads = list(_attr(node, "pads") or [0] * (2 * n))
+    auto = _attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    dil = list(_attr(node, "dilations") or [1] * n)
+    stride = list(_attr(node, "strides") or [1] * n)
+    out_pad = list(_attr(node, "output_padding") or [0] * n)
+    if node.op_type == "ConvTranspose":
+        if _attr(node, "output_shape") is not None or auto not in ("NOTSET", "VALID"):
+            return f"consumer {label} is a ConvTranspose with output_shape/auto_pad: its taps cannot be checked"
+        if pads[:n] != pads[n:]:
+            return f"consumer {label} is a ConvTranspose with asymmetric pads {pads}"
+        padding: object = pads[:n]
+    else:
+        padding = "same" if auto in ("SAME_UPPER", "SAME_LOWER") else "valid" if auto == "VALID" else pads
+    return fold_targets.before_reason(rd.row, label, shift, padding=padding, dilation=dil, kernel=kernel,
+                                      stride=stride, output_padding=out_pad)
+
 
 def _match_before(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[list[OnnxTarget] | None, str]:
     y = bn.outputs[0]
     if y.is_graph_output():
         return None, "its output is a graph output"
+    _, shift = bn_scale_shift(g, bn)
     targets: list[OnnxTarget] = []
     for user in g.users(y):
         chain: list = []
@@ -279,48 +338,43 @@ def _match_before(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[list
                 return None, why
             node = g.users(node.outputs[0])[0]
         label = node_label(node, index[id(node)])
-        row = TARGETS.get(node.op_type)
+        rd = read_onnx(g, node)
         if node.op_type in NONLINEAR:
             return None, f"its output feeds a nonlinearity ({node.op_type})"
-        if row is None or node.domain not in ("", "ai.onnx"):
+        if rd is None:
+            if node.op_type in TARGET_OPS:
+                return None, f"its output feeds {node.op_type} ({label}) whose weight is not a constant 2-D/conv weight"
             return None, f"its output feeds {node.op_type} ({label}), not only Gemm/MatMul/Conv"
-        if not row["before"]:
-            return None, f"consumer {label} is a {node.op_type}: a BN shift before it does not fold exactly"
         fed = chain[-1].outputs[0] if chain else y
         if node.inputs[0] is not fed or any(v is fed for v in node.inputs[1:]):
             return None, f"consumer {label} reads the BN as its weight, not as its input"
-        why = _weight_problem(g, node, label, row["weight"])
+        why = _own_params_problem(g, node, label, rd)
         if why:
             return None, why
-        if row["bias"] is not None:
-            why = _weight_problem(g, node, label, row["bias"], "bias")
-            if why:
-                return None, why
-        if node.op_type == "MatMul" and g.rank(node.inputs[1]) != 2:
-            return None, f"{label} is not x @ W with a constant 2-D W"
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
-            return None, f"consumer {label} transposes its input (transA=1)"
-        if node.op_type == "Conv":
-            pads = _attr(node, "pads") or []
-            auto = _attr(node, "auto_pad", "NOTSET")
-            auto = auto.decode() if isinstance(auto, bytes) else auto
-            if any(pads) or auto in ("SAME_UPPER", "SAME_LOWER"):
-                return None, (f"consumer {label} zero-pads its input (pads={list(pads)}, auto_pad={auto}): the BN "
-                              "shift would not reach the padded border")
+        w_shape = tuple(g.const(node.inputs[rd.weight]).shape)
+        if rd.kind in ("conv", "conv_transpose"):
+            why = _conv_before_reason(node, label, rd, shift, w_shape)
+        elif rd.row.before is None:
+            why = f"a BN before {label} ({rd.row.name}) does not fold into it"
+        if why:
+            return None, why
         x_shape = g.shape(fed)
         if x_shape is None:
             return None, f"the shape of {label}'s input is unknown"
-        want = row["in_axis"] % len(x_shape)
-        a, stride, why = _track(g, chain, 1, C)
-        if why:
-            return None, f"between the BN and {label}: {why}"
-        if a != want:
-            return None, f"the BN's channels arrive on axis {a} of {label}'s input, which reads channels on axis {want}"
-        n_in = x_shape[want]
-        if n_in is None or n_in[1] or n_in[0] % (C * stride):
-            return None, f"{label}'s input channels ({n_in[0] if n_in else '?'}) are not whole blocks of the BN's {C}"
+        want = fold_targets.channel_axis(rd.kind, rd.row.spatial, tuple(x_shape))
+        stride = 1
+        if C != 1:
+            a, stride, why = _track(g, chain, 1, C)
+            if why:
+                return None, f"between the BN and {label}: {why}"
+            if a != want:
+                return None, (f"the BN's channels arrive on axis {a} of {label}'s input, which reads channels on "
+                              f"axis {want}")
+            n_in = fold_targets.in_channels(rd.kind, w_shape, rd.groups)
+            if n_in % (C * stride):
+                return None, f"{label}'s {n_in} input channels are not whole blocks of the BN's {C} channels"
         targets.append(OnnxTarget(index[id(node)], label, node.op_type, [n.op_type for n in chain], stride=stride,
-                                  out_rank=g.rank(node.outputs[0]) or len(x_shape)))
+                                  out_rank=g.rank(node.outputs[0]) or len(x_shape), axis=want))
     if not targets:
         return None, "its output is not read"
     return targets, ""
@@ -451,40 +505,33 @@ def _insert_bias(g: OnnxGraph, graph, node, bias: np.ndarray, names: _Names) -> 
     graph.insert_after(node, add)
 
 
-def _weight_io(g: OnnxGraph, node) -> tuple[np.ndarray, np.ndarray | None]:
-    """(weight in fold_math's layout, bias or None) of a target node, alpha/beta applied for Gemm."""
-    row = TARGETS[node.op_type]
-    w = np.asarray(g.const(node.inputs[row["weight"]]))
+def _weight_io(g: OnnxGraph, node, rd: OnnxRead) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight in its row's layout, bias or None) of a target node; Gemm's alpha/beta applied."""
+    w = np.asarray(g.const(node.inputs[rd.weight]))
     b = None
-    if row["bias"] is not None and len(node.inputs) > row["bias"] and node.inputs[row["bias"]] is not None:
-        b = np.asarray(g.const(node.inputs[row["bias"]]))
+    if rd.bias is not None and len(node.inputs) > rd.bias and node.inputs[rd.bias] is not None:
+        b = np.asarray(g.const(node.inputs[rd.bias]))
     if node.op_type == "Gemm":
-        w = (w if _attr(node, "transB", 0) else w.T) * np.asarray(_attr(node, "alpha", 1.0), w.dtype)
+        w = w * np.asarray(_attr(node, "alpha", 1.0), w.dtype)
         if b is not None:
-            b = np.broadcast_to(b * np.asarray(_attr(node, "beta", 1.0), b.dtype), (w.shape[0],)).copy()
-    return w, b
+            n = fold_targets.out_channels(rd.kind, w.shape)
+            b = np.broadcast_to(b * np.asarray(_attr(node, "beta", 1.0), b.dtype), (1, n)).reshape(n)
+    return _t(w), None if b is None else _t(b)
 
 
-def _store(g: OnnxGraph, graph, node, w: np.ndarray, b: np.ndarray | None, names: _Names) -> None:
+def _store(g: OnnxGraph, graph, node, rd: OnnxRead, w: torch.Tensor, b: torch.Tensor | None, names: _Names) -> None:
     import onnx_ir as ir
 
-    row = TARGETS[node.op_type]
     base = node.name or node.op_type
     if node.op_type == "Gemm":
-        w = w if _attr(node, "transB", 0) else w.T
-        for k, v in (("alpha", 1.0), ("beta", 1.0)):
+        for k in ("alpha", "beta"):
             if _attr(node, k, 1.0) != 1.0:
-                node.attributes[k] = ir.AttrFloat32(k, v)
-    old_w = node.inputs[row["weight"]]
-    _set_const(g, graph, node, row["weight"], np.ascontiguousarray(w),
+                node.attributes[k] = ir.AttrFloat32(k, 1.0)
+    old_w = node.inputs[rd.weight]
+    _set_const(g, graph, node, rd.weight, np.ascontiguousarray(w.numpy()),
                names, f"{old_w.name if old_w is not None and old_w.name else base}.folded")
-    if b is not None and row["bias"] is not None:
-        _set_const(g, graph, node, row["bias"], b, names, f"{base}.bias")
-
-
-def _fold(kind: str, position: str, w, b, s, t, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    nw, nb = fold_math.fold_bn_into(kind, position, _t(w), None if b is None else _t(b), s, t, groups=groups)
-    return nw.numpy(), nb.numpy()
+    if b is not None and rd.bias is not None:
+        _set_const(g, graph, node, rd.bias, np.ascontiguousarray(b.numpy()), names, f"{base}.bias")
 
 
 def rewrite(site: OnnxSite, g: OnnxGraph, nodes: list) -> None:
@@ -495,56 +542,46 @@ def rewrite(site: OnnxSite, g: OnnxGraph, nodes: list) -> None:
     s, t = bn_scale_shift(g, bn)
     for target in site.targets:
         node = nodes[target.index]
-        kind = TARGETS[node.op_type]["kind"]
-        groups = int(_attr(node, "group", 1))
-        w, b = _weight_io(g, node)
+        rd = read_onnx(g, node)
+        if rd is None:
+            raise ValueError(f"{target.label} is no longer a fold target")
+        w, b = _weight_io(g, node, rd)
+        channels = ops.Channels(target.axis, target.stride)
         if site.position == "after":
             add = nodes[target.bias_add] if target.bias_add is not None else None
-            if add is None and node.op_type == "MatMul":
-                add, _ = _bias_after(g, node, target.out_rank, w.shape[1])
-            if add is not None:
+            if add is None and rd.bias is None:
+                add, _ = _bias_after(g, node, target.out_rank, fold_targets.out_channels(rd.kind, tuple(w.shape)))
+            if add is not None:  # y = s·(P(x) + c) + t: P's weight (and own bias) scaled, c' = s·c + t
                 c, ci = _const_bias(g, add, node.outputs[0])
                 out_rank = max(target.out_rank, c.ndim)
-                axis = TARGETS[node.op_type]["out_axis"] % target.out_rank + (out_rank - target.out_rank)
+                axis = target.axis + (out_rank - target.out_rank)
+                n = s.numel() if s.numel() != 1 else fold_targets.out_channels(rd.kind, tuple(w.shape), rd.groups)
+                ss, tt = (s, t) if s.numel() == n else (s.expand(n), t.expand(n))
+                nw, nb = fold_targets.fold(rd.row, "after", w, b, ss, torch.zeros_like(tt), groups=rd.groups)
+                shape = [n if i == axis else 1 for i in range(out_rank)]
                 full = [1] * (out_rank - c.ndim) + list(c.shape)
-                cv = _t(np.broadcast_to(c.reshape(full), [s.numel() if i == axis else 1 for i in range(out_rank)])
-                        .reshape(-1).astype(np.float64))
-                nw, nb = _fold(kind, "after", w, b, s, torch.zeros_like(t), groups)
-                shape = [1] * out_rank
-                shape[axis] = s.numel()
+                cv = _t(np.broadcast_to(c.reshape(full), shape).reshape(-1).astype(np.float64))
                 keep = max(c.ndim, out_rank - axis)  # the constant's own rank, or enough to reach the axis
-                new_c = (s * cv + t).to(dtype=_t(c).dtype).numpy().reshape(shape[out_rank - keep:])
-                _store(g, graph, node, nw, nb if b is not None else None, names)
+                new_c = (ss * cv + tt).numpy().astype(c.dtype).reshape(shape[out_rank - keep:])
+                _store(g, graph, node, rd, nw, nb if b is not None else None, names)
                 _set_const(g, graph, add, ci, np.ascontiguousarray(new_c), names, f"{node.name or 'bias'}.bias")
             else:
-                nw, nb = _fold(kind, "after", w, b, s, t, groups)
-                if TARGETS[node.op_type]["bias"] is None:
-                    _store(g, graph, node, nw, None, names)
-                    _insert_bias(g, graph, node, nb, names)
-                else:
-                    _store(g, graph, node, nw, nb, names)
+                nw, nb = fold_targets.fold(rd.row, "after", w, b, s, t, groups=rd.groups)
+                _store(g, graph, node, rd, nw, nb if rd.bias is not None else None, names)
+                if rd.bias is None:
+                    _insert_bias(g, graph, node, nb.numpy(), names)
         else:
-            C = s.numel()
-            in_axis = TARGETS[node.op_type]["in_axis"]
-            n_in = w.shape[1 if kind in ("linear", "conv") else 0] * (groups if kind == "conv" else 1)
-            if kind == "linear_t":
-                n_in = w.shape[0]
-            ss = fold_math.expand_channels(s, target.stride, n_in) if (n_in != C or target.stride != 1) else s
-            tt = fold_math.expand_channels(t, target.stride, n_in) if (n_in != C or target.stride != 1) else t
-            del in_axis
-            if node.op_type == "MatMul":
-                add, ci = _bias_after(g, node, target.out_rank, w.shape[1])
-                nw, nb = _fold(kind, "before", w, None, ss, tt, groups)
-                _store(g, graph, node, nw, None, names)
+            nw, nb = fold_targets.fold(rd.row, "before", w, b if rd.bias is not None else None, s, t,
+                                       groups=rd.groups, channels=channels)
+            _store(g, graph, node, rd, nw, nb if rd.bias is not None else None, names)
+            if rd.bias is None:
+                add, ci = _bias_after(g, node, target.out_rank, fold_targets.out_channels(rd.kind, tuple(w.shape)))
                 if add is not None:
                     c = np.asarray(g.const(add.inputs[ci]))
-                    new_c = (c.astype(np.float64) + nb.astype(np.float64)).astype(c.dtype)
+                    new_c = (c.astype(np.float64) + nb.double().numpy()).astype(c.dtype)
                     _set_const(g, graph, add, ci, np.ascontiguousarray(new_c), names, f"{node.name or 'bias'}.bias")
                 else:
-                    _insert_bias(g, graph, node, nb, names)
-            else:
-                nw, nb = _fold(kind, "before", w, b, ss, tt, groups)
-                _store(g, graph, node, nw, nb, names)
+                    _insert_bias(g, graph, node, nb.numpy(), names)
     _remove_bn(graph, bn)
 
 
