@@ -438,10 +438,7 @@ def _set_const(g: OnnxGraph, graph, node, idx: int, array: np.ndarray, names: _N
                 del p.attributes[k]
             p.attributes["value"] = ir.AttrTensor("value", ir.tensor(array))
             return
-    name = names.fresh(base)
-    new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                   const_value=ir.tensor(array, name=name))
-    graph.register_initializer(new)
+    new = _new_const(graph, array, names.fresh(base))
     old = v
     if idx < len(node.inputs):
         node.replace_input_with(idx, new)
@@ -450,6 +447,29 @@ def _set_const(g: OnnxGraph, graph, node, idx: int, array: np.ndarray, names: _N
         node.replace_input_with(idx, new)
     if old is not None:
         _drop_if_dead(graph, old)
+
+
+def _new_const(graph, array: np.ndarray, name: str):
+    """A new constant value: an initializer, or a ``Constant`` node in a graph that has no initializers
+    (a converter that writes every weight as a Constant node gets its style kept)."""
+    import onnx_ir as ir
+
+    tensor = ir.tensor(array, name=name)
+    if not graph.initializers and any(n.op_type == "Constant" for n in graph):
+        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=name)
+        node.outputs[0].name = name
+        node.outputs[0].shape = ir.Shape(array.shape)
+        node.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        first = next(iter(graph), None)
+        if first is None:
+            graph.append(node)
+        else:
+            graph.insert_before(first, node)
+        return node.outputs[0]
+    new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                   const_value=tensor)
+    graph.register_initializer(new)
+    return new
 
 
 def _drop_if_dead(graph, v) -> None:
@@ -489,10 +509,7 @@ def _insert_bias(g: OnnxGraph, graph, node, bias: np.ndarray, names: _Names) -> 
     import onnx_ir as ir
 
     out = node.outputs[0]
-    name = names.fresh(f"{out.name or 'matmul'}.bias")
-    b = ir.Value(name=name, shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(bias.dtype)),
-                 const_value=ir.tensor(bias, name=name))
-    graph.register_initializer(b)
+    b = _new_const(graph, bias, names.fresh(f"{out.name or 'matmul'}.bias"))
     add = ir.Node("", "Add", [out, b], name=names.fresh(f"{node.name or 'MatMul'}/bias_add"))
     add.outputs[0].name = names.fresh(f"{out.name or 'matmul'}_biased")
     add.outputs[0].shape = out.shape

@@ -1,0 +1,364 @@
+"""Folding BatchNormalization in .onnx files: hand-built graphs of every pattern and trap, LeViT from
+both torch exporters, verified here independently in ONNX Runtime at two sizes of the dynamic dim."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from normsurgeon.onnx.fold import fold_onnx
+
+RNG = np.random.default_rng(0)
+F = TensorProto.FLOAT
+
+
+def _w(name, *shape, scale=0.3):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _bn(name, c, x, y):
+    inits = [numpy_helper.from_array((RNG.random(c) + 0.5).astype(np.float32), f"{name}.g"),
+             numpy_helper.from_array((RNG.standard_normal(c) * 0.3).astype(np.float32), f"{name}.b"),
+             numpy_helper.from_array((RNG.standard_normal(c) * 0.3).astype(np.float32), f"{name}.m"),
+             numpy_helper.from_array((RNG.random(c) + 0.5).astype(np.float32), f"{name}.v")]
+    node = helper.make_node("BatchNormalization", [x] + [i.name for i in inits], [y], name=name, epsilon=1e-5)
+    return node, inits
+
+
+def _const(name, values):
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def _model(nodes, inits, inputs, out_name="y", opset=17):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, F, s) for n, s in inputs],
+                          [helper.make_tensor_value_info(out_name, F, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    m = onnx.shape_inference.infer_shapes(m)  # the output's shape, as exporters write it
+    onnx.checker.check_model(m)
+    return m
+
+
+def _bns(m):
+    return sum(n.op_type == "BatchNormalization" for n in m.graph.node)
+
+
+def _run(m, feeds):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _max_rel(a, b, inputs, batches=(1, 5)):
+    """Max relative error (max abs / max |expected|) of ``b`` vs ``a`` at two sizes of the batch dim."""
+    worst = 0.0
+    for n in batches:
+        feeds = {name: RNG.standard_normal([n if isinstance(d, str) else d for d in shape]).astype(np.float32)
+                 for name, shape in inputs}
+        for e, got in zip(_run(a, feeds), _run(b, feeds)):
+            worst = max(worst, float(np.abs(e - got).max() / np.abs(e).max()))
+    return worst
+
+
+# --- graphs -------------------------------------------------------------------------------------------
+
+def conv_bn(groups=1, transposed=False, dims=2, c_in=4, c_out=6, shared_output=False):
+    op = "ConvTranspose" if transposed else "Conv"
+    k = [3] * dims
+    w = _w("W", *((c_in, c_out // groups) if transposed else (c_out, c_in // groups)), *k)
+    nodes = [helper.make_node(op, ["x", "W"], ["h"], name="conv", group=groups, pads=[1] * 2 * dims)]
+    bn, inits = _bn("bn", c_out, "h", "z")
+    nodes.append(bn)
+    if shared_output:
+        nodes.append(helper.make_node("Add", ["z", "h"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["z"], ["y"]))
+    return _model(nodes, [w] + inits, [("x", ["batch", c_in] + [8] * dims)])
+
+
+def gemm_bn(alpha=1.0, beta=1.0):
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["h"], transB=1, alpha=alpha, beta=beta, name="fc")]
+    bn, inits = _bn("bn", 6, "h", "y")
+    return _model(nodes + [bn], [_w("W", 6, 8), _w("C", 6)] + inits, [("x", ["batch", 8])])
+
+
+def matmul_bn_2d():
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")]
+    bn, inits = _bn("bn", 6, "h", "y")
+    return _model(nodes + [bn], [_w("W", 8, 6)] + inits, [("x", ["batch", 8])])
+
+
+def token_matmul_bn(bias=False, via="reshape", computed_shape=True):
+    """[B, 16, 8] @ W[8, 12] (+ b) -> Reshape [-1, 12] -> BN -> Reshape back (LeViT's token BN)."""
+    nodes, inits = [helper.make_node("MatMul", ["x", "W"], ["h0"], name="mm")], [_w("W", 8, 12)]
+    h = "h0"
+    if bias:
+        nodes.append(helper.make_node("Add", ["h0", "B"], ["h"]))
+        inits.append(_w("B", 12))
+        h = "h"
+    if via == "reshape":
+        if computed_shape:  # the dynamo exporter's Shape -> Squeeze -> Mul -> Concat
+            nodes += [helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+                      helper.make_node("Squeeze", ["s"], ["b"]),
+                      helper.make_node("Mul", ["b", "sixteen"], ["bn_rows"]),
+                      helper.make_node("Unsqueeze", ["bn_rows", "ax0"], ["rows"]),
+                      helper.make_node("Concat", ["rows", "c12"], ["shape2"], axis=0)]
+            inits += [_const("sixteen", 16), _const("ax0", [0]), _const("c12", [12])]
+        else:
+            inits.append(_const("shape2", [-1, 12]))
+        nodes.append(helper.make_node("Reshape", [h, "shape2"], ["flat"]))
+        bn, bi = _bn("bn", 12, "flat", "z")
+        nodes += [bn, helper.make_node("Shape", [h], ["back"]), helper.make_node("Reshape", ["z", "back"], ["y"])]
+    elif via == "flatten":
+        nodes.append(helper.make_node("Flatten", [h], ["flat"], axis=2))
+        bn, bi = _bn("bn", 12, "flat", "z")
+        nodes += [bn, helper.make_node("Shape", [h], ["back"]), helper.make_node("Reshape", ["z", "back"], ["y"])]
+    else:  # transpose to [B, 12, 16]
+        nodes.append(helper.make_node("Transpose", [h], ["tr"], perm=[0, 2, 1]))
+        bn, bi = _bn("bn", 12, "tr", "y")
+        nodes.append(bn)
+    return _model(nodes, inits + bi, [("x", ["batch", 16, 8])])
+
+
+def trap_token_axis():
+    """[B, 8, 8] @ W[8, 8] -> BN over axis 1: the tokens, not the channels (N == C)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")]
+    bn, inits = _bn("bn", 8, "h", "y")
+    return _model(nodes + [bn], [_w("W", 8, 8)] + inits, [("x", ["batch", 8, 8])])
+
+
+def bn_conv(pad=0):
+    bn, inits = _bn("bn", 4, "x", "z")
+    nodes = [bn, helper.make_node("Conv", ["z", "W", "Bc"], ["y"], name="conv", pads=[pad] * 4)]
+    return _model(nodes, inits + [_w("W", 6, 4, 3, 3), _w("Bc", 6)], [("x", ["batch", 4, 8, 8])])
+
+
+def bn_gemm(flatten=False):
+    if flatten:  # the classifier head: BN2d -> Flatten -> Gemm over C*H*W features
+        bn, inits = _bn("bn", 4, "x", "z")
+        nodes = [bn, helper.make_node("Flatten", ["z"], ["f"], axis=1),
+                 helper.make_node("Gemm", ["f", "W"], ["y"], transB=1, name="head")]
+        return _model(nodes, inits + [_w("W", 5, 4 * 3 * 3)], [("x", ["batch", 4, 3, 3])])
+    bn, inits = _bn("bn", 8, "x", "z")
+    nodes = [bn, helper.make_node("Gemm", ["z", "W", "C"], ["y"], transB=1, name="fc")]
+    return _model(nodes, inits + [_w("W", 5, 8), _w("C", 5)], [("x", ["batch", 8])])
+
+
+def bn_matmul_readers():
+    """One BN read by two MatMuls (q and k after one norm); the second already has a bias Add."""
+    bn, inits = _bn("bn", 8, "x", "z")
+    nodes = [bn, helper.make_node("MatMul", ["z", "Wq"], ["q"], name="q"),
+             helper.make_node("MatMul", ["z", "Wk"], ["k0"], name="k"), helper.make_node("Add", ["k0", "Bk"], ["k"]),
+             helper.make_node("Add", ["q", "k"], ["y"])]
+    return _model(nodes, inits + [_w("Wq", 8, 6), _w("Wk", 8, 6), _w("Bk", 6)], [("x", ["batch", 8])])
+
+
+def bn_relu():
+    bn, inits = _bn("bn", 4, "x", "z")
+    return _model([bn, helper.make_node("Relu", ["z"], ["y"])], inits, [("x", ["batch", 4, 5])])
+
+
+def shared_weight():
+    """Two Convs read the same W; a BN after one of them must not change the other."""
+    bn, inits = _bn("bn", 4, "h1", "z")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h1"], name="c1"), helper.make_node("Conv", ["x", "W"], ["h2"], name="c2"),
+             bn, helper.make_node("Add", ["z", "h2"], ["y"])]
+    return _model(nodes, inits + [_w("W", 4, 4, 1, 1)], [("x", ["batch", 4, 5, 5])])
+
+
+def relu_between():
+    bn, inits = _bn("bn", 4, "r", "y")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), helper.make_node("Relu", ["h"], ["r"]), bn]
+    return _model(nodes, inits + [_w("W", 4, 3, 1, 1)], [("x", ["batch", 3, 5, 5])])
+
+
+def trap_rows_2d():
+    """[16, 8] @ W -> Reshape [1, 16, 16] -> BN over axis 1: the MatMul's rows, not its columns."""
+    bn, inits = _bn("bn", 16, "r", "y")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "s"], ["r"]), bn]
+    return _model(nodes, inits + [_w("W", 8, 16), _const("s", [1, 16, 16])], [("x", [16, 8])])
+
+
+def trap_tokens_split():
+    """[64, 8] @ W[8, 16] -> Reshape [4, 16, 16] -> BN over axis 1: 16 tokens, not the 16 channels."""
+    bn, inits = _bn("bn", 16, "r", "y")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "s"], ["r"]), bn]
+    return _model(nodes, inits + [_w("W", 8, 16), _const("s", [4, 16, 16])], [("x", [64, 8])])
+
+
+def matmul_reshape_transpose_bn():
+    """2-D [16, 8] @ W -> Reshape [1, 16, 16] -> Transpose -> BN over the columns."""
+    bn, inits = _bn("bn", 16, "t", "y")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Reshape", ["h", "s"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             bn]
+    return _model(nodes, inits + [_w("W", 8, 16), _const("s", [1, 16, 16])], [("x", [16, 8])])
+
+
+def constant_node_weights():
+    """Weights as Constant nodes, no initializers at all (some converters emit these)."""
+    m = conv_bn()
+    consts = [helper.make_node("Constant", [], [t.name], value=t) for t in m.graph.initializer]
+    g = helper.make_graph(consts + list(m.graph.node), "g", list(m.graph.input), list(m.graph.output))
+    out = helper.make_model(g, opset_imports=list(m.opset_import))
+    out.ir_version = 8
+    return out
+
+
+FOLDABLE = {
+    "conv->bn": conv_bn, "depthwise conv->bn": lambda: conv_bn(groups=4, c_in=4, c_out=4),
+    "convT->bn": lambda: conv_bn(transposed=True), "grouped convT->bn": lambda: conv_bn(groups=2, transposed=True),
+    "conv1d->bn": lambda: conv_bn(dims=1), "conv3d->bn": lambda: conv_bn(dims=3),
+    "gemm->bn": gemm_bn, "gemm(alpha, beta)->bn": lambda: gemm_bn(0.5, 2.0), "matmul->bn": matmul_bn_2d,
+    "token matmul->reshape(computed)->bn": token_matmul_bn,
+    "token matmul->reshape(static -1)->bn": lambda: token_matmul_bn(computed_shape=False),
+    "token matmul+add->reshape->bn": lambda: token_matmul_bn(bias=True),
+    "token matmul->flatten->bn": lambda: token_matmul_bn(via="flatten"),
+    "token matmul->transpose->bn": lambda: token_matmul_bn(via="transpose"),
+    "bn->conv (no pad)": bn_conv, "bn->gemm": bn_gemm, "bn->flatten->gemm": lambda: bn_gemm(flatten=True),
+    "bn->matmul x2 (readers)": bn_matmul_readers, "constant-node weights": constant_node_weights,
+}
+STATIC = {"2d matmul->reshape->transpose->bn": matmul_reshape_transpose_bn}
+TRAPS = {
+    "token axis (N == C)": (trap_token_axis, "axis"), "bn->conv (zero pad)": (lambda: bn_conv(pad=1), "zero-pads"),
+    "bn standalone": (bn_relu, "nonlinearity"), "conv output shared": (lambda: conv_bn(shared_output=True), "also read"),
+    "shared weight": (shared_weight, "shared"), "relu between": (relu_between, "nonlinearity"),
+    "2d rows": (trap_rows_2d, "axis"), "tokens split": (trap_tokens_split, "axis"),
+}
+
+
+def _inputs(m):
+    return [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input]
+
+
+@pytest.mark.parametrize("name", list(FOLDABLE) + list(STATIC))
+def test_foldable_graph_loses_every_bn(name):
+    m = {**FOLDABLE, **STATIC}[name]()
+    before = onnx.ModelProto()
+    before.CopyFrom(m)
+    folded, report = fold_onnx(m)
+    assert m == before  # the caller's model is untouched
+    assert _bns(m) == 1 and _bns(folded) == 0, report.summary()
+    assert report.passed and report.batchnorms_left == 0
+    onnx.checker.check_model(folded)
+    assert [o for o in folded.opset_import] == [o for o in m.opset_import]
+    assert folded.graph.input[0] == m.graph.input[0]  # dynamic dims kept
+    dynamic = name in FOLDABLE
+    assert _max_rel(m, folded, _inputs(m), batches=(1, 5) if dynamic else (None,)) < 1e-5
+    if dynamic:  # verified by the pass itself at two other sizes of the dynamic dim
+        assert {"batch=1", "batch=8"} <= {c.name for c in report.checks}
+    if name != "constant-node weights":  # initializers stay initializers, under their names
+        assert {t.name for t in folded.graph.initializer} & {t.name for t in m.graph.initializer}
+    else:
+        assert not folded.graph.initializer and any(n.op_type == "Constant" for n in folded.graph.node)
+
+
+@pytest.mark.parametrize("name", list(TRAPS))
+def test_trap_is_left_alone_with_a_reason(name):
+    build, word = TRAPS[name]
+    m = build()
+    folded, report = fold_onnx(m)
+    assert _bns(folded) == 1
+    assert report.passed
+    (skipped,) = report.skipped
+    assert word in skipped.reason, skipped.reason
+    assert _max_rel(m, folded, _inputs(m), batches=(1,) if "batch" in str(_inputs(m)) else (None,)) == 0.0
+
+
+def test_matmul_gets_its_bias_as_an_add_ort_fuses():
+    folded, _ = fold_onnx(matmul_bn_2d())
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops == ["MatMul", "Add"]
+    assert any(t.name == "W" for t in folded.graph.initializer)
+
+
+def test_bn_as_graph_output_keeps_the_output_name():
+    folded, report = fold_onnx(gemm_bn())
+    assert [o.name for o in folded.graph.output] == ["y"] and _bns(folded) == 0 and report.passed
+
+
+def test_rollback_when_the_fold_does_not_verify(monkeypatch):
+    """A fold whose math is wrong is caught by ONNX Runtime and rolled back, with the reason."""
+    from normsurgeon import fold_math
+
+    real = fold_math.fold_bn_after_conv
+
+    def wrong(weight, bias, scale, shift, **kw):
+        w, b = real(weight, bias, scale, shift, **kw)
+        return w, b + 1.0
+
+    monkeypatch.setattr(fold_math, "fold_bn_after_conv", wrong)
+    m = conv_bn()
+    folded, report = fold_onnx(m)
+    assert _bns(folded) == 1 and report.passed
+    assert report.rolled_back and "changed the outputs" in report.rolled_back[0].reason
+
+
+def test_user_inputs_join_the_verification(tmp_path):
+    m = conv_bn()
+    path = tmp_path / "inputs.npz"
+    np.savez(path, x=RNG.standard_normal((3, 4, 8, 8)).astype(np.float32))
+    _, report = fold_onnx(m, inputs_file=path)
+    assert report.user_inputs == 1 and any(c.name == "user inputs 1" and c.passed for c in report.checks)
+
+
+def test_tiny_outputs_are_judged_against_rounding_not_only_their_scale():
+    """A saturated sigmoid map (~1e-4 everywhere): rounding-sized differences pass, real ones do not."""
+    from normsurgeon.onnx.ortcheck import Reference
+
+    ref = Reference([], [], rtol=1e-4, atol=1e-6)
+    e = np.full((4, 4), 1e-4, np.float32)
+    assert ref.judge([e], [e * (1 + 2e-4)])[1]  # relative 2e-4, absolute 2e-8: rounding
+    assert not ref.judge([e], [e * 3])[1]
+
+
+# --- LeViT from both torch exporters ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def levit_onnx(tmp_path_factory):
+    import torch
+
+    from normsurgeon import zoo
+
+    model = zoo.levit()
+    x = model.example_inputs().kwargs["pixel_values"]
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).logits
+
+    w = Logits(model).eval()
+    d = tmp_path_factory.mktemp("levit")
+    paths = {"torchscript": d / "levit_ts.onnx", "dynamo": d / "levit_dyn.onnx"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(w, (x,), str(paths["torchscript"]), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                          dynamic_axes={"pixel_values": {0: "batch"}})
+        torch.onnx.export(w, (x,), str(paths["dynamo"]), dynamo=True, optimize=False, verbose=False,
+                          input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}})
+    return paths
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_levit_folds_27_of_27(levit_onnx, exporter):
+    path = levit_onnx[exporter]
+    m = onnx.load(str(path))
+    assert _bns(m) == 27
+    folded, report = fold_onnx(path)
+    assert _bns(folded) == 0 and len(report.folded) == 27 and report.passed, report.summary()
+    assert _max_rel(m, folded, [("pixel_values", ["batch", 3, 64, 64])], batches=(1, 3)) < 1e-5
