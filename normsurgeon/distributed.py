@@ -44,9 +44,9 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise NormSurgeonError(f"--device {device!r}: {e}") from e
+        raise NormSurgeonError(f"`device={device!r}`: {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NormSurgeonError(f"--device {device}: CUDA is not available on this machine")
+        raise NormSurgeonError(f"`device={device!r}`: CUDA is not available on this machine")
     return dev
 
 
