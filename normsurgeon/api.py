@@ -29,6 +29,7 @@ from .input_files import InputsReport, input_layout, save_random_inputs
 from .loading import (LoadedModel, check_output_path, check_program_output, load_model, program_inputs,  # noqa: F401
                       program_module, save_model)
 from .onnx import ExportReport, export_onnx
+from .onnx import fold as _onnx_fold
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
 from .passes import fold as _fold_pass
@@ -210,7 +211,15 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     ``.pt2`` is folded in its own graph), the user's inputs from ``inputs_file`` join the verification,
     and a verified result is saved to ``output`` (a recipe directory, ``.pt`` or ``.pt2``; checked before
     any work, never the input, an existing one only with ``force``). ``report.output`` says what was
-    written (None: nothing), ``report.dry_run`` whether no ``output`` was asked for."""
+    written (None: nothing), ``report.dry_run`` whether no ``output`` was asked for.
+
+    An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
+    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
+    if _onnx_fold.is_onnx(model):
+        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_shapes=input_shapes,
+                                            input_dtypes=input_dtypes, example_inputs=example_inputs))
+        return _onnx_fold.fold_file(model, output=output, force=force, inputs_file=inputs_file,
+                                    extra_inputs=extra_inputs, **kwargs)
     out = check_output(output, force=force, inputs=[_spec_path(model)]) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
@@ -239,7 +248,14 @@ def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *,
             input_dtypes: Sequence[str] = ()):
     """Every normalization layer of ``model`` (``find.InspectReport``), and the inputs it was called with
     (``report.inputs``: name, shape, dtype; the layout ``--inputs`` and calibration files use). ``model``
-    may be a path or spec (loaded as ``load`` does)."""
+    may be a path or spec (loaded as ``load`` does), an ``.onnx`` path or an ``onnx.ModelProto``
+    (``onnx.inspect.inspect_onnx``: its graph's norm ops and decomposed norms)."""
+    if _onnx_fold.is_onnx(model):
+        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_shapes=input_shapes,
+                                            input_dtypes=input_dtypes, example_inputs=example_inputs))
+        from .onnx.inspect import inspect_onnx
+
+        return inspect_onnx(model)
     model, example_inputs, _, _ = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                                     input_dtypes=input_dtypes), need_inputs=False)

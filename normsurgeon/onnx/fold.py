@@ -23,7 +23,24 @@ from .graph import OnnxGraph, load_ir
 from .ortcheck import Check, InputSet, Reference, derive_inputs, user_inputs
 from .fold_rule import OnnxSite, match, rewrite
 
-__all__ = ["fold_onnx", "OnnxFoldReport", "save_onnx"]
+__all__ = ["fold_onnx", "fold_file", "OnnxFoldReport", "save_onnx", "is_onnx", "refuse_load_options"]
+
+
+def is_onnx(model: Any) -> bool:
+    """``model`` is an ``onnx.ModelProto`` or a path ending in ``.onnx``."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model).lower().endswith(".onnx")
+    import onnx
+
+    return isinstance(model, onnx.ModelProto)
+
+
+def refuse_load_options(options: Mapping[str, Any]) -> None:
+    """Options that say how to build or call a PyTorch model mean nothing for an ONNX graph."""
+    given = [k for k, v in options.items() if v]
+    if given:
+        raise NormSurgeonError(f"{', '.join(f'`{k}`' for k in given)} do(es) not apply to an ONNX model: its "
+                               "inputs come from the graph (give real ones with `inputs_file`)")
 
 
 @dataclass
@@ -72,7 +89,7 @@ def _proto(model: Any):
     return None
 
 
-def fold_onnx(model: Any, *, rtol: float | None = None, inputs_file: str | os.PathLike | None = None,
+def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = None, inputs_file: str | os.PathLike | None = None,
               extra_inputs: Sequence[Mapping[str, Any]] = (), dims: Mapping[str, int] | None = None,
               verify: bool = True, seed: int = 0):
     """Fold every exactly foldable BatchNormalization of ``model`` (a path or an ``onnx.ModelProto``).
@@ -134,7 +151,7 @@ def fold_onnx(model: Any, *, rtol: float | None = None, inputs_file: str | os.Pa
         sets += user_inputs(proto, inputs_file)
     for i, feeds in enumerate(extra_inputs):
         sets.append(InputSet(f"user inputs {len([s for s in sets if s.user]) + 1}", dict(feeds), user=True))
-    ref = Reference.record(original, sets, rtol)
+    ref = Reference.record(original, sets, rtol, atol)
     report.tolerance, report.atol, report.sizes = ref.rtol, ref.atol, sizes
     report.notes += ref.notes
     report.user_inputs = sum(1 for s in ref.sets if s.user)
@@ -186,6 +203,23 @@ def fold_onnx(model: Any, *, rtol: float | None = None, inputs_file: str | os.Pa
     report.verify_error = err
     folded = onnx.load_from_string(data)
     report.batchnorms_left = _count_bn(folded)
+    return folded, report
+
+
+def fold_file(model: Any, *, output: str | os.PathLike | None = None, force: bool = False,
+              inputs_file: str | os.PathLike | None = None, extra_inputs: Sequence[Mapping[str, Any]] | None = None,
+              rtol: float | None = None, atol: float | None = None, **kwargs: Any):
+    """``api.fold`` of an ``.onnx`` path or ``ModelProto``: ``fold_onnx``, then the folded graph saved to
+    ``output`` (``.onnx``; checked before any work, never the input, written only if verified)."""
+    from ..loading import check_output_path
+
+    src = Path(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
+    out = check_output_path(output, force=force, inputs=[src], suffixes=(".onnx",)) if output is not None else None
+    folded, report = fold_onnx(model, rtol=rtol, atol=atol, inputs_file=inputs_file,
+                               extra_inputs=list(extra_inputs or []), **kwargs)
+    report.dry_run = out is None
+    if out is not None and report.passed:
+        report.output = str(save_onnx(folded, out, force=force, input_path=src))
     return folded, report
 
 

@@ -255,6 +255,10 @@ def inspect_onnx(model: Any) -> InspectReport:
     sites += _decomposed(g, index)
     opset = next((v for d, v in m.opset_imports.items() if d in ("", "ai.onnx")), None)
     report = InspectReport(f"onnx (opset {opset}, {len(nodes)} nodes)", sites)
+    report.inputs = [{"name": v.name, "shape": [d if isinstance(d, int) else (getattr(d, "value", None) or "?")
+                                                 for d in (v.shape or [])],
+                      "dtype": str(v.dtype.numpy()) if v.dtype is not None else "?"}
+                     for v in g.graph.inputs if not v.is_initializer()]
     subgraphs = sum(1 for n in nodes for a in n.attributes.values() if a.type.name in ("GRAPH", "GRAPHS"))
     if subgraphs or m.functions:
         report.failed_parts.append(("(subgraphs/functions)", f"{subgraphs} If/Loop subgraph(s) and "

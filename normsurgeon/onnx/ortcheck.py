@@ -215,14 +215,16 @@ def session(model_bytes: bytes, threads: int = 1):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def tolerance_of(outputs: Sequence[np.ndarray], rtol: float | None = None) -> tuple[float, float]:
+def tolerance_of(outputs: Sequence[np.ndarray], rtol: float | None = None, atol: float | None = None
+                 ) -> tuple[float, float]:
     """(rtol, atol) for these outputs: the table's entry for the least precise float dtype among them;
-    a caller's ``rtol`` is raised to the table's for float16."""
+    a caller's ``rtol``/``atol`` replace it, raised to the table's for float16."""
     dtypes = {_TORCH.get(np.dtype(o.dtype)) for o in outputs} - {None} or {torch.float32}
     worst = max((TOLERANCE[d] for d in dtypes), key=lambda t: t[0])
-    if rtol is None:
-        return worst
-    return max(rtol, worst[0]) if torch.float16 in dtypes else rtol, worst[1]
+    low = torch.float16 in dtypes
+    r = worst[0] if rtol is None else max(rtol, worst[0]) if low else rtol
+    a = worst[1] if atol is None else max(atol, worst[1]) if low else atol
+    return r, a
 
 
 @dataclass
@@ -236,7 +238,8 @@ class Reference:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def record(cls, model_bytes: bytes, sets: list[InputSet], rtol: float | None = None) -> "Reference":
+    def record(cls, model_bytes: bytes, sets: list[InputSet], rtol: float | None = None,
+               atol: float | None = None) -> "Reference":
         try:
             sess = session(model_bytes)
         except Exception as e:  # noqa: BLE001
@@ -253,7 +256,7 @@ class Reference:
                                            f"({one_line(e, limit=200)}); pass inputs it accepts "
                                            "(inputs_file=, or dims= for its dynamic dims)") from e
                 notes.append(f"input set {s.name!r} dropped: the original model rejects it ({one_line(e, limit=120)})")
-        r, a = tolerance_of([o for o in outs[0] if np.issubdtype(o.dtype, np.floating)], rtol)
+        r, a = tolerance_of([o for o in outs[0] if np.issubdtype(o.dtype, np.floating)], rtol, atol)
         return cls(kept, outs, r, a, notes)
 
     def compare(self, model_bytes: bytes, *, stop_early: bool = False) -> tuple[list[Check], str | None]:
