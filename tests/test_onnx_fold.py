@@ -362,3 +362,25 @@ def test_levit_folds_27_of_27(levit_onnx, exporter):
     folded, report = fold_onnx(path)
     assert _bns(folded) == 0 and len(report.folded) == 27 and report.passed, report.summary()
     assert _max_rel(m, folded, [("pixel_values", ["batch", 3, 64, 64])], batches=(1, 3)) < 1e-5
+
+
+def test_cli_fold_writes_a_verified_onnx(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from normsurgeon.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(token_matmul_bn(bias=True), str(src))
+    out = tmp_path / "folded.onnx"
+    res = CliRunner().invoke(main, ["fold", str(src), "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["output"] == str(out) and d["summary"]["folded"] == 1 and d["verify"]["passed"]
+    assert {c["name"] for c in d["verify"]["checks"]} >= {"example", "batch=1", "batch=8"}
+    assert _bns(onnx.load(str(out))) == 0 and _bns(onnx.load(str(src))) == 1
+    res = CliRunner().invoke(main, ["fold", str(src), "-o", str(src), "--force"])
+    assert res.exit_code == 2 and "input" in res.output
+    res = CliRunner().invoke(main, ["fold", str(src), "-o", str(tmp_path / "x.pt")])
+    assert res.exit_code == 2 and ".onnx" in res.output
