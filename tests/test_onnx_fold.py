@@ -139,6 +139,13 @@ def bn_conv(pad=0):
     return _model(nodes, inits + [_w("W", 6, 4, 3, 3), _w("Bc", 6)], [("x", ["batch", 4, 8, 8])])
 
 
+def bn_conv_transpose(pads=2):
+    """BN -> ConvTranspose(k=3, stride 1): exact only where every output receives every tap (pads >= 2)."""
+    bn, inits = _bn("bn", 4, "x", "z")
+    nodes = [bn, helper.make_node("ConvTranspose", ["z", "W"], ["y"], name="convT", pads=[pads] * 4)]
+    return _model(nodes, inits + [_w("W", 4, 6, 3, 3)], [("x", ["batch", 4, 8, 8])])
+
+
 def bn_gemm(flatten=False):
     if flatten:  # the classifier head: BN2d -> Flatten -> Gemm over C*H*W features
         bn, inits = _bn("bn", 4, "x", "z")
@@ -223,12 +230,13 @@ FOLDABLE = {
     "token matmul+add->reshape->bn": lambda: token_matmul_bn(bias=True),
     "token matmul->flatten->bn": lambda: token_matmul_bn(via="flatten"),
     "token matmul->transpose->bn": lambda: token_matmul_bn(via="transpose"),
-    "bn->conv (no pad)": bn_conv, "bn->gemm": bn_gemm, "bn->flatten->gemm": lambda: bn_gemm(flatten=True),
+    "bn->conv (no pad)": bn_conv, "bn->convT (uniform taps)": bn_conv_transpose, "bn->gemm": bn_gemm, "bn->flatten->gemm": lambda: bn_gemm(flatten=True),
     "bn->matmul x2 (readers)": bn_matmul_readers, "constant-node weights": constant_node_weights,
 }
 STATIC = {"2d matmul->reshape->transpose->bn": matmul_reshape_transpose_bn}
 TRAPS = {
     "token axis (N == C)": (trap_token_axis, "axis"), "bn->conv (zero pad)": (lambda: bn_conv(pad=1), "zero-pads"),
+    "bn->convT (border taps)": (lambda: bn_conv_transpose(pads=0), "taps"),
     "bn standalone": (bn_relu, "nonlinearity"), "conv output shared": (lambda: conv_bn(shared_output=True), "also read"),
     "shared weight": (shared_weight, "shared"), "relu between": (relu_between, "nonlinearity"),
     "2d rows": (trap_rows_2d, "axis"), "tokens split": (trap_tokens_split, "axis"),
