@@ -392,3 +392,35 @@ def test_cli_fold_writes_a_verified_onnx(tmp_path):
     assert res.exit_code == 2 and "input" in res.output
     res = CliRunner().invoke(main, ["fold", str(src), "-o", str(tmp_path / "x.pt")])
     assert res.exit_code == 2 and ".onnx" in res.output
+
+
+@pytest.mark.parametrize("name,count", [("resnet", 8), ("mobilenet_v2", 52), ("efficientnet", 22), ("regnet", 9),
+                                        ("mobilevit", 32)])
+def test_zoo_exports_fold_like_the_module_fold(tmp_path, name, count):
+    """The zoo's other BN models, exported with their BNs: as many fold as the module fold folds (all)."""
+    import torch
+
+    from normsurgeon import zoo
+
+    model = zoo.MODELS[name]()
+    x = model.example_inputs().kwargs["pixel_values"]
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).logits
+
+    path = tmp_path / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits().eval(), (x,), str(path), dynamo=False, opset_version=17,
+                          input_names=["pixel_values"], training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=False, dynamic_axes={"pixel_values": {0: "batch"}})
+    m = onnx.load(str(path))
+    folded, report = fold_onnx(m)
+    assert _bns(m) == count and _bns(folded) == 0 and report.passed, report.summary()
+    shape = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert _max_rel(m, folded, [("pixel_values", shape)], batches=(1, 3)) < 1e-5
