@@ -216,10 +216,10 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
     (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
     if _onnx_fold.is_onnx(model):
-        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_shapes=input_shapes,
-                                            input_dtypes=input_dtypes, example_inputs=example_inputs))
+        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_dtypes=input_dtypes,
+                                            example_inputs=example_inputs))
         return _onnx_fold.fold_file(model, output=output, force=force, inputs_file=inputs_file,
-                                    extra_inputs=extra_inputs, **kwargs)
+                                    extra_inputs=extra_inputs, input_shapes=input_shapes, **kwargs)
     out = check_output(output, force=force, inputs=[_spec_path(model)]) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,

@@ -424,3 +424,20 @@ def test_zoo_exports_fold_like_the_module_fold(tmp_path, name, count):
     assert _bns(m) == count and _bns(folded) == 0 and report.passed, report.summary()
     shape = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     assert _max_rel(m, folded, [("pixel_values", shape)], batches=(1, 3)) < 1e-5
+
+
+def test_input_shape_sizes_the_symbolic_dims(tmp_path):
+    from normsurgeon import api
+
+    bn, inits = _bn("bn", 4, "h", "y")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), bn]
+    m = _model(nodes, inits + [_w("W", 4, 3, 1, 1)], [("x", ["batch", 3, "height", "width"])])
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    _, report = api.fold(path, input_shapes=["1,3,12,10"])
+    assert report.passed and report.checks[0].shapes == {"x": [1, 3, 12, 10]}
+    assert report.sizes == {"batch": [1, 8], "height": [12, 6, 24], "width": [10, 5, 20]}
+    from normsurgeon.errors import NormSurgeonError
+
+    with pytest.raises(NormSurgeonError, match="does not fit"):
+        api.fold(path, input_shapes=["1,4,12,10"])

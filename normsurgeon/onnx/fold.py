@@ -89,6 +89,12 @@ def _proto(model: Any):
     return None
 
 
+def load_proto(model: Any):
+    import onnx_ir as ir
+
+    return ir.to_proto(load_ir(model))
+
+
 def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = None, inputs_file: str | os.PathLike | None = None,
               extra_inputs: Sequence[Mapping[str, Any]] = (), dims: Mapping[str, int] | None = None,
               verify: bool = True, seed: int = 0):
@@ -103,7 +109,7 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
 
     proto = _proto(model)
     if proto is None:
-        proto = ir.to_proto(load_ir(model))
+        proto = load_proto(model)
     original = proto.SerializeToString()
     ir_model = ir.from_proto(proto)
     view = OnnxGraph(ir_model)
@@ -208,11 +214,17 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
 
 def fold_file(model: Any, *, output: str | os.PathLike | None = None, force: bool = False,
               inputs_file: str | os.PathLike | None = None, extra_inputs: Sequence[Mapping[str, Any]] | None = None,
-              rtol: float | None = None, atol: float | None = None, **kwargs: Any):
+              rtol: float | None = None, atol: float | None = None, input_shapes: Sequence[str] = (), **kwargs: Any):
     """``api.fold`` of an ``.onnx`` path or ``ModelProto``: ``fold_onnx``, then the folded graph saved to
-    ``output`` (``.onnx``; checked before any work, never the input, written only if verified)."""
+    ``output`` (``.onnx``; checked before any work, never the input, written only if verified).
+    ``input_shapes`` (``--input-shape``, one per graph input) size the symbolic dims of the example."""
     from ..loading import check_output_path
 
+    if input_shapes:  # --input-shape: the sizes of the graph's symbolic dims in the example inputs
+        from .ortcheck import dims_from_shapes
+
+        kwargs["dims"] = {**dims_from_shapes(_proto(model) or load_proto(model), input_shapes),
+                          **kwargs.get("dims", {})}
     src = Path(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else None
     out = check_output_path(output, force=force, inputs=[src], suffixes=(".onnx",)) if output is not None else None
     folded, report = fold_onnx(model, rtol=rtol, atol=atol, inputs_file=inputs_file,

@@ -190,6 +190,9 @@ def _map_forward(g: OnnxGraph, node, axis: int, stride: int, n: int) -> tuple[in
     """(axis, stride) of n channels after data-movement ``node``, or (None, _, why)."""
     x, y = g.shape(node.inputs[0]), g.shape(node.outputs[0])
     op = node.op_type
+    if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None \
+            and not (g.const(node.inputs[2]) is not None and not g.const(node.inputs[2]).any()):
+        return None, stride, "a Dropout that may run in training mode (training_mode is not the constant false)"
     if op in IDENTITY_OPS:
         return axis, stride, None
     if x is None or y is None:

@@ -132,6 +132,27 @@ def _random(dtype, shape, rng, bound: int | None) -> np.ndarray:
     return np.ones(shape, dtype=dtype)
 
 
+def dims_from_shapes(proto, shapes: Sequence[str | Sequence[int]]) -> dict[str, int]:
+    """Sizes of the graph's symbolic dims read off example shapes (``--input-shape``, one per graph
+    input in order), checked against the graph's static dims."""
+    from ..inputs import parse_shape
+
+    specs = _graph_inputs(proto)
+    if len(shapes) != len(specs):
+        raise NormSurgeonError(f"{len(shapes)} input shape(s) given but the graph takes {len(specs)} inputs "
+                               f"({', '.join(s[0] for s in specs)})")
+    dims: dict[str, int] = {}
+    for (name, _, ds), text in zip(specs, shapes):
+        shape = parse_shape(text) if isinstance(text, str) else tuple(int(v) for v in text)
+        if len(shape) != len(ds) or any(isinstance(d, int) and d != v for d, v in zip(ds, shape)):
+            raise NormSurgeonError(f"input shape {list(shape)} does not fit graph input {name!r} {ds}")
+        for d, v in zip(ds, shape):
+            if isinstance(d, str):
+                if dims.setdefault(d, v) != v:
+                    raise NormSurgeonError(f"dim {d!r} is given two sizes ({dims[d]} and {v})")
+    return dims
+
+
 def derive_inputs(proto, *, dims: Mapping[str, int] | None = None, seed: int = 0, num_random: int = 2
                   ) -> tuple[list[InputSet], dict[str, list[int]]]:
     """The generated input sets (see the module docstring) and ``{dim name: [example, other sizes]}``."""
@@ -250,12 +271,14 @@ class Reference:
                 outs.append(sess.run(None, s.feeds))
                 kept.append(s)
             except Exception as e:  # noqa: BLE001
-                if k == 0 or s.user:
+                if s.user or (k == 0 and not any(x.user for x in sets)):
                     what = "its example inputs" if k == 0 else s.name
                     raise NormSurgeonError(f"the original model fails in ONNX Runtime on {what} "
                                            f"({one_line(e, limit=200)}); pass inputs it accepts "
-                                           "(inputs_file=, or dims= for its dynamic dims)") from e
+                                           "(inputs_file=, or input_shapes= for its dynamic dims)") from e
                 notes.append(f"input set {s.name!r} dropped: the original model rejects it ({one_line(e, limit=120)})")
+        if not kept:
+            raise NormSurgeonError("the original model runs on none of the input sets")
         r, a = tolerance_of([o for o in outs[0] if np.issubdtype(o.dtype, np.floating)], rtol, atol)
         return cls(kept, outs, r, a, notes)
 
