@@ -126,6 +126,14 @@ def token_matmul_bn(bias=False, via="reshape", computed_shape=True):
     return _model(nodes, inits + bi, [("x", ["batch", 16, 8])])
 
 
+def matmul_unsqueeze_bn():
+    """[B, 8] @ W -> Unsqueeze(2) -> BN1d over [B, 12, 1] -> Squeeze."""
+    bn, inits = _bn("bn", 12, "u", "z")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Unsqueeze", ["h", "ax2"], ["u"]), bn, helper.make_node("Squeeze", ["z", "ax2"], ["y"])]
+    return _model(nodes, inits + [_w("W", 8, 12), _const("ax2", [2])], [("x", ["batch", 8])])
+
+
 def trap_token_axis():
     """[B, 8, 8] @ W[8, 8] -> BN over axis 1: the tokens, not the channels (N == C)."""
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")]
@@ -230,6 +238,7 @@ FOLDABLE = {
     "token matmul+add->reshape->bn": lambda: token_matmul_bn(bias=True),
     "token matmul->flatten->bn": lambda: token_matmul_bn(via="flatten"),
     "token matmul->transpose->bn": lambda: token_matmul_bn(via="transpose"),
+    "matmul->unsqueeze->bn->squeeze": matmul_unsqueeze_bn,
     "bn->conv (no pad)": bn_conv, "bn->convT (uniform taps)": bn_conv_transpose, "bn->gemm": bn_gemm, "bn->flatten->gemm": lambda: bn_gemm(flatten=True),
     "bn->matmul x2 (readers)": bn_matmul_readers, "constant-node weights": constant_node_weights,
 }
