@@ -450,3 +450,29 @@ def test_input_shape_sizes_the_symbolic_dims(tmp_path):
 
     with pytest.raises(NormSurgeonError, match="does not fit"):
         api.fold(path, input_shapes=["1,4,12,10"])
+
+
+def test_initializers_listed_as_inputs_fold():
+    """Older exporters list every initializer as a graph input too (keep_initializers_as_inputs)."""
+    m = conv_bn()
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, F, list(t.dims)) for t in m.graph.initializer)
+    folded, report = fold_onnx(m)
+    assert _bns(folded) == 0 and report.passed and any("graph inputs" in n for n in report.notes)
+    assert {c.name for c in report.checks} >= {"example", "batch=1", "batch=8"}
+
+
+def test_exit_1_and_nothing_written_when_not_proved(tmp_path, monkeypatch):
+    """When no subset of the folds verifies (here: a check that never passes), the report fails,
+    nothing is written and the command exits 1."""
+    from click.testing import CliRunner
+
+    from normsurgeon.cli import main
+    from normsurgeon.onnx import ortcheck
+    from normsurgeon.outputs import ErrorStats
+
+    monkeypatch.setattr(ortcheck.Reference, "judge", lambda self, e, a: (ErrorStats(1.0, 1.0, 0.0), False))
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(conv_bn(), str(src))
+    res = CliRunner().invoke(main, ["fold", str(src), "-o", str(out)])
+    assert res.exit_code == 1 and not out.exists()
+    assert "do not match" in res.output

@@ -116,6 +116,11 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
     matched = match(view)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     report = OnnxFoldReport(capture=f"onnx (opset {opset}, {len(proto.graph.node)} nodes)")
+    overridable = [v.name for v in ir_model.graph.inputs if v.is_initializer()]
+    if overridable:
+        report.notes.append(f"{len(overridable)} initializer(s) are also listed as graph inputs (an older exporter's "
+                            "keep_initializers_as_inputs): they are read as the constants they hold, and a fold "
+                            "changes their values; feeding them at run time would bypass the fold")
     sites: dict[str, OnnxSite] = {}
     for label, _, site, why in matched:
         if site is None:

@@ -154,7 +154,7 @@ def _weight_problem(g: OnnxGraph, node, label: str, idx: int, role: str = "weigh
         return f"{label}'s {role} is not a constant"
     seen = v
     while True:
-        if seen.is_graph_input():
+        if seen.is_graph_input() and not seen.is_initializer():
             return f"{label}'s {role} is a graph input"
         users = g.users(seen)
         if len(users) > 1 or seen.is_graph_output():

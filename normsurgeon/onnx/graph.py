@@ -151,7 +151,8 @@ class OnnxGraph:
         self._consts.clear()
 
     def _const(self, v) -> np.ndarray | None:
-        if v.const_value is not None and (v.is_initializer() or v.producer() is None) and not v.is_graph_input():
+        # an initializer also listed as a graph input (older exporters) is read as the constant it holds
+        if v.const_value is not None and (v.is_initializer() or (v.producer() is None and not v.is_graph_input())):
             try:
                 return np.asarray(v.const_value.numpy())
             except Exception:  # noqa: BLE001 - external data that cannot be read, or an odd dtype
