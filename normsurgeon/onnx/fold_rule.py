@@ -522,6 +522,13 @@ def _insert_bias(g: OnnxGraph, graph, node, bias: np.ndarray, names: _Names) -> 
         idx = use[1] if isinstance(use, tuple) else use.idx
         if user is not add:
             user.replace_input_with(idx, add.outputs[0])
+    if out.is_graph_output():  # the graph's output is now the biased value, under the name it had
+        for i, v in enumerate(graph.outputs):
+            if v is out:
+                graph.outputs[i] = add.outputs[0]
+        name = out.name
+        out.name = names.fresh(f"{name}_unbiased")
+        add.outputs[0].name = name
     graph.insert_after(node, add)
 
 
