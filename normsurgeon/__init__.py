@@ -7,6 +7,7 @@
     folded_ep, report = normsurgeon.fold(torch.export.load("m.pt2"))   # a program in, a program out
     report = normsurgeon.export(folded, x, "model.onnx", force=True)       # verified in ONNX Runtime
     folded, report = normsurgeon.fold("model.pt", trust=True, output="folded/")  # what `normsurgeon fold` does
+    folded, report = normsurgeon.fold("model.onnx", output="folded.onnx")  # an ONNX graph, verified in ORT
     report = normsurgeon.measure_latency(["a.onnx", "b.onnx"])
     normsurgeon.save(bn_model, "bn_model/")        # a recipe directory: JSON + safetensors, no pickle
     model = normsurgeon.load("bn_model/")           # rebuilt: base + replayed surgery + weights

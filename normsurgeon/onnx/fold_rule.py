@@ -30,7 +30,7 @@ from .. import fold_math
 from ..graph import ops
 from ..passes import fold_targets
 from .graph import (DATA_MOVEMENT, IDENTITY_OPS, NONLINEAR, OnnxGraph, map_axis_through_reshape,
-                    map_channels_through_reshape, numel, shape_text)
+                    map_channels_through_reshape, shape_text)
 
 __all__ = ["OnnxSite", "OnnxTarget", "OnnxRead", "read_onnx", "match", "rewrite", "node_label"]
 
@@ -626,5 +626,3 @@ def _remove_bn(graph, bn) -> None:
     for p in params:
         _drop_if_dead(graph, p)
 
-
-_ = numel

@@ -13,7 +13,6 @@ Concat → Reshape``); for every other op ONNX's own shape inference fills in.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -530,8 +529,6 @@ def numel(shape: list[Dim]) -> int | None:
     p = prod(shape)
     return None if p is None or p[1] else p[0]
 
-
-_ = math  # math kept for callers' type hints (prod of static sizes)
 
 
 def _attr_int(node, name: str, default):
