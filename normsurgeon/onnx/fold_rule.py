@@ -50,29 +50,35 @@ class OnnxRead:
         return self.row.kind
 
 
+#: where each ONNX weighted op takes its weight and its bias (input indices; None: it has no bias input)
+_ONNX_IO: dict[str, tuple[int, int | None]] = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2),
+                                                "MatMul": (1, None)}
+
+
 def read_onnx(g: OnnxGraph, node) -> OnnxRead | None:
-    """The table row of ``node`` (``fold_targets.rows_for_onnx``), or None if it is no fold target:
-    Conv/ConvTranspose by their weight's rank, Gemm as ``linear`` (transB=1: an (out, in) weight) or
-    ``matmul`` (transB=0: (in, out)), MatMul ``x @ W`` with a constant 2-D ``W`` as ``matmul``."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[1] is None:
-        return None
+    """The table row of ``node`` among ``fold_targets.rows_for_onnx(op_type)``, or None if it is no fold
+    target: Conv/ConvTranspose by their weight's rank (the row's ``spatial``), Gemm by ``transB`` (1: an
+    (out, in) weight, kind ``linear``; 0: (in, out), ``linear_t``), MatMul ``x @ W`` with a constant 2-D
+    ``W`` (``linear_t``)."""
     op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in _ONNX_IO or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    rows = fold_targets.rows_for_onnx(op)
     if op in ("Conv", "ConvTranspose"):
         rank = g.rank(node.inputs[1])
-        if rank not in (3, 4, 5):
-            return None
-        name = f"{'conv_transpose' if op == 'ConvTranspose' else 'conv'}{rank - 2}d"
-        r = fold_targets.row(name)
-        return OnnxRead(r, groups=int(_attr(node, "group", 1))) if op in r.onnx else None
-    if op == "Gemm":
+        rows = [r for r in rows if rank is not None and r.spatial == rank - 2]
+    elif op == "Gemm":
         if _attr(node, "transA", 0):
             return None
-        return OnnxRead(fold_targets.row("linear" if _attr(node, "transB", 0) else "matmul"))
-    if op == "MatMul":
+        rows = [r for r in rows if r.kind == ("linear" if _attr(node, "transB", 0) else "linear_t")]
+    else:  # MatMul
         if g.rank(node.inputs[1]) != 2 or g.const(node.inputs[1]) is None or g.const(node.inputs[0]) is not None:
             return None
-        return OnnxRead(fold_targets.row("matmul"), bias=None)
-    return None
+        rows = [r for r in rows if r.kind == "linear_t"]
+    if len(rows) != 1:
+        return None
+    weight, bias = _ONNX_IO[op]
+    return OnnxRead(rows[0], weight, bias, int(_attr(node, "group", 1)))
 
 
 TARGET_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
