@@ -314,7 +314,7 @@ def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLi
     """
     import torch.distributed as dist
 
-    from .distributed import failed_ranks
+    from .distributed import AGREED, failed_ranks
 
     on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if on else (0, 1)
@@ -335,11 +335,15 @@ def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLi
     failed = failed_ranks(error is None, group)
     if error is not None:
         if world > 1:
-            raise error.prefixed(f"rank {rank}: ") from error
+            err = error.prefixed(f"rank {rank}: ")
+            setattr(err, AGREED, True)  # every rank raises here: they leave the process group together
+            raise err from error
         raise error
     if failed:
-        raise NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
+        err = NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
                                "data (their error is on their stderr); nothing calibrated")
+        setattr(err, AGREED, True)
+        raise err
     report = calibrate(model, batches, max_batches=max_batches, progress=progress, group=group)
     report.files = [str(f) for f in files]
     report.example_inputs = example_inputs  # what the model was called with (not in the JSON)
