@@ -49,8 +49,16 @@ Three editors apply the same folds: the ``nn.Module`` editor (``passes.fold_bn``
    (padding, ConvTranspose taps), ``commute_reason`` (a max-pool between needs ``s ≥ 0`` on every
    channel).
 
-4. **The math**: ``fold(row, position, weight, bias, scale, shift, groups=, channels=, n_channels=)``
+4. **The math**: ``fold(row, position, weight, bias, scale, shift, groups=, channels=)``
    returns the new ``(weight, bias)`` in float64-exact ``fold_math``, cast back.
+
+5. **One call per BN**: ``plan(bn, out, n_bn, scale, shift, moves=, read=, own=, name=)`` runs 2 and 3
+   and returns the editor-neutral ``FoldSite``s (norm, position, targets, channel mapping per target)
+   with a reason for each side that does not fold; ``own`` is the editor's check of a target, run
+   first. The ``ExportedProgram`` editor is built on it and so can the ONNX editor be (a ``GNode``
+   view of the onnx_ir graph with vocabulary op names, its own ``read`` for Conv/ConvTranspose/Gemm/
+   MatMul filling ``TargetRead``'s conv attributes); the module editor composes the same functions
+   with its module checks in between.
 
 An editor then does only what is its own: who owns a weight (a module attribute, a program
 placeholder, an ONNX initializer), whether it is shared or tied, how to write the new tensors and
@@ -70,8 +78,8 @@ import torch.nn as nn
 from .. import fold_math
 from ..graph import GNode, ops
 
-__all__ = ["FoldTarget", "TABLE", "row", "rows_for_onnx", "TargetRead", "Reach", "read_torch", "match_after",
-           "match_before", "channel_axis", "out_channels", "in_channels", "producer_reason", "consumer_channels",
+__all__ = ["FoldTarget", "TABLE", "row", "rows_for_onnx", "TargetRead", "Reach", "FoldSite", "plan", "read_torch",
+           "match_after", "match_before", "channel_axis", "out_channels", "in_channels", "producer_reason", "consumer_channels",
            "before_reason", "commute_reason", "reads_padding", "fold", "where"]
 
 
@@ -345,6 +353,11 @@ def where(node: GNode) -> str:
     return f"{op} ({node.module_path})" if node.module_path else op
 
 
+def live_users(node: GNode) -> list[GNode]:
+    """``ops.data_users`` less the unread extra outputs of a tuple (a max-pool's indices nobody reads)."""
+    return [u for u in ops.data_users(node) if not (u.op == "getitem" and u.args[1] != 0 and not u.users)]
+
+
 def passes_through(node: GNode, moves: Moves) -> bool:
     """A BN's per-channel map can be followed through ``node`` (moved data, or a max-pool: checked later)."""
     return moves(node) or ops.commutes_with_positive_affine(node)
@@ -382,7 +395,7 @@ def match_before(out: GNode, *, moves: Moves = ops.is_data_movement, read: Reade
     stack: list[tuple[GNode, list[GNode]]] = [(out, [])]
     while stack:
         node, chain = stack.pop()
-        users = ops.data_users(node)
+        users = live_users(node)
         if not users:
             return None, "its output is not used"
         for u in users:
@@ -413,7 +426,7 @@ def producer_reason(path: str, reach: Reach, bn: GNode, n_out: int | None, n_bn:
     scalar map and folds wherever its axis sits. None when it folds."""
     node, chain = reach.node, reach.chain
     for n, expected in zip([node, *chain], [*chain, bn]):
-        others = [u for u in ops.data_users(n) if u is not expected]
+        others = [u for u in live_users(n) if u is not expected]
         if others:
             what = "output" if n is node else f"output (after {n.op})"
             return f"producer {path} {what} is also used by {where(others[0])}"
@@ -496,3 +509,86 @@ def commute_reason(chain: list[GNode], scale: torch.Tensor) -> str | None:
     return (f"{where(pools[0])} sits between, and a max-pool commutes with the BN only where its scale γ/σ is "
             f"≥ 0: it is negative on {len(negative)} of {scale.numel()} channels (channel {negative[0]} first)")
 
+
+
+# --- one BN's sites, checked: what an editor applies ------------------------------------------------------
+
+@dataclass
+class FoldSite:
+    """An editor-neutral fold: the BN, the side, the targets and where the BN's channels sit in each
+    target's output (after) / input (before). An editor writes ``fold(reach.read.row, position, ...,
+    channels=channels[i])`` into each target's weight and bias and removes the BN."""
+
+    norm: GNode
+    position: str  # "after" | "before"
+    reaches: list[Reach]
+    channels: list[ops.Channels]
+
+
+Own = Callable[[Reach, str], "str | None"]
+Name = Callable[[Reach], str]
+
+
+def _default_name(reach: Reach) -> str:
+    w = reach.read.weight
+    if isinstance(w, GNode) and w.param:
+        return w.param.rpartition(".")[0]
+    return reach.node.module_path or reach.node.name
+
+
+def plan(bn: GNode, out: GNode, n_bn: int | None, scale: torch.Tensor, shift: torch.Tensor, *,
+         moves: Moves = ops.is_data_movement, read: Reader = read_torch, own: Own | None = None,
+         name: Name = _default_name) -> tuple[list[FoldSite], dict[str, str]]:
+    """Every side one BN folds on (after first), checked as far as the graph and the BN's numbers go,
+    and the reason for each side that does not. ``bn`` reads the BN's input (``args[0]``), ``out``
+    carries its output; ``scale``/``shift`` are its per-channel map (``fold_math.bn_scale_shift``).
+    ``own(reach, role)``: the editor's own check of a target (who owns the weight, is it shared),
+    run first; ``name(reach)``: how reasons name a target. Conv attributes come from the
+    ``TargetRead`` (an editor whose reader leaves them None checks exactness itself)."""
+    sites: list[FoldSite] = []
+    reasons: dict[str, str] = {}
+    reach, why = match_after(bn, moves=moves, read=read)
+    if reach is not None:
+        why = (own(reach, "producer") if own else None) or _after_reason(reach, bn, n_bn, scale, name(reach))
+        if why is None:
+            sites.append(FoldSite(bn, "after", [reach], [ops.Channels(1)]))
+    if why:
+        reasons["after"] = why
+    reaches, why = match_before(out, moves=moves, read=read)
+    channels: list[ops.Channels] = []
+    for r in reaches or []:
+        why = (own(r, "consumer") if own else None) or _before_reason(r, n_bn, scale, shift, name(r), channels)
+        if why:
+            break
+    if reaches is not None and not why:
+        sites.append(FoldSite(out, "before", reaches, channels))
+    elif why:
+        reasons["before"] = why
+    return sites, reasons
+
+
+def _after_reason(reach: Reach, bn: GNode, n_bn: int | None, scale: torch.Tensor, path: str) -> str | None:
+    r = reach.read
+    if r.row.after is None:
+        return f"a BN after {path} ({r.row.name}) does not fold into it"
+    n_out = out_channels(r.kind, r.weight_shape(), r.groups or 1)
+    return producer_reason(path, reach, bn, n_out, n_bn) or commute_reason(reach.chain, scale)
+
+
+def _before_reason(reach: Reach, n_bn: int | None, scale: torch.Tensor, shift: torch.Tensor, path: str,
+                   channels: list[ops.Channels]) -> str | None:
+    r = reach.read
+    shape = r.weight_shape()
+    if r.kind in ("conv", "conv_transpose") and r.padding is None:
+        return f"cannot read the padding of {path}"
+    why = before_reason(r.row, path, shift, padding=r.padding, dilation=r.dilation,
+                        kernel=shape[2:] if shape else None, stride=r.stride, output_padding=r.output_padding)
+    if why:
+        return why
+    if n_bn is None:
+        return "cannot read the BN's number of channels"
+    ch, why = consumer_channels(path, reach, n_bn)
+    if ch is None:
+        return why
+    channels.append(ch)
+    return commute_reason(reach.chain, scale)
