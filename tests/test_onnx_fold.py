@@ -163,6 +163,21 @@ def bn_matmul_bn():
     return _model(nodes, i1 + i2 + [_w("W", 8, 6)], [("x", ["batch", 8])])
 
 
+def conv_pool_bn(negative=False, before=False):
+    """Conv -> MaxPool -> BN (or BN -> MaxPool -> Conv): a max-pool commutes with a BN whose scale is >= 0."""
+    if before:
+        bn, inits = _bn("bn", 4, "x", "z")
+        nodes = [bn, helper.make_node("MaxPool", ["z"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                 helper.make_node("Conv", ["p", "W"], ["y"], name="conv")]
+    else:
+        bn, inits = _bn("bn", 4, "p", "y")
+        nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+                 helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]), bn]
+    if negative:
+        inits[0] = numpy_helper.from_array(np.array([1.0, -0.5, 0.7, 1.2], np.float32), "bn.g")
+    return _model(nodes, inits + [_w("W", 4, 4, 1, 1)], [("x", ["batch", 4, 8, 8])])
+
+
 def trap_token_axis():
     """[B, 8, 8] @ W[8, 8] -> BN over axis 1: the tokens, not the channels (N == C)."""
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm")]
@@ -267,7 +282,8 @@ FOLDABLE = {
     "token matmul+add->reshape->bn": lambda: token_matmul_bn(bias=True),
     "token matmul->flatten->bn": lambda: token_matmul_bn(via="flatten"),
     "token matmul->transpose->bn": lambda: token_matmul_bn(via="transpose"),
-    "matmul->unsqueeze->bn->squeeze": matmul_unsqueeze_bn, "bn->matmul->bn": bn_matmul_bn, "conv+add(bias)->bn": conv_add_bn,
+    "matmul->unsqueeze->bn->squeeze": matmul_unsqueeze_bn, "conv->maxpool->bn": conv_pool_bn,
+    "bn->maxpool->conv": lambda: conv_pool_bn(before=True), "bn->matmul->bn": bn_matmul_bn, "conv+add(bias)->bn": conv_add_bn,
     "gemm(transB=0, C [1, N])->bn": gemm_c_row_bn, "bn->transpose->matmul (tokens dynamic)": bn_transpose_matmul,
     "bn->conv (no pad)": bn_conv, "bn->convT (uniform taps)": bn_conv_transpose, "bn->gemm": bn_gemm, "bn->flatten->gemm": lambda: bn_gemm(flatten=True),
     "bn->matmul x2 (readers)": bn_matmul_readers, "constant-node weights": constant_node_weights,
@@ -276,7 +292,8 @@ STATIC = {"2d matmul->reshape->transpose->bn": matmul_reshape_transpose_bn}
 TRAPS = {
     "token axis (N == C)": (trap_token_axis, "axis"), "bn->conv (zero pad)": (lambda: bn_conv(pad=1), "zero-pads"),
     "bn->convT (border taps)": (lambda: bn_conv_transpose(pads=0), "taps"),
-    "bn standalone": (bn_relu, "nonlinearity"), "conv output shared": (lambda: conv_bn(shared_output=True), "also read"),
+    "bn standalone": (bn_relu, "nonlinearity"),
+    "conv->maxpool->bn, negative scale": (lambda: conv_pool_bn(negative=True), "max-pool"), "conv output shared": (lambda: conv_bn(shared_output=True), "also read"),
     "shared weight": (shared_weight, "shared"), "relu between": (relu_between, "nonlinearity"),
     "2d rows": (trap_rows_2d, "axis"), "tokens split": (trap_tokens_split, "axis"),
 }

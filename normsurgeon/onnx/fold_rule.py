@@ -192,6 +192,30 @@ def _per_channel(c: np.ndarray, rank: int, axis: int, n: int) -> bool:
     return all(d == 1 or (i == axis and d == n) for i, d in enumerate(shape))
 
 
+#: ops a per-channel map ``s·x + t`` commutes with when ``s >= 0`` on every channel: max(s·x) = s·max(x)
+#: (padding pads with -inf, which a positive scale keeps); their extra output (indices) must be unread
+MAX_POOLS = frozenset({"MaxPool", "GlobalMaxPool"})
+
+
+def _passes(node) -> bool:
+    """Whether a BN's map can be followed through ``node`` (moved data, or a max-pool: checked later)."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in MAX_POOLS:
+        return not any(o is not None and (o.uses() or o.is_graph_output()) for o in node.outputs[1:])
+    return node.op_type in DATA_MOVEMENT
+
+
+def _pool_reason(chain_ops: list[str], scale: torch.Tensor) -> str | None:
+    """``fold_targets.commute_reason`` for ONNX chains: a max-pool between needs ``s >= 0``."""
+    pools = [op for op in chain_ops if op in MAX_POOLS]
+    negative = (scale < 0).nonzero().flatten().tolist()
+    if not pools or not negative:
+        return None
+    return (f"{pools[0]} sits between, and a max-pool commutes with the BN only where its scale γ/σ is ≥ 0: it "
+            f"is negative on {len(negative)} of {scale.numel()} channels (channel {negative[0]} first)")
+
+
 def _map_forward(g: OnnxGraph, node, axis: int, stride: int, n: int) -> tuple[int | None, int, str | None]:
     """(axis, stride) of n channels after data-movement ``node``, or (None, _, why)."""
     x, y = g.shape(node.inputs[0]), g.shape(node.outputs[0])
@@ -201,6 +225,10 @@ def _map_forward(g: OnnxGraph, node, axis: int, stride: int, n: int) -> tuple[in
         return None, stride, "a Dropout that may run in training mode (training_mode is not the constant false)"
     if op in IDENTITY_OPS:
         return axis, stride, None
+    if op in MAX_POOLS:  # pools dims 2.., keeps batch and channels
+        if axis in (0, 1) and stride == 1:
+            return axis, stride, None
+        return None, stride, f"{op} pools over the channel axis {axis}"
     if x is None or y is None:
         return None, stride, f"the shapes around {op} are unknown ({shape_text(x)} → {shape_text(y)})"
     if op == "Transpose":
@@ -257,7 +285,7 @@ def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxT
             return None, why
         if rd is not None:
             break
-        if p.op_type in DATA_MOVEMENT and p.domain in ("", "ai.onnx"):
+        if _passes(p):
             chain.insert(0, p)
             x = p.inputs[0]
             continue
@@ -287,6 +315,9 @@ def _match_after(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[OnnxT
     axis = fold_targets.channel_axis(rd.kind, rd.row.spatial, tuple(shape))
     n_out = fold_targets.out_channels(rd.kind, tuple(g.const(p.inputs[rd.weight]).shape), rd.groups)
     steps = ([bias_add] if bias_add is not None else []) + chain
+    why = _pool_reason([n.op_type for n in chain], bn_scale_shift(g, bn)[0])
+    if why:
+        return None, why
     if C != 1:  # a one-channel BN is a scalar map: it folds wherever its axis sits
         a, stride, why = _track(g, chain, axis, C)
         if why:
@@ -335,12 +366,12 @@ def _match_before(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[list
     y = bn.outputs[0]
     if y.is_graph_output():
         return None, "its output is a graph output"
-    _, shift = bn_scale_shift(g, bn)
+    scale, shift = bn_scale_shift(g, bn)
     targets: list[OnnxTarget] = []
     for user in g.users(y):
         chain: list = []
         node = user
-        while node.op_type in DATA_MOVEMENT and node.domain in ("", "ai.onnx"):
+        while _passes(node):
             chain.append(node)
             why = _single_reader(g, node.outputs[0], f"the output of {node.op_type} after the BN")
             if why:
@@ -382,6 +413,9 @@ def _match_before(g: OnnxGraph, bn, index: dict[int, int], C: int) -> tuple[list
             n_in = fold_targets.in_channels(rd.kind, w_shape, rd.groups)
             if n_in % (C * stride):
                 return None, f"{label}'s {n_in} input channels are not whole blocks of the BN's {C} channels"
+        why = _pool_reason([n.op_type for n in chain], scale)
+        if why:
+            return None, why
         targets.append(OnnxTarget(index[id(node)], label, node.op_type, [n.op_type for n in chain], stride=stride,
                                   out_rank=g.rank(node.outputs[0]) or len(x_shape), axis=want))
     if not targets:
