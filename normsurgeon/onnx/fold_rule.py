@@ -551,6 +551,8 @@ def _bias_after(g: OnnxGraph, node, rank: int, n_out: int) -> tuple[object | Non
 def _insert_bias(g: OnnxGraph, graph, node, bias: np.ndarray, names: _Names) -> None:
     import onnx_ir as ir
 
+    if not np.any(bias):  # a BN without shift: nothing to add
+        return
     out = node.outputs[0]
     b = _new_const(graph, bias, names.fresh(f"{out.name or 'matmul'}.bias"))
     add = ir.Node("", "Add", [out, b], name=names.fresh(f"{node.name or 'MatMul'}/bias_add"))
