@@ -432,21 +432,25 @@ def match(g: OnnxGraph) -> list[tuple[str, int, OnnxSite | None, str | None]]:
         if bn.op_type != "BatchNormalization":
             continue
         label = node_label(bn, i)
-        why = bn_problem(g, bn)
-        if why:
-            out.append((label, i, None, why))
-            continue
-        C = int(np.asarray(g.const(bn.inputs[3])).size)
-        target, why_after = _match_after(g, bn, index, C)
-        if target is not None:
-            out.append((label, i, OnnxSite(i, label, "after", [target]), None))
-            continue
-        targets, why_before = _match_before(g, bn, index, C)
-        if targets is not None:
-            out.append((label, i, OnnxSite(i, label, "before", targets), None))
-            continue
-        out.append((label, i, None, f"after: {why_after}; before: {why_before}"))
+        try:
+            out.append((label, i, *_match_one(g, bn, i, label, index)))
+        except Exception as e:  # noqa: BLE001 - a graph this matcher misreads skips one BN, never the fold
+            out.append((label, i, None, f"could not be matched ({type(e).__name__}: {e})"))
     return out
+
+
+def _match_one(g: OnnxGraph, bn, i: int, label: str, index: dict[int, int]) -> tuple[OnnxSite | None, str | None]:
+    why = bn_problem(g, bn)
+    if why:
+        return None, why
+    C = int(np.asarray(g.const(bn.inputs[3])).size)
+    target, why_after = _match_after(g, bn, index, C)
+    if target is not None:
+        return OnnxSite(i, label, "after", [target]), None
+    targets, why_before = _match_before(g, bn, index, C)
+    if targets is not None:
+        return OnnxSite(i, label, "before", targets), None
+    return None, f"after: {why_after}; before: {why_before}"
 
 
 # --- rewrite -----------------------------------------------------------------------------------------
