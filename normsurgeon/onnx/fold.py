@@ -177,7 +177,7 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
     if ok or not order:
         kept = order
     else:
-        first = _worst(checks)
+        first, checks_all, err_all = _worst(checks), bool(checks), err
 
         def settle(group: list[OnnxSite]) -> None:
             nonlocal data, checks
@@ -190,7 +190,10 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
                 return
             if len(group) == 1:
                 s = group[0]
-                why = fails.get(s.label) or e or (
+                if s.label in fails:  # the rewrite itself failed (or its graph did not check)
+                    _roll_back(report, s.label, f"rolled back: {fails[s.label]}")
+                    return
+                why = e or (
                     f"max rel error {fmt_float(_worst(c).max_rel_error)} beyond tolerance on "
                     f"{next((x.name for x in c if not x.passed), '?')}")
                 _roll_back(report, s.label, f"rolled back: folding into {', '.join(s.into)} changed the outputs "
@@ -205,7 +208,8 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
         if not data:  # nothing kept: the original
             data = original
         checks, err, ok = verdict(data)
-        report.notes.append(f"with every site folded: max rel error {fmt_float(first.max_rel_error)}; "
+        what = f"max rel error {fmt_float(first.max_rel_error)}" if checks_all else (err_all or "no result")
+        report.notes.append(f"with every site folded: {what}; "
                             f"{len(order) - len(kept)} site(s) rolled back")
     report.checks = checks
     report.verify = _worst(checks)
