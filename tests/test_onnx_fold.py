@@ -529,3 +529,29 @@ def test_exit_1_and_nothing_written_when_not_proved(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["fold", str(src), "-o", str(out)])
     assert res.exit_code == 1 and not out.exists()
     assert "do not match" in res.output
+
+
+def test_a_rewrite_that_raises_is_rolled_back_alone(monkeypatch):
+    """Two BNs; the rewrite of the Gemm one raises: it is rolled back with the error, the conv one folds."""
+    from normsurgeon.passes import fold_targets
+
+    real = fold_targets.fold
+
+    def flaky(r, position, *a, **kw):
+        if r.name == "linear":
+            raise RuntimeError("boom")
+        return real(r, position, *a, **kw)
+
+    monkeypatch.setattr(fold_targets, "fold", flaky)
+    bn1, i1 = _bn("bn1", 4, "h", "z")
+    bn2, i2 = _bn("bn2", 4, "p", "q")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), bn1,
+             helper.make_node("GlobalAveragePool", ["z"], ["g"]), helper.make_node("Flatten", ["g"], ["p0"]),
+             helper.make_node("Gemm", ["p0", "V"], ["p"], transB=1, name="fc"), bn2,
+             helper.make_node("Relu", ["q"], ["y"])]
+    m = _model(nodes, i1 + i2 + [_w("W", 4, 3, 1, 1), _w("V", 4, 4)], [("x", ["batch", 3, 5, 5])])
+    folded, report = fold_onnx(m)
+    assert report.passed and _bns(folded) == 1
+    assert [a.path for a in report.folded] == ["bn1"]
+    (rb,) = report.rolled_back
+    assert rb.path == "bn2" and "boom" in rb.reason
