@@ -13,7 +13,8 @@ from .common import emit, force_option, guarded, model_options, output_options, 
 @model_options
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Where to save the folded model: DIR/ (a recipe directory: JSON + safetensors, loads without "
-                   "--trust), .pt (pickled module) or .pt2 (torch.export archive). Without it: report only.")
+                   "--trust), .pt (pickled module) or .pt2 (torch.export archive); .onnx for an .onnx MODEL. "
+                   "Without it: report only.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
                    "'normsurgeon inputs' writes the layout).")
@@ -29,7 +30,9 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
     and why. Verified on the example inputs, random ones and --inputs. Exit 1 if the folded model's
     outputs do not match (nothing written). A .pt2 (torch.export program) is folded in its own graph
-    and saved as a .pt2 program; its example inputs come from the program.
+    and saved as a .pt2 program; its example inputs come from the program. An .onnx file is folded in
+    its own graph and verified in ONNX Runtime (inputs from the graph; --input-shape sizes its dynamic
+    dims), saved as .onnx.
     """
     folded, report = api.fold(model, output=output, force=force, inputs_file=inputs_file, rtol=rtol, atol=atol,
                               trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,

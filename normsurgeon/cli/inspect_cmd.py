@@ -15,7 +15,7 @@ from .common import emit, guarded, model_options, output_options
 def inspect(model, trust, imports, weights, input_shapes, input_dtypes, as_json, debug):
     """List every normalization layer of MODEL: nn modules, functional calls and hand-written norms.
 
-    MODEL is a transformers directory, a recipe directory (convert/fold -o DIR/), a .pt2 archive,
+    MODEL is a transformers directory, a recipe directory (convert/fold -o DIR/), a .pt2 archive, an .onnx file,
     a .pt/.pth file (pickled modules need --trust) or package.module:factory (built-in models:
     'normsurgeon --help'). The report ends with the model's inputs (name, shape, dtype): the layout
     of --inputs and calibration files ('normsurgeon inputs' writes one).
