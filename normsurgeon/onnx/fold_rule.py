@@ -1,19 +1,24 @@
 """The BatchNorm fold rule on an ONNX graph (match, check, rewrite), edited through ``onnx_ir``.
 
+- **the table**: a weighted node is a row of ``passes.fold_targets`` (``read_onnx``: Conv/ConvTranspose
+  by spatial rank, Gemm by ``transB``, MatMul ``x @ W``); the math is ``fold_targets.fold``
+  (``fold_math``, float64, cast back to the weight's dtype), the exactness of a before-fold into a conv
+  ``fold_targets.before_reason``. What is ONNX's own is here: where an op keeps weight and bias, who
+  else reads them, how to write them, and the walk.
 - **match** (read-only, on ``graph.OnnxGraph``): for every ``BatchNormalization``, walk *backwards*
-  through data-movement ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity, Dropout) and
-  an optional bias ``Add`` to a producer (Conv, ConvTranspose, Gemm, MatMul with a constant weight),
-  and *forwards* to consumers (Gemm, MatMul, Conv that reads no padding, also behind a Flatten).
-  The channel axis is followed through every op on symbolic shapes (``graph``): never guessed from
-  sizes. Every refusal carries the reason: a value also read elsewhere (shared producer), a weight
-  read by other nodes (shared initializer), a padded conv, a nonlinearity between, an axis that
-  cannot be proved.
-- **rewrite**: new weights from the table's ``fold_targets.fold`` (``fold_math``: float64, cast back
-  to the weight's dtype), written
-  where the weight lives (an initializer stays an initializer under its name, a ``Constant`` node
-  keeps being one; a weight computed from constants, such as ``Transpose(W)``, becomes a new
-  initializer); a MatMul without a bias gets ``Add(bias)`` after it (ONNX Runtime fuses MatMul+Add);
-  the BN node is removed and what only it read goes with it.
+  through data-movement ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity, Dropout), a
+  MaxPool (where the BN's scale is >= 0) and an optional bias ``Add`` to a producer, and *forwards* to
+  consumers (Gemm, MatMul, a Conv that reads no padding, a ConvTranspose whose outputs all receive
+  every tap, also behind a Flatten). The channel axis is followed on symbolic shapes (``graph``): never
+  guessed from sizes. The walk is not ``fold_targets.plan``'s: that one reads integer shapes, and a
+  dynamic dim of an ONNX graph is a symbol. Every refusal carries the reason: a value also read
+  elsewhere (shared producer), a weight read by other nodes (shared initializer), a padded conv, a
+  nonlinearity between, an axis that cannot be proved.
+- **rewrite**: the new tensors are written where the weight lives (an initializer stays an initializer
+  under its name, a ``Constant`` node keeps being one; a weight computed from constants, such as
+  ``Transpose(W)``, becomes a new initializer); a MatMul without a bias gets ``Add(bias)`` after it
+  (ONNX Runtime fuses the pair into a Gemm for 2-D inputs and static shapes); the BN node is removed
+  and what only it read goes with it.
 
 Sites refer to nodes by their index in the graph's node list, so the driver (``onnx.fold``) can apply
 any subset of them to a fresh copy of the model (rollback without undo logs).
