@@ -345,9 +345,13 @@ def test_matmul_gets_its_bias_as_an_add_ort_fuses():
     assert any(t.name == "W" for t in folded.graph.initializer)
 
 
-def test_bn_as_graph_output_keeps_the_output_name():
-    folded, report = fold_onnx(gemm_bn())
+@pytest.mark.parametrize("build", [gemm_bn, bn_transpose_matmul])
+def test_bn_as_graph_output_keeps_the_output_name(build):
+    m = build()
+    del m.graph.value_info[:]  # exporters need not type intermediate values; a graph output needs a type
+    folded, report = fold_onnx(m)
     assert [o.name for o in folded.graph.output] == ["y"] and _bns(folded) == 0 and report.passed
+    assert folded.graph.output[0].type == m.graph.output[0].type
 
 
 def test_rollback_when_the_fold_does_not_verify(monkeypatch):
@@ -555,3 +559,44 @@ def test_a_rewrite_that_raises_is_rolled_back_alone(monkeypatch):
     assert [a.path for a in report.folded] == ["bn1"]
     (rb,) = report.rolled_back
     assert rb.path == "bn2" and "boom" in rb.reason
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exported_mix_folds_every_bn(tmp_path, dynamo):
+    """Conv -> BN, grouped ConvTranspose -> BN, BN -> Flatten -> Linear head, Linear -> BN1d as the output,
+    as both torch exporters write them (TorchScript leaves intermediate values untyped)."""
+    import torch
+    from torch import nn
+
+    from normsurgeon.zoo import _randomize_norm_stats
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.t, self.b2 = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), nn.BatchNorm2d(8)
+            self.b3, self.fc = nn.BatchNorm2d(8), nn.Linear(8 * 16 * 16, 10)
+            self.lin, self.b4 = nn.Linear(10, 6), nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            x = torch.relu(self.b1(self.c(x)))
+            x = torch.relu(self.b2(self.t(x)))
+            return self.b4(self.lin(self.fc(self.b3(x).flatten(1))))
+
+    model = Mix().eval()
+    _randomize_norm_stats(model)
+    path = tmp_path / "mix.onnx"
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False, verbose=False, input_names=["x"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                              dynamic_axes={"x": {0: "batch"}})
+    m = onnx.load(str(path))
+    folded, report = fold_onnx(m)
+    assert _bns(m) == 4 and _bns(folded) == 0 and report.passed, report.summary()
+    assert _max_rel(m, folded, [("x", ["batch", 3, 8, 8])], batches=(1, 3)) < 1e-5

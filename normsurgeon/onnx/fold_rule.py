@@ -668,6 +668,9 @@ def _remove_bn(graph, bn) -> None:
     params = list(bn.inputs[1:])
     if y.is_graph_output():
         name = y.name
+        # a graph output needs a type; an exporter may have written none for the intermediate value
+        x.type = x.type if x.type is not None else y.type
+        x.shape = x.shape if x.shape is not None else y.shape
         y.replace_all_uses_with(x, replace_graph_outputs=True)
         graph.remove(bn, safe=True)
         x.name = name
