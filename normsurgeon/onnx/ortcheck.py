@@ -299,7 +299,10 @@ class Reference:
                 if stop_early:
                     break
                 continue
-            c.stats, c.passed = self.judge(ref, got)
+            try:
+                c.stats, c.passed = self.judge(ref, got)
+            except Exception as e:  # noqa: BLE001 - outputs that are not tensors (sequences, maps)
+                c.error = f"cannot compare the outputs: {one_line(e, limit=200)}"
             if stop_early and not c.passed:
                 break
         return checks, None
