@@ -64,21 +64,21 @@ def check_dir_output(path: str | os.PathLike, *, force: bool = False, inputs=())
     out = Path(path)
     for src in inputs:
         if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise NormSurgeonError(f"-o {out} is the input; normsurgeon never overwrites its input")
+            raise NormSurgeonError(f"`output` {out} is the input; normsurgeon never overwrites its input")
     if out.exists():
         if not out.is_dir():
-            raise NormSurgeonError(f"-o {path}: {out} is a file, not a directory")
+            raise NormSurgeonError(f"`output` {path}: {out} is a file, not a directory")
         if any(out.iterdir()):
             if not (out / RECIPE_FILE).is_file():
-                raise NormSurgeonError(f"-o {path}: {out} is a directory with other files in it; a recipe goes "
+                raise NormSurgeonError(f"`output` {path}: {out} is a directory with other files in it; a recipe goes "
                                        "into a new or empty directory")
             if not force:
-                raise NormSurgeonError(f"-o {path}: {out} holds a recipe already; pass --force to replace it")
+                raise NormSurgeonError(f"`output` {path}: {out} holds a recipe already; pass `force=True` to replace it")
     parent = out.resolve().parent
     if not parent.is_dir():
-        raise NormSurgeonError(f"-o {path}: directory {parent} does not exist")
+        raise NormSurgeonError(f"`output` {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise NormSurgeonError(f"-o {path}: directory {parent} is not writable")
+        raise NormSurgeonError(f"`output` {path}: directory {parent} is not writable")
     return out
 
 
@@ -250,7 +250,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
         try:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "normsurgeon": "recipe"})
         except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"-o {path}: cannot write the weights: {one_line(e, typed=True)}") from e
+            raise NormSurgeonError(f"`output` {path}: cannot write the weights: {one_line(e, typed=True)}") from e
         if ci is not None:
             save_file({k: t.detach().cpu().contiguous() for k, t in zip(names, _input_tensors(ci))},
                       str(tmp / INPUTS_FILE))
@@ -274,7 +274,7 @@ def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) 
     want = run_clean(model, x, eval_mode=True)
     got = run_clean(reloaded, x, eval_mode=True)
     if len(want) != len(got) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(want, got)):
-        raise NormSurgeonError(f"-o {path}: the rebuilt model's outputs differ from the model's (the recipe does "
+        raise NormSurgeonError(f"`output` {path}: the rebuilt model's outputs differ from the model's (the recipe does "
                                "not describe this model; save as .pt instead); nothing written")
 
 

@@ -60,7 +60,7 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     torch.save(nn.Linear(2, 2), tmp_path / "lin.pt")
     assert "--trust" in one_line_error(run("inspect", str(tmp_path / "lin.pt")))
     (tmp_path / "m.onnx").write_bytes(b"x")
-    assert "unknown model format" in one_line_error(run("inspect", str(tmp_path / "m.onnx")))
+    assert "not a readable ONNX model" in one_line_error(run("inspect", str(tmp_path / "m.onnx")))  # .onnx is inspected
     assert "rejects its example inputs" in one_line_error(
         run("inspect", "normsurgeon.zoo:transformer_encoder", "--input-shape", "2,5,31"))
     assert "--input-shape" in one_line_error(run("inspect", "normsurgeon.zoo:transformer_encoder", "--input-shape", "2,x"))

@@ -49,6 +49,8 @@ class FoldReport:
     tolerance: float | None = None
     passed: bool | None = None
     verify_error: str | None = None
+    output: str | None = None  # what api.fold wrote (None: nothing)
+    dry_run: bool | None = None  # api.fold without an output (None: not asked)
 
     @property
     def folded(self) -> list[Action]:
@@ -109,6 +111,7 @@ class FoldReport:
             "summary": {"batchnorms": self.num_norms, "folded": len(self.folded),
                         "skipped": len(self.skipped) - len(self.rolled_back),
                         "rolled_back": len(self.rolled_back)},
+            **({} if self.dry_run is None else {"output": self.output, "dry_run": self.dry_run}),
         }
 
     def tables(self) -> list[Table]:

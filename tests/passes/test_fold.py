@@ -751,7 +751,7 @@ def test_cli_levit_json_and_saved_model(tmp_path, zoo_model):
 
 def test_cli_dry_run_without_output(zoo_model):
     code, stdout, stderr = _run(["fold", "normsurgeon.zoo:resnet"])
-    assert code == 0 and "folded 8 of 8" in stdout and "dry run: no output written" in stderr
+    assert code == 0 and "folded 8 of 8" in stdout and "dry run: nothing written" in stderr
     code, stdout, _ = _run(["fold", "normsurgeon.zoo:resnet", "--json"])
     assert code == 0 and json.loads(stdout)["dry_run"] is True and json.loads(stdout)["output"] is None
 
