@@ -64,7 +64,7 @@ __all__ = ["convert", "insert_ffn_bn", "replay", "ConvertReport", "RULES", "TARG
 # --to value -> the rule that implements it (one file each)
 RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
 TARGETS = tuple(RULES)
-_NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+_NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "PowerNorm")
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -701,8 +701,8 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
         report.notes.append("ProgressiveNorm: lambda falls from 1 to 0 over the training steps (counted in each module, "
                             "saved with it); once it reaches 0 only the RepBN runs and fold removes it")
     if any(a.detail.get("to") == "PowerNorm" for a in report.converted):
-        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training (calibrate "
-                            "does not set it); in eval it folds like a BatchNorm")
+        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training or by "
+                            "calibration (exactly); in eval it folds like a BatchNorm")
     if any(a.detail.get("init") == "fresh" for a in report.inserted):
         report.notes.append("the inserted FFN BatchNorms are fresh (weight 1, bias 0): they change the function; "
                             "train (or use --ffn-bn-init identity for an exact insertion into a trained model).")
