@@ -261,3 +261,26 @@ def test_sync_token_batch_norm_counts_only_real_tokens_of_every_rank(tmp_path):
         torch.testing.assert_close(got[r]["grad"], xu.grad[lo:hi], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got[r]["mean"], ref.running_mean, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got[r]["var"], ref.running_var, rtol=1e-9, atol=1e-9)
+
+
+class _Untraceable(nn.Module):
+    """A chain of two BNs whose forward refuses to run under a dispatch mode (as some custom ops do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        if _get_current_dispatch_mode() is not None:
+            raise RuntimeError("no dispatch modes here")
+        return self.b(torch.relu(self.a(x)) * 2)
+
+
+def test_untraceable_model_is_calibrated_one_norm_per_pass_in_call_order():
+    model = _Untraceable().eval()
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(12, 3, generator=g) * 3 + 1
+    report = calibrate(model, [{"x": t} for t in data.split(5)])
+    assert report.passes == 2 and any("could not be traced" in n for n in report.notes)
+    _assert_same(_stats(model), _stats(sequential_expectation(model, [{"x": data}])))
