@@ -629,7 +629,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
             raise NormSurgeonError(f"recipe: unknown convert target {to!r} (written by a newer normsurgeon?)")
         rule = _rule(to, action.get("groups"), action.get("progressive"), action.get("pn_warmup_steps", 4000),
                      action.get("pn_groups"))
-        graph = capture(model, ci)
+        # the recipe's own inputs, which this architecture ran on when it was converted: no separate
+        # forward first (on a large model it costs as much as the capture)
+        graph = capture(model, ci, checked=True)
         by_path: dict[str, list[NormSite]] = {}
         for s in find_norms(graph):
             by_path.setdefault(s.path, []).append(s)
