@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,3 +288,31 @@ def test_untraceable_model_is_calibrated_one_norm_per_pass_in_call_order():
     report = calibrate(model, [{"x": t} for t in data.split(5)])
     assert report.passes == 2 and any("could not be traced" in n for n in report.notes)
     _assert_same(_stats(model), _stats(sequential_expectation(model, [{"x": data}])))
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this python")
+def test_cli_under_torchrun_equals_one_process_whatever_the_batching(tmp_path):
+    """`torchrun ... calibrate` on a converted ViT, rank 0 with 12 batches of 1, rank 1 with batches of
+    16 and 4: the written statistics equal one process calibrating all 32 samples in one batch."""
+    from normsurgeon.loading import save_model
+
+    model = _bn_vit()
+    save_model(model, tmp_path / "vit_bn.pt", example_inputs=model.example_inputs())
+    data = _pixels()
+    torch.save(list(data[:12].split(1)), tmp_path / "c-0.pt")
+    torch.save(list(data[12:].split(16)), tmp_path / "c-1.pt")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "normsurgeon", "calibrate",
+                          str(tmp_path / "vit_bn.pt"), "--trust", "--data", str(tmp_path / "c-{rank}.pt"),
+                          "-o", str(tmp_path / "out.pt"), "--json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert (report["world_size"], report["samples"], report["batches"], report["passes"]) == (2, 32, 14, 7)
+    single = _bn_vit()
+    calibrate(single, [{"pixel_values": data}])
+    _assert_same(_stats(torch.load(tmp_path / "out.pt", weights_only=False)), _stats(single))
