@@ -9,10 +9,11 @@ processes, interleaved (``--repeats`` rounds), each after the same imports:
 - plain:    ``ViTForImageClassification(config)`` (building the model the recipe starts from);
 - recipe:   ``normsurgeon.load(DIR)`` (build the base, replay the conversion, load the weights).
 
-For each process: its peak RSS (``VmHWM``, read by the child: ``ru_maxrss`` would report this parent's
-size at fork time), wall and CPU time, the load average. Printed: recipe/plain ratios per round and their median, of the whole process and of
-the part above the imports (time and memory). Target (issue 19 item 9): recipe <= 1.3x the time and
-<= 1.15x the memory of building the plain model.
+For each process: its peak RSS (``VmHWM``, read by the child: ``ru_maxrss`` would report this
+parent's size at fork time), wall and CPU time, the load average. Printed: recipe/plain ratios per
+round and their median, of the whole process and of the part after the imports (time) or above
+them (memory). Target (issue 19 item 9): recipe <= 1.3x the time and <= 1.15x the memory of
+building the plain model.
 
     python benchmarks/bench_recipe_load.py            # ~150M parameters: ~1 minute, ~2 GB RAM
     python benchmarks/bench_recipe_load.py --quick    # a small ViT, seconds (a smoke run)

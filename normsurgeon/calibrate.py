@@ -270,7 +270,8 @@ def _targets(model: nn.Module, report: CalibrationReport) -> list[_Target]:
         elif not isinstance(m, _BatchNorm):
             continue
         elif not m.track_running_stats or m.running_mean is None or m.running_var is None:
-            report.skipped.append({"path": path, "reason": "track_running_stats=False: it always uses batch statistics"})
+            report.skipped.append({"path": path,
+                                   "reason": "track_running_stats=False: it always uses batch statistics"})
         elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
             report.skipped.append({"path": path, "reason": "lazy BatchNorm not initialized yet"})
         else:

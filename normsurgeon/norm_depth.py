@@ -48,7 +48,8 @@ class _Tags(TorchDispatchMode):
         return out
 
 
-def norm_depths(model: nn.Module, norms: Sequence[nn.Module], run: Callable[[], object]) -> tuple[list[int | None], bool]:
+def norm_depths(model: nn.Module, norms: Sequence[nn.Module],
+                run: Callable[[], object]) -> tuple[list[int | None], bool]:
     """Depth of each of ``norms`` in one call of ``run()`` (which calls ``model``): 0 when its input
     depends on no other norm, else 1 + the largest depth among the norms it depends on. None for a
     norm that did not run. Returns (depths, traced): when the tagging mode cannot run the model,

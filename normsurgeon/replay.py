@@ -392,7 +392,8 @@ def _read_into(file: Path, targets: dict[str, torch.Tensor]) -> None:
                     dst.copy_(st.get_tensor(k))
                 continue
             f.seek(8 + size + start)
-            if end > start and f.readinto(memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())) != end - start:
+            raw = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())
+            if end > start and f.readinto(raw) != end - start:
                 raise NormSurgeonError(f"{file}: truncated (the data of {k} ends early)")
 
 

@@ -64,7 +64,8 @@ class SyncTokenBatchNorm(TokenBatchNorm):
     get the global mean and unbiased variance, identical on every rank. Works with any backend and
     device (gloo on CPU, NCCL on GPU). Under a padding mask (``padding_mask``) only the real tokens
     of every rank count, as one TokenBatchNorm on the union batch would count them. Every rank must
-    call forward the same number of times in train mode, as with ``nn.SyncBatchNorm``. Statistics are computed in float32 for half inputs.
+    call forward the same number of times in train mode, as with ``nn.SyncBatchNorm``. Statistics
+    are computed in float32 for half inputs.
     Without a process group (or with one rank) it is exactly TokenBatchNorm.
     """
 
