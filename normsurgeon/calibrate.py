@@ -445,6 +445,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
                             "(N, C) input sees one per sample), and a variance needs 2 or more; calibrate on more "
                             "than a single sample")
                     t.write(st)  # fixed before the next pass: the norms downstream see it
+            if not stages:  # no norm to calibrate: the data is only counted
+                for call in each_batch():
+                    n_batches += 1
+                    n_samples += _batch_size(call)
         for h in handles:
             h.remove()
         handles.clear()
