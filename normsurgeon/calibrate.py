@@ -2,27 +2,31 @@
 
 After a norm swap (LayerNorm -> TokenBatchNorm, an inserted FFN BN) the running statistics are
 placeholders (mean 0, var 1); after pruning, quantization or a domain change they are stale.
-``calibrate`` runs data through the model with only the BNs in train mode and sets every BN's
-running mean/variance to the *exact* mean and unbiased variance of that BN's inputs over all the
-data, whatever the batch sizes, and across all ranks under ``torch.distributed``.
+``calibrate`` sets every BN's running mean/variance (and every PowerNorm's running quadratic mean)
+to the *exact* statistics of that norm's inputs over all the data, those inputs computed by the
+eval model with every norm upstream already calibrated: whatever the batch sizes, and across all
+ranks under ``torch.distributed``, the result is the one of a single process on the union.
 
-How: a forward pre-hook per BN accumulates, per channel and in float64, the count, mean and sum of
-squared deviations (M2) of each batch's input, merged batch by batch with Chan et al.'s parallel
-formula (stable: no sum-of-squares cancellation). Under an initialized process group the per-rank
-(count, mean, M2) of every BN are all-gathered in one collective and merged in rank order, so every
-rank sets identical values. One code path serves both cases. BN's own cumulative average
-(``momentum=None``) weights each *batch* equally, which is only exact for equal batch sizes; the
-hooks do not have that flaw, and their result replaces whatever the BN accumulated itself.
+Why stages: a BN in train mode normalizes with its batch's statistics, so the inputs of the BNs
+after it depend on how the data was batched (a converted ViT calibrated in batches of 16 and of 32
+differed by up to 0.7% in its running variances). Here the norms are calibrated in stages by depth
+(``norm_depth``): a pass over the data measures the norms whose upstream norms are all fixed, then
+fixes them; the next pass measures the next depth. Each batch's forward stops as soon as the
+pass's norms have seen it (the per-batch call counts of the first pass tell when).
 
-The BNs still run in train mode (normalizing with batch statistics), as in
-``torch.optim.swa_utils.update_bn``, so that each BN sees inputs shaped by the BNs before it the
-way they behave in training. SyncBatchNorm (and SyncTokenBatchNorm) runs as a local BN during
-calibration: its statistics are gathered exactly by the hooks anyway, and its own collective would
-need every rank to run the same number of batches (and, for SyncBatchNorm, a GPU).
+How a pass measures: a forward pre-hook per norm accumulates, per channel and in float64, the
+count, mean and sum of squared deviations (M2) of each batch's input, merged batch by batch with
+Chan et al.'s parallel formula (stable: no sum-of-squares cancellation). Under an initialized
+process group the per-rank (count, mean, M2) of the pass's norms are all-gathered in one collective
+and merged in rank order, so every rank sets identical values before the next pass. BN's own
+cumulative average (``momentum=None``) weights each *batch* equally, which is only exact for equal
+batch sizes; the hooks do not have that flaw. The model runs in eval throughout, so SyncBatchNorm
+and SyncTokenBatchNorm run locally (no collective inside the forward).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -34,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import NormSurgeonError
 from .files import read_tensors
 from .inputs import CallArgs, as_call_args
-from .nn import SyncTokenBatchNorm, TokenBatchNorm
+from .nn import PowerNorm, TokenBatchNorm
 from .nn.padding_mask import capture_padding_mask, real_rows
 from .report import Table
 
@@ -57,6 +61,8 @@ class CalibrationReport:
     batches: int = 0
     samples: int = 0
     world_size: int = 1
+    #: passes over the data: one per depth of norms (see ``calibrate``)
+    passes: int = 0
     norms: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     #: set by ``api.calibrate_files`` / ``api.recalibrate``: the files this rank read, where the model went
@@ -70,7 +76,7 @@ class CalibrationReport:
 
     def to_json(self) -> dict:
         d = {"recalibrated": self.recalibrated, "batches": self.batches, "samples": self.samples,
-             "world_size": self.world_size, "norms": [dict(n) for n in self.norms],
+             "world_size": self.world_size, "passes": self.passes, "norms": [dict(n) for n in self.norms],
              "skipped": [dict(s) for s in self.skipped]}
         if self.files:
             d["files"] = list(self.files)
@@ -81,7 +87,8 @@ class CalibrationReport:
 
     def tables(self) -> list[Table]:
         notes = [f"{self.recalibrated} BatchNorm(s) recalibrated on {self.batches} batch(es), {self.samples} sample(s)"
-                 + (f" across {self.world_size} ranks" if self.world_size > 1 else "")]
+                 + (f" across {self.world_size} ranks" if self.world_size > 1 else "")
+                 + (f", in {self.passes} pass(es) (one per depth of norms)" if self.passes > 1 else "")]
         notes.extend(self.notes)
         main = Table("Recalibrated BatchNorms", ["path", "kind", "channels", "positions", "calls"],
                      [[n["path"], n["kind"], n["channels"], n["positions"], n["calls"]] for n in self.norms], notes)
@@ -216,132 +223,253 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+class _Target:
+    """One norm to calibrate: a ``_BatchNorm`` with running statistics (mean, unbiased variance) or a
+    PowerNorm (running quadratic mean), with what ``calibrate`` saves to restore it."""
+
+    def __init__(self, path: str, module: nn.Module) -> None:
+        self.path, self.module = path, module
+        self.power = isinstance(module, PowerNorm)
+        self.channels = module.num_features
+        names = ("running_phi", "num_batches_tracked") if self.power else \
+            ("running_mean", "running_var", "num_batches_tracked")
+        self.saved = {n: getattr(module, n).clone() for n in names if getattr(module, n, None) is not None}
+        self.stats = RunningStats(self.channels, self.saved[names[0]].device)
+        self.depth: int | None = None
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if not self.power:
+            return as_positions(m, x)
+        rows = real_rows(x, self.channels)
+        if m.group_scaling is not None:  # PowerNorm's statistic is taken after its group scaling
+            x = m.group_scaling(x)
+        x2d = x.reshape(-1, self.channels)
+        return x2d if rows is None else x2d[rows]
+
+    def write(self, st: RunningStats) -> None:
+        if not self.power:
+            st.write_to(self.module)
+            return
+        # the quadratic mean E[x^2] = M2 / n + mean^2: a sum of non-negative terms, no cancellation.
+        # num_batches_tracked drives PowerNorm's warm-up (training steps): calibration leaves it alone.
+        self.module.running_phi.copy_(st.m2 / st.count + st.mean.square())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, v in self.saved.items():
+                getattr(self.module, n).copy_(v)
+
+
+def _targets(model: nn.Module, report: CalibrationReport) -> list[_Target]:
+    out = []
+    for name, m in model.named_modules():
+        path = name or "<root>"
+        if isinstance(m, PowerNorm):
+            out.append(_Target(path, m))
+        elif not isinstance(m, _BatchNorm):
+            continue
+        elif not m.track_running_stats or m.running_mean is None or m.running_var is None:
+            report.skipped.append({"path": path,
+                                   "reason": "track_running_stats=False: it always uses batch statistics"})
+        elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
+            report.skipped.append({"path": path, "reason": "lazy BatchNorm not initialized yet"})
+        else:
+            out.append(_Target(path, m))
+    return out
+
+
+class _StageDone(Exception):
+    """Raised from a norm's hook once every norm of the stage has seen this batch: the rest of the
+    forward cannot change the stage's statistics. An ``Exception``, so that torch runs the
+    ``always_call`` hooks on the way out (the padding-mask hook restores the mask); model code that
+    swallows it only makes the forward run on, counted no further."""
+
+
+def _collective_device(group) -> torch.device:
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def _agree_depths(depths: list[int | None], group) -> list[int | None]:
+    """Every rank's depths merged (the largest wins: a rank whose first batch took another path
+    cannot put a norm before one it depends on), so that all ranks run the same stages."""
+    import torch.distributed as dist
+    device = _collective_device(group)
+    n = torch.tensor([float(len(depths))], dtype=torch.float64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, n, group=group)
+    if any(float(s) != float(n) for s in sizes):
+        raise NormSurgeonError("calibration under torch.distributed: the ranks' models hold different numbers of "
+                               f"norms ({[int(s) for s in sizes]}); every rank must calibrate the same model")
+    t = torch.tensor([-1.0 if d is None else float(d) for d in depths], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [None if v < 0 else int(v) for v in t.tolist()]
+
+
+def _stages(targets: list[_Target]) -> list[list[_Target]]:
+    """Targets grouped by depth, shallowest first; norms no probe reached go last (by then every
+    norm they could depend on is fixed)."""
+    known = sorted({t.depth for t in targets if t.depth is not None})
+    stages = [[t for t in targets if t.depth == d] for d in known]
+    late = [t for t in targets if t.depth is None]
+    return stages + ([late] if late else [])
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None,
               progress: Callable[[int, int | None], None] | None = None, group=None) -> CalibrationReport:
-    """Recompute the running mean/var of every BatchNorm in ``model`` from ``batches``.
+    """Recompute the running statistics of every BatchNorm (and PowerNorm) in ``model`` from ``batches``.
 
     Every ``_BatchNorm`` with running statistics (BatchNorm1d/2d/3d, SyncBatchNorm, TokenBatchNorm,
     subclasses) gets running_mean = the exact mean and running_var = the exact unbiased variance of
     its inputs over all batches (and all ranks of ``group`` when torch.distributed is initialized:
-    then every rank must call ``calibrate``). ``num_batches_tracked`` becomes the number of times the
-    BN ran. Only the BNs run in train mode; every other module (dropout...) runs in eval. Afterwards
-    each module's training flag and each BN's momentum are restored; on an error the original
-    statistics are restored too. A BN that no batch reached keeps its statistics (listed as skipped).
+    then every rank must call ``calibrate``), those inputs computed by the model in eval mode with
+    every norm upstream already calibrated: the statistics the eval model will see on this data,
+    the same whatever the batch sizes and however the data is split across ranks. A PowerNorm gets
+    ``running_phi`` = the exact quadratic mean of its input (its ``num_batches_tracked``, the
+    warm-up clock, is kept). ``num_batches_tracked`` of a BN becomes the number of times it ran.
+
+    This takes one pass over the data per *depth* of norms (norms with no path between them share
+    a pass; see ``norm_depth``), each pass stopping a batch's forward as soon as the pass's norms
+    have seen it, plus one probe forward: a chain of D norms costs about D / 2 forward passes over
+    the data. A one-shot iterator is read into a list first.
+
+    The whole model runs in eval (dropout off, SyncBatchNorms local); afterwards each module's
+    training flag is restored; on an error the original statistics are restored too. A norm that no
+    batch reached keeps its statistics (listed as skipped).
 
     ``batches``: iterable of CallArgs, tensors, tuples of tensors or dicts of keyword tensors; they
     are moved to the model's device; a batch with an ``attention_mask`` (keyword or positional, 2-D,
-    nonzero at real tokens) calibrates the token BatchNorms on its real tokens only. ``max_batches`` stops early. ``progress(done, total)`` is called
-    after each batch (``total`` is None when unknown).
+    nonzero at real tokens) calibrates the token BatchNorms and PowerNorms on its real tokens only.
+    ``max_batches`` stops each pass early. ``progress(done, total)`` is called after each batch of
+    each pass (``total``: batches x passes, None when unknown).
     """
+    from .norm_depth import norm_depths
+
     if max_batches is not None and max_batches < 0:
         raise NormSurgeonError(f"max_batches must be >= 0, got {max_batches}")
-    targets: list[tuple[str, _BatchNorm]] = []
     report = CalibrationReport()
-    for name, m in model.named_modules():
-        if not isinstance(m, _BatchNorm):
-            continue
-        path = name or "<root>"
-        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-            report.skipped.append({"path": path, "reason": "track_running_stats=False: it always uses batch statistics"})
-        elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
-            report.skipped.append({"path": path, "reason": "lazy BatchNorm not initialized yet"})
-        else:
-            targets.append((path, m))
+    targets = _targets(model, report)
 
-    total = None
+    if iter(batches) is batches:  # a one-shot iterator: every pass needs the data again
+        batches = list(itertools.islice(batches, max_batches))  # type: ignore[arg-type]
+    n_total = None
     if hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
+        n_total = len(batches)  # type: ignore[arg-type]
         if max_batches is not None:
-            total = min(total, max_batches)
+            n_total = min(n_total, max_batches)
     elif max_batches is not None:
-        total = max_batches
-
-    modes = {m: m.training for m in model.modules()}
-    saved = [(bn, bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
-              None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for _, bn in targets]
-    stats = {bn: RunningStats(bn.num_features, bn.running_mean.device) for _, bn in targets}
-    handles = []
-    forwards = {}
+        n_total = max_batches
     device = _model_device(model)
-    n_batches = n_samples = 0
-    ok = False
 
-    def hook(bn, args, kwargs):
+    def each_batch():
+        for item in itertools.islice(batches, max_batches):
+            call = as_call_args(item)
+            yield call.to(device=device) if device is not None else call
+
+    distributed = _distributed(group)
+    modes = {m: m.training for m in model.modules()}
+    by_module = {t.module: t for t in targets}
+    handles = []
+    ok = False
+    state = {"stage": set(), "seen": {}, "need": None, "done": False}
+
+    def hook(m, args, kwargs):
+        if state["done"]:
+            return
+        t = by_module[m]
+        state["seen"][t] = state["seen"].get(t, 0) + 1
+        if t not in state["stage"]:
+            return
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            stats[bn].add_batch(as_positions(bn, x.detach()))
+            t.stats.add_batch(t.positions(x.detach()))
+        need = state["need"]
+        if need is not None and all(state["seen"].get(s, 0) >= need.get(s, 0) for s in state["stage"]):
+            state["done"] = True
+            raise _StageDone
 
     try:
         model.eval()
         handles.append(capture_padding_mask(model))
-        for _, bn in targets:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-            handles.append(bn.register_forward_pre_hook(hook, with_kwargs=True))
-            if isinstance(bn, (nn.SyncBatchNorm, SyncTokenBatchNorm)):
-                forwards[bn] = bn.__dict__.get("forward")
-                local = TokenBatchNorm.forward if isinstance(bn, TokenBatchNorm) else _BatchNorm.forward
-                bn.forward = local.__get__(bn)  # local BN; see module docstring
         with torch.no_grad():
-            for item in batches:
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                call = as_call_args(item)
-                if device is not None:
-                    call = call.to(device=device)
-                try:
-                    call.call(model)
-                except ValueError as e:
-                    if "Expected more than 1 value per channel" in str(e):
+            first = next(iter(each_batch()), None)
+            if first is not None and targets:
+                depths, traced = norm_depths(model, [t.module for t in targets], lambda: first.call(model))
+            else:
+                depths, traced = [None] * len(targets), True
+            if distributed:
+                depths = _agree_depths(depths, group)
+            for t, d in zip(targets, depths):
+                t.depth = d
+            stages = _stages(targets)
+            report.passes = len(stages)
+            if not traced:
+                report.notes.append("the data flow between the norms could not be traced: one pass per norm, "
+                                    "in call order")
+            for t in targets:
+                handles.append(t.module.register_forward_pre_hook(hook, with_kwargs=True))
+
+            calls: list[dict] = []  # per batch: how often each norm ran (recorded in the first pass)
+            done = 0
+            total = None if n_total is None else n_total * len(stages)
+            n_batches = n_samples = 0
+            for k, stage in enumerate(stages):
+                state["stage"] = set(stage)
+                for i, call in enumerate(each_batch()):
+                    state["seen"], state["done"] = {}, False
+                    state["need"] = calls[i] if k > 0 and i < len(calls) else None
+                    if state["need"] is None or any(state["need"].get(t, 0) for t in stage):
+                        try:
+                            call.call(model)
+                        except _StageDone:
+                            pass
+                    if k == 0:
+                        calls.append(dict(state["seen"]))
+                        n_batches += 1
+                        n_samples += _batch_size(call)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                merged = [t.stats for t in stage]
+                if distributed:
+                    merged, report.world_size = _gather_stats(merged, [t.channels for t in stage], group)
+                for t, st in zip(stage, merged):
+                    t.stats = st
+                    if st.count == 0:
+                        continue
+                    if st.count == 1 and not t.power:
                         raise NormSurgeonError(
-                            f"calibration batch {n_batches} has a single sample, and a BatchNorm on (N, C) input "
-                            "cannot compute batch statistics from one value per channel; use batches of 2 or more"
-                        ) from e
-                    raise
-                n_batches += 1
-                n_samples += _batch_size(call)
-                if progress is not None:
-                    progress(n_batches, total)
+                            f"{t.path}: the calibration data gives it a single value per channel (a BatchNorm on "
+                            "(N, C) input sees one per sample), and a variance needs 2 or more; calibrate on more "
+                            "than a single sample")
+                    t.write(st)  # fixed before the next pass: the norms downstream see it
+            if not stages:  # no norm to calibrate: the data is only counted
+                for call in each_batch():
+                    n_batches += 1
+                    n_samples += _batch_size(call)
         for h in handles:
             h.remove()
         handles.clear()
-
-        channels = [bn.num_features for _, bn in targets]
-        merged = [stats[bn] for _, bn in targets]
-        if _distributed(group):
-            merged, report.world_size = _gather_stats(merged, channels, group)
+        if distributed:
             n_batches, n_samples = _allreduce_counts([n_batches, n_samples], group)
         report.batches, report.samples = n_batches, n_samples
-
-        with torch.no_grad():
-            for (path, bn), st, (_, _, mean0, var0, nbt0) in zip(targets, merged, saved):
-                if st.count == 0:
-                    bn.running_mean.copy_(mean0)
-                    bn.running_var.copy_(var0)
-                    if nbt0 is not None:
-                        bn.num_batches_tracked.copy_(nbt0)
-                    report.skipped.append({"path": path, "reason": "no calibration batch reached it"})
-                    continue
-                st.write_to(bn)
-                report.norms.append({"path": path, "kind": type(bn).__name__, "channels": bn.num_features,
-                                     "positions": int(st.count), "calls": st.calls})
+        for t in targets:
+            st = t.stats
+            if st.count == 0:
+                t.restore()
+                report.skipped.append({"path": t.path, "reason": "no calibration batch reached it"})
+                continue
+            report.norms.append({"path": t.path, "kind": type(t.module).__name__, "channels": t.channels,
+                                 "positions": int(st.count), "calls": st.calls})
         ok = True
     finally:
         for h in handles:
             h.remove()
-        for bn, fwd in forwards.items():
-            del bn.forward
-            if fwd is not None:
-                bn.forward = fwd
-        for bn, momentum, mean0, var0, nbt0 in saved:
-            bn.momentum = momentum
-            if not ok:
-                with torch.no_grad():
-                    bn.running_mean.copy_(mean0)
-                    bn.running_var.copy_(var0)
-                    if nbt0 is not None:
-                        bn.num_batches_tracked.copy_(nbt0)
+        if not ok:
+            for t in targets:
+                t.restore()
         for m, mode in modes.items():
             m.training = mode
     return report

@@ -16,13 +16,14 @@ dtypes and loads the weights strictly: a missing or unexpected key is an error n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -84,13 +85,72 @@ def check_dir_output(path: str | os.PathLike, *, force: bool = False, inputs=())
 
 # --- building --------------------------------------------------------------------------------------
 
-def build_base(base: dict, *, trust: bool = False, where: str = "recipe", max_bytes: int | None = None) -> nn.Module:
-    """The base model a recipe starts from, with fresh (random) weights, in eval mode.
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters registered inside the block go to the meta device (no memory; their random
+    initialisation does no work), as accelerate's ``init_empty_weights(include_buffers=False)``.
+    Buffers are built as usual: non-persistent ones (rotary tables, position ids) are not in the
+    weights file, so they must hold their computed values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and not p.is_meta:
+            kwargs = dict(p.__dict__, requires_grad=p.requires_grad)
+            self._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+_ZERO_BELOW = 1 << 20  # bytes
+
+
+def _materialize(model: nn.Module) -> None:
+    """CPU storage for every meta parameter, one per shared (tied) parameter. Large ones are left
+    uninitialised: fresh pages that cost no memory until the weights are read into them (the replay
+    only captures the model, whose graph does not depend on the values); small ones, which the
+    allocator may hand out from reused memory, are zeroed so that no stray NaN runs through it."""
+    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if id(p) not in made:
+                small = p.numel() * p.element_size() < _ZERO_BELOW
+                data = torch.zeros(p.shape, dtype=p.dtype) if small else torch.empty(p.shape, dtype=p.dtype)
+                kwargs = dict(p.__dict__, requires_grad=p.requires_grad)
+                made[id(p)] = (p, type(p)(data, **kwargs))
+            module._parameters[name] = made[id(p)][1]
+
+
+def build_base(base: dict, *, trust: bool = False, where: str = "recipe", max_bytes: int | None = None,
+               empty: bool = False) -> nn.Module:
+    """The base model a recipe starts from, in eval mode: with fresh (random) weights, or with
+    ``empty`` weights that were never initialised (fast, and costing no memory until the recipe's
+    weights are loaded; a base that cannot be built that way is built as usual).
 
     Without ``trust`` only what runs no code from the recipe is built: a transformers class (looked
     up in transformers itself, built-in attention only) or ``normsurgeon.zoo:NAME``; any other
     factory spec needs ``trust=True`` (``trust.check_recipe_factory``). ``max_bytes``: the most a
     transformers base may hold (checked on the meta device first)."""
+    if empty:
+        again = dict(trust=trust, where=where, max_bytes=max_bytes)
+        try:
+            with _parameters_on_meta():
+                model = build_base(base, **again)
+        except NormSurgeonError:
+            raise
+        except Exception:  # noqa: BLE001 - a base that needs real weights while building: the usual way
+            return build_base(base, **again)
+        if any(b.is_meta for b in model.buffers()):  # a buffer computed from a parameter: the usual way
+            return build_base(base, **again)
+        _materialize(model)
+        return model
     kind = base.get("kind")
     if kind == "factory":
         spec = base.get("spec")
@@ -321,7 +381,8 @@ def load_dir(path: str | os.PathLike, *, trust: bool = False, imports=()) -> Loa
     recipe = _read_recipe(path)
     limit = _weights_limit(path / WEIGHTS_FILE)
     with user_code(trust=trust, imports=imports):
-        model = build_base(recipe.base, trust=trust, where=str(path / RECIPE_FILE), max_bytes=limit)
+        # every weight is loaded below: never initialise one
+        model = build_base(recipe.base, trust=trust, where=str(path / RECIPE_FILE), max_bytes=limit, empty=True)
     apply_recipe(model, recipe)
     if recipe.dtype is not None:  # non-persistent buffers too (rotary tables...), as model.half() did
         model.to(getattr(torch, recipe.dtype))
@@ -367,21 +428,23 @@ def _read_inputs(file: Path, keys: list[str]) -> CallArgs:
 def _load_weights(model: nn.Module, file: Path) -> None:
     """Load ``file`` into ``model`` strictly, each tensor in the dtype it was saved in."""
     from safetensors import safe_open
-    from safetensors.torch import load_model
 
     if not file.is_file():
         raise NormSurgeonError(f"{file}: missing (the weights of the recipe)")
     try:
         with safe_open(str(file), framework="pt") as f:
             saved = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{file}: cannot read: {one_line(e)}") from e
     _check_dtypes(model, saved, file)
     _cast_to_saved(model, saved)
-    try:
-        missing, unexpected = load_model(model, str(file), strict=False)
-    except RuntimeError as e:  # a shape that does not fit
-        raise NormSurgeonError(f"{file} does not fit the rebuilt model: {one_line(e)}") from e
+    state = model.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}  # tied weights: one tensor under several names, stored once
+    for k, t in state.items():
+        names.setdefault(id(t), []).append(k)
+    unexpected = sorted(set(saved) - set(state))
+    missing = sorted(k for k, t in state.items() if not any(n in saved for n in names[id(t)]))
     if missing or unexpected:
         raise NormSurgeonError(f"{file} does not fit the rebuilt model: "
                                + "; ".join(filter(None, [
@@ -389,11 +452,43 @@ def _load_weights(model: nn.Module, file: Path) -> None:
                                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""),
                                    unexpected and f"unexpected key(s) {', '.join(sorted(unexpected)[:5])}"
                                    + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")])))
+    bad = [(k, tuple(state[k].shape), shape) for k, shape in shapes.items() if tuple(state[k].shape) != shape]
+    if bad:
+        k, want, got = bad[0]
+        raise NormSurgeonError(f"{file} does not fit the rebuilt model: {k} has shape {list(got)} in the file, "
+                               f"{list(want)} in the model" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    _read_into(file, {k: state[k] for k in saved})
+
+
+def _read_into(file: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Each tensor's bytes read from the file straight into the model's own storage: never the whole
+    state dict beside the model, nor the file mapped into memory (safetensors maps it, and every
+    page read counts). Not handed over either: a tensor mapped from the file is only 8-byte aligned
+    and matmul kernels may round differently on it, which would break the bit-exact rebuild. A
+    tensor that cannot be filled that way (another dtype, not contiguous) is copied."""
+    from safetensors import safe_open
+
+    with open(file, "rb") as f, torch.no_grad():
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        for k, dst in targets.items():
+            start, end = header[k]["data_offsets"]
+            fits = header[k]["dtype"] == _ST_NAMES.get(dst.dtype) and dst.device.type == "cpu" \
+                and dst.is_contiguous() and dst.numel() * dst.element_size() == end - start
+            if not fits:
+                with safe_open(str(file), framework="pt") as st:
+                    dst.copy_(st.get_tensor(k))
+                continue
+            f.seek(8 + size + start)
+            raw = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy())
+            if end > start and f.readinto(raw) != end - start:
+                raise NormSurgeonError(f"{file}: truncated (the data of {k} ends early)")
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ST_NAMES = {t: n for n, t in _ST_DTYPES.items()}
 
 
 def _check_dtypes(model: nn.Module, saved: dict[str, str], file: Path) -> None:

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NormSurgeonError
 from ._sync_guard import torch_convert_sync_batchnorm
+from .padding_mask import real_rows
 from .token_batch_norm import TokenBatchNorm
 
 __all__ = ["SyncTokenBatchNorm", "convert_sync_batchnorm"]
@@ -61,8 +62,10 @@ class SyncTokenBatchNorm(TokenBatchNorm):
     passes: no sum-of-squares cancellation). Both all-reduces are differentiable, so gradients equal
     those of one process on the union batch (then averaged by DDP like any gradient). Running stats
     get the global mean and unbiased variance, identical on every rank. Works with any backend and
-    device (gloo on CPU, NCCL on GPU); every rank must call forward the same number of times in
-    train mode, as with ``nn.SyncBatchNorm``. Statistics are computed in float32 for half inputs.
+    device (gloo on CPU, NCCL on GPU). Under a padding mask (``padding_mask``) only the real tokens
+    of every rank count, as one TokenBatchNorm on the union batch would count them. Every rank must
+    call forward the same number of times in train mode, as with ``nn.SyncBatchNorm``. Statistics
+    are computed in float32 for half inputs.
     Without a process group (or with one rank) it is exactly TokenBatchNorm.
     """
 
@@ -88,15 +91,22 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         x = input.reshape(-1, c)
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        totals = _all_reduce(torch.cat([x.sum(0), x.new_full((1,), x.shape[0])]), self.process_group)
+        # under a padding mask the statistics are those of every rank's real tokens (padded rows are
+        # normalized with them, as in TokenBatchNorm); a zero weight keeps them out of both sums
+        rows = real_rows(input, c)
+        weight = None if rows is None else rows.to(x.dtype).unsqueeze(1)
+        real = x if weight is None else x * weight
+        n_local = x.shape[0] if rows is None else int(rows.sum())
+        totals = _all_reduce(torch.cat([real.sum(0), x.new_full((1,), n_local)]), self.process_group)
         count = totals[c]
         # the global count is at least the local one: only a rank with <= 1 row pays a host sync to check it
-        if x.shape[0] <= 1 and int(count.item()) <= 1:
+        if n_local <= 1 and int(count.item()) <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(count.item())} over "
                              f"all ranks (input size {list(input.shape)} on this rank)")
         mean = totals[:c] / count
         centered = x - mean
-        var = _all_reduce((centered * centered).sum(0), self.process_group) / count
+        sq = centered * centered if weight is None else centered * centered * weight
+        var = _all_reduce(sq.sum(0), self.process_group) / count
         out = centered * torch.rsqrt(var + self.eps)
         if self.weight is not None:
             out = out * self.weight.to(out.dtype)

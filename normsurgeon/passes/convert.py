@@ -64,7 +64,7 @@ __all__ = ["convert", "insert_ffn_bn", "replay", "ConvertReport", "RULES", "TARG
 # --to value -> the rule that implements it (one file each)
 RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
 TARGETS = tuple(RULES)
-_NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
+_NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "PowerNorm")
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -634,7 +634,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
             raise NormSurgeonError(f"recipe: unknown convert target {to!r} (written by a newer normsurgeon?)")
         rule = _rule(to, action.get("groups"), action.get("progressive"), action.get("pn_warmup_steps", 4000),
                      action.get("pn_groups"))
-        graph = capture(model, ci)
+        # the recipe's own inputs, which this architecture ran on when it was converted: no separate
+        # forward first (on a large model it costs as much as the capture)
+        graph = capture(model, ci, checked=True)
         by_path: dict[str, list[NormSite]] = {}
         for s in find_norms(graph):
             by_path.setdefault(s.path, []).append(s)
@@ -706,8 +708,8 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
         report.notes.append("ProgressiveNorm: lambda falls from 1 to 0 over the training steps (counted in each module, "
                             "saved with it); once it reaches 0 only the RepBN runs and fold removes it")
     if any(a.detail.get("to") == "PowerNorm" for a in report.converted):
-        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training (calibrate "
-                            "does not set it); in eval it folds like a BatchNorm")
+        report.notes.append("PowerNorm: its running quadratic mean starts at 1 and is set by training or by "
+                            "calibration (exactly); in eval it folds like a BatchNorm")
     if any(a.detail.get("init") == "fresh" for a in report.inserted):
         report.notes.append("the inserted FFN BatchNorms are fresh (weight 1, bias 0): they change the function; "
                             "train (or use --ffn-bn-init identity for an exact insertion into a trained model).")

@@ -188,7 +188,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     """Redo a recorded fold on ``model`` (a rebuilt base): the same match and rewrite, at exactly the
     recorded sites, without verification (the weights that matter are loaded afterwards)."""
     want = {f["norm"]: f for f in action.get("folded") or []}
-    graph = capture(model, ci)
+    # the recipe's own inputs, which this architecture ran on when it was folded: no separate
+    # forward first (on a large model it costs as much as the capture)
+    graph = capture(model, ci, checked=True)
     ctx = FoldContext(model, graph)
     for entry in match(model, graph, ctx):
         f = want.pop(entry.norm, None)
