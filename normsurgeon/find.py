@@ -37,6 +37,10 @@ NORM_OPS = {
     "instance_norm": "instancenorm", "rms_norm": "rmsnorm", "_fused_rms_norm": "rmsnorm",
 }
 
+# The note of a norm that ran inside a part nobody could capture (passes quote it as their reason).
+UNCAPTURED = "ran, but in a part that could not be captured"
+
+
 def norm_kind(module: nn.Module | None) -> str | None:
     if module is None:
         return None
@@ -139,7 +143,7 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
         covered.add(id(node))
     sites.extend(_pattern_sites(graph, covered, op_counter))
     seen = {s.path.split(":")[0] for s in sites if s.source == "module"}
-    failed = [p.path for p in graph.failed_parts()]
+    failed = {p.path: p.error for p in graph.failed_parts()}
     for path, module in graph.model.named_modules():
         kind = norm_kind(module)
         if kind and path not in seen:
@@ -155,14 +159,23 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
                     site.dims = [d for d in range(len(x.shape)) if d != 1]
                     site.producer = _describe(_producer(x))
             else:
-                inside_failed = any(path == f or path.startswith(f + ".") for f in failed)
-                site.note = "in a part that could not be captured" if inside_failed else \
-                    "not called in the captured forward pass"
+                site.note = _uncaptured_note(path, failed)
                 site.calls = 0
             sites.append(site)
     order = {p: i for i, (p, _) in enumerate(graph.model.named_modules())}
     sites.sort(key=lambda s: order.get(s.path.split(":")[0], len(order)))
     return sites
+
+
+def _uncaptured_note(path: str, failed: dict[str, str | None]) -> str:
+    """Why a norm module has no node: never run, or run inside a part whose capture failed (say which:
+    "not reached" would send the user after their inputs when the capture is what failed)."""
+    from .graph.capture import NOT_CALLED
+
+    part = next((f for f in failed if path == f or path.startswith(f + ".")), None)
+    if part is None or failed[part] == NOT_CALLED:
+        return "not called in the captured forward pass"
+    return f"{UNCAPTURED} ({part}: {failed[part]})"
 
 
 # --- norm ops ----------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..calibrate import CalibrationReport, calibrate
 from ..errors import NormSurgeonError, one_line
 from ..find import NormSite, find_norms
-from ..graph import ModelGraph, capture
+from ..graph import ModelGraph, capture, without_kv_cache
 from ..inputs import CallArgs, as_call_args
 from ..recipe import record
 from ..loading import ExportedModel
@@ -233,7 +233,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
                       extra=[as_call_args(e) for e in extra_inputs],
                       padding_kwarg=padding_mask if to in ("bn", "pn") else None)
-    run.run(blocks, to, calibrate_batches, progress)
+    with without_kv_cache(target):  # a user's decoder: its cache object would fail the checks' captures
+        run.run(blocks, to, calibrate_batches, progress)
     _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
             {"progressive": progressive, "pn_warmup_steps": pn_warmup_steps, "pn_groups": pn_groups})
     return target, report

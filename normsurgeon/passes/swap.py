@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..find import NormSite
+from ..find import UNCAPTURED, NormSite
 from ..graph import GNode, ModelGraph
 from ..graph.ops import DATA_MOVEMENT
 from ..report import Action
@@ -81,7 +81,9 @@ def whole_module(graph: ModelGraph, site: NormSite) -> nn.Module | None:
 
 def unreached_reason(group: list[NormSite]) -> str | None:
     if max(s.calls for s in group) == 0:
-        return "not reached by the example inputs: its input layout is unknown"
+        ran = next((s.note for s in group if s.note and s.note.startswith(UNCAPTURED)), None)
+        return f"{ran}: its input layout is unknown" if ran else \
+            "not reached by the example inputs: its input layout is unknown"
     return None
 
 
