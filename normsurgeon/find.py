@@ -51,9 +51,12 @@ def norm_kind(module: nn.Module | None) -> str | None:
 
 
 def _is_frozen_bn(module: nn.Module) -> bool:
+    """Ours, or any module proven to compute ``x * scale + shift`` per channel of its buffers (DETR's,
+    torchvision's FrozenBatchNorm2d: ``affine_probe``), whatever its class is called."""
+    from .affine_probe import frozen_scale_shift
     from .nn import FrozenBatchNorm  # nn.py imports nothing from here; local import keeps find light
 
-    return isinstance(module, FrozenBatchNorm)
+    return isinstance(module, FrozenBatchNorm) or frozen_scale_shift(module) is not None
 
 
 @dataclass
@@ -190,7 +193,9 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
         site.calls = max(1, len(graph.calls(path)))
     else:
         module_path = node.module_path or ""
-        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT
+        # casts count as data movement here: OLMo's LayerNorm is F.layer_norm(x.float()).to(dtype), and
+        # a module whose forward is one norm op is that norm (a swap replaces the module whole)
+        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT and n.op not in _CASTS
                    and n.op not in ("param", "input", "output", "getitem")]
         path = module_path if own_ops == [node] and module_path else _numbered(module_path, node.op, counter)
         mod = graph.module(module_path)
@@ -237,7 +242,11 @@ def _norm_owner(graph: ModelGraph, node: GNode) -> tuple[str, nn.Module] | None:
 def _module_fields(site: NormSite, module: nn.Module) -> NormSite:
     site.eps = float(getattr(module, "eps", 0.0) or 0.0) if hasattr(module, "eps") else None
     if _is_frozen_bn(module):
-        site.channels, site.affine, site.track_running_stats = int(module.num_features), True, True
+        channels = getattr(module, "num_features", None)
+        if not isinstance(channels, int):
+            from .affine_probe import frozen_scale_shift
+            channels = frozen_scale_shift(module)[0].numel()
+        site.channels, site.affine, site.track_running_stats = int(channels), True, True
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         site.channels, site.affine = module.num_features, module.affine
         site.track_running_stats = module.track_running_stats and module.running_mean is not None

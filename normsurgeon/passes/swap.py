@@ -146,6 +146,9 @@ def read_bn_site(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[s
     BN transposes), and its replacement receives what the module received."""
     site = group[0]
     module = graph.module(path) if site.source == "module" else None
+    if site.source == "module" and module is not None and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (f"{type(module).__name__} is a frozen batch norm (x * scale + shift of its buffers): it has no "
+                "BatchNorm to replace (fold folds it)"), None
     if site.source != "module" or not isinstance(module, nn.modules.batchnorm._BatchNorm):
         where = site.path.split(":")[0] or "the model"
         return f"functional batch_norm call inside {where}.forward: module replacement cannot swap it", None
