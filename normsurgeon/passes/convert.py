@@ -416,12 +416,14 @@ class _Conversion:
             if reason:
                 self.report.actions.append(Action("skipped", linear, {"kind": "ffn", "block": block.path}, reason))
                 continue
-            bn_path, bn = _ffn.wrap_linear(self.target, linear, block.hidden, self.position,
-                                           identity=self.init == "identity")
+            width, kind = block.width(self.position), block.bn(self.position)
+            bn_path, bn = _ffn.wrap_linear(self.target, linear, width, self.position,
+                                           identity=self.init == "identity", bn=kind)
             self.inserted.append(_Inserted(block, linear, bn_path, bn, self.target.get_submodule(linear)))
             self.report.actions.append(Action("inserted", bn_path, {
-                "block": block.path, "linear": linear, "position": self.position, "hidden": block.hidden,
-                "init": self.init, "activation": block.activation, "gated": block.gated}))
+                "block": block.path, "linear": linear, "position": self.position, "hidden": width,
+                "init": self.init, "activation": block.activation, "gated": block.gated,
+                **({"bn": kind} if kind != "token" else {})}))
 
     def _unwrap(self, item: _Inserted, reason: str) -> None:
         _ffn.unwrap_linear(self.target, item.linear, self.position)
@@ -612,7 +614,8 @@ def _record(model: nn.Module, report: ConvertReport, to: str | None, groups: int
         "padding_mask": (report.statistics or {}).get("mask"),
         "swapped": [a.path for a in report.converted],
         "ffn_bn": {"position": position, "init": init,
-                   "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"]} for a in report.inserted]}
+                   "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"],
+                              **({"bn": a.detail["bn"]} if "bn" in a.detail else {})} for a in report.inserted]}
         if report.inserted else None,
         "function_preserving": report.function_preserving, "verify": report.verify,
         "output_change": report.output_change,
@@ -643,7 +646,8 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
             SwapRule.rewrite(model, plan, UndoLog())
     sites = (ffn or {}).get("sites") or []
     for site in sites:
-        _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity")
+        _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity",
+                         bn=site.get("bn", "token"))
     paths = list(swapped) + [site["linear"] for site in sites]
     _disable_fastpath(model, paths, ConvertReport(to, "replay"))
     if action.get("padding_mask"):
