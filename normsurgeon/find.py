@@ -88,11 +88,13 @@ class InspectReport:
     sites: list[NormSite]
     attempts: list[tuple[str, str]] = field(default_factory=list)
     failed_parts: list[tuple[str, str]] = field(default_factory=list)
+    weight_standardization: list[str] = field(default_factory=list)  # modules normalizing a weight
 
     def to_json(self) -> dict:
         return {"capture": self.capture, "norms": [s.to_json() for s in self.sites],
                 "capture_attempts": [{"method": m, "error": e} for m, e in self.attempts],
-                "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts]}
+                "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts],
+                "weight_standardization": list(self.weight_standardization)}
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -117,6 +119,9 @@ class InspectReport:
             notes.append(f"  not captured: {path}: {reason}")
         summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no normalization layers"
         notes.append(f"found {len(self.sites)} normalization sites: {summary}")
+        if self.weight_standardization:
+            notes.append(f"weight standardization (a norm over a weight, not a normalization layer) in "
+                         f"{len(self.weight_standardization)} module(s): {', '.join(self.weight_standardization)}")
         return [Table("Normalization layers", ["path", "kind", "source", "type", "dims", "C", "input", "notes"],
                       rows, notes)]
 
@@ -130,7 +135,21 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, graph: ModelGraph |
         ci = as_call_args(example_inputs) if example_inputs is not None else None
         graph = capture(model, ci)
     return InspectReport(graph.describe(), find_norms(graph), list(graph.attempts),
-                         [(p.path, p.error or "") for p in graph.failed_parts()])
+                         [(p.path, p.error or "") for p in graph.failed_parts()], weight_standardization(graph))
+
+
+def weight_standardization(graph: ModelGraph) -> list[str]:
+    """Modules that run a norm op over one of their parameters (BiT's ``WeightStandardizedConv2d``:
+    ``F.batch_norm`` of its conv weight): weight standardization, not a normalization layer."""
+    return list(dict.fromkeys(n.module_path or "" for n in graph.nodes if NORM_OPS.get(n.op) and normalizes_parameter(n)))
+
+
+def normalizes_parameter(node: GNode) -> bool:
+    """The norm's input is a parameter (through reshapes and casts): it normalizes a weight."""
+    x = node.arg(0)
+    while isinstance(x, GNode) and (x.op in DATA_MOVEMENT or x.op in _CASTS) and x.inputs:
+        x = x.inputs[0]
+    return isinstance(x, GNode) and x.op == "param"
 
 
 def find_norms(graph: ModelGraph) -> list[NormSite]:
@@ -139,7 +158,7 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
     op_counter: dict[str, int] = {}
     for node in graph.nodes:
         kind = NORM_OPS.get(node.op)
-        if not kind:
+        if not kind or normalizes_parameter(node):  # weight standardization: see weight_standardization()
             continue
         site = _op_site(graph, node, kind, op_counter)
         sites.append(site)

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.export import ExportedProgram
 
 from ..errors import NormSurgeonError, one_line
+from ..find import normalizes_parameter
 from ..graph import ModelGraph, capture, without_kv_cache
 from ..inputs import CallArgs, as_call_args
 from ..loading import program_inputs, program_module
@@ -213,6 +214,9 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
     actions: dict[str, Action] = {}
     for entry in match(work, graph, ctx):
         reason = entry.reason or entry_reason(entry, ctx, failed_paths)
+        if entry.module is None and len(entry.nodes) == 1 and normalizes_parameter(entry.nodes[0]):
+            reason = ("weight standardization (batch_norm over a weight, in the forward of "
+                      f"{entry.nodes[0].module_path or 'the model'}): not a normalization layer, nothing to fold")
         if reason is not None:
             actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None}, reason)
             continue
