@@ -278,6 +278,8 @@ def norm_ops_on_graph(sites) -> dict[str, int]:
     """Norm sites counted by the ONNX op each exports as (hand-written ones as decomposed_* patterns)."""
     counts: dict[str, int] = {}
     for s in sites:
+        if s.note and s.note.startswith("frozen"):
+            continue  # x * scale + shift of buffers: a Mul and an Add in ONNX, no norm op
         key = f"decomposed_{s.kind}" if s.source == "pattern" else _ONNX_OP.get(s.kind, s.kind)
         counts[key] = counts.get(key, 0) + 1
     return counts

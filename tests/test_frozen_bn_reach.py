@@ -91,3 +91,14 @@ def test_a_frozen_bn_is_proven_by_its_forward_not_its_name():
     assert not [s for s in normsurgeon.inspect(model, x).sites if s.kind == "batchnorm"]
     _, report = normsurgeon.fold(model, x)
     assert not report.folded
+
+
+def test_frozen_bns_are_not_counted_as_batchnormalization_ops(tmp_path):
+    from normsurgeon import api
+
+    x = torch.randn(2, 3, 10, 10)
+    model = _net(TorchvisionFrozenBatchNorm2d)
+    report = api.export(model, x, tmp_path / "m.onnx", fold=True)
+    assert "BatchNormalization" not in report.norm_ops_unfolded  # the unfolded export holds a Mul and an Add
+    unfolded = api.export_onnx(model, x, tmp_path / "unfolded.onnx")
+    assert "BatchNormalization" not in unfolded.norm_ops
