@@ -25,7 +25,7 @@ from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
 from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds
-from .loading import LoadedModel, check_output_path, load_model, program_inputs, program_module, save_model  # noqa: F401
+from .loading import LoadedModel, check_output_path, check_picklable, load_model, program_inputs, program_module, save_model  # noqa: F401
 from .onnx import ExportReport, export_onnx
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
@@ -97,12 +97,15 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Sequen
 
 
 def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
-    """Before any work: a recipe output needs a base the tool can rebuild (not a pickle)."""
+    """Before any work: a recipe output needs a base the tool can rebuild (not a pickle); a ``.pt``
+    output, a model torch.save can pickle (no parametrized modules)."""
     if is_dir_output(path):
         try:
             describe_base(model)
         except NormSurgeonError as e:
             raise NormSurgeonError(f"-o {path}: {e}") from None
+    elif Path(path).suffix.lower() != ".pt2" and not isinstance(model, ExportedProgram):
+        check_picklable(model, Path(path))
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
