@@ -94,3 +94,26 @@ def test_a_norm_that_ran_but_could_not_be_captured_says_so_not_unreached():
     (skip,) = report.skipped
     assert skip.path == "norm" and skip.reason.startswith("ran, but in a part that could not be captured")
     assert "not reached" not in skip.reason
+
+
+class _Unused(nn.Module):
+    """A branch the example inputs never take, beside a root nobody can capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.spare = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if float(h.sum()) > 1e9:  # data-dependent: export and FX fail, per-child capture runs
+            h = self.spare(h)
+        return h
+
+
+def test_fold_says_never_called_for_a_part_never_run_not_uncapturable():
+    model = _Unused().eval()
+    _, report = normsurgeon.fold(model, torch.randn(2, 3, 8, 8))
+    skip = next(a for a in report.skipped if a.path == "spare.1")
+    assert skip.path == "spare.1" and "never called" in skip.reason and "could not be captured" not in skip.reason

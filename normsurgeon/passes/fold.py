@@ -25,6 +25,7 @@ from torch.export import ExportedProgram
 from ..errors import NormSurgeonError, one_line
 from ..find import normalizes_parameter
 from ..graph import ModelGraph, capture, without_kv_cache
+from ..graph.capture import NOT_CALLED
 from ..inputs import CallArgs, as_call_args
 from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
@@ -209,7 +210,8 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
               ) -> tuple[dict[str, Action], list[Applied]]:
     """match → check → rewrite for every BatchNorm; the Action of each and the sites rewritten."""
-    failed_paths = {p.path: p.error for p in graph.failed_parts()}
+    # a part never run is not a failed capture: its BNs get entry_reason's "never called"
+    failed_paths = {p.path: p.error for p in graph.failed_parts() if p.error != NOT_CALLED}
     applied: list[Applied] = []
     actions: dict[str, Action] = {}
     for entry in match(work, graph, ctx):
