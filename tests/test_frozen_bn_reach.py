@@ -102,3 +102,26 @@ def test_frozen_bns_are_not_counted_as_batchnormalization_ops(tmp_path):
     assert "BatchNormalization" not in report.norm_ops_unfolded  # the unfolded export holds a Mul and an Add
     unfolded = api.export_onnx(model, x, tmp_path / "unfolded.onnx")
     assert "BatchNormalization" not in unfolded.norm_ops
+
+
+def test_rt_detr_frozen_batch_norms_fold_exactly():
+    torch.manual_seed(0)
+    backbone = transformers.RTDetrResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
+                                               layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    cfg = transformers.RTDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                                    d_model=32, encoder_hidden_dim=32, encoder_in_channels=[32, 64, 64],
+                                    encoder_ffn_dim=64, encoder_attention_heads=2, decoder_layers=1,
+                                    decoder_attention_heads=2, decoder_ffn_dim=64, num_queries=10, num_labels=3,
+                                    decoder_in_channels=[32, 32, 32], num_denoising=0)
+    model = transformers.RTDetrModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    frozen = {p for p, m in model.named_modules() if type(m).__name__ == "RTDetrFrozenBatchNorm2d"}
+    for m in model.modules():
+        if type(m).__name__ == "RTDetrFrozenBatchNorm2d" or isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    assert len(frozen) == 15
+    _, report = normsurgeon.fold(model, {"pixel_values": torch.randn(2, 3, 64, 64, generator=g)})
+    assert report.passed and frozen <= {a.path for a in report.folded}, report.summary()
