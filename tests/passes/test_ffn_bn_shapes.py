@@ -125,3 +125,12 @@ def test_a_conv1d_ffn_bn_replays_from_its_recipe():
         path = first.format(i=i) + ".1"
         assert type(rebuilt.get_submodule(path)) is type(converted.get_submodule(path)) is torch.nn.BatchNorm1d
     rebuilt.load_state_dict(converted.state_dict())
+
+
+@pytest.mark.parametrize("name", ["phi3", "squeezebert"])
+def test_before_second_sits_after_the_gate_product_and_identity_init_is_exact(name):
+    model, ci, _ = _build(name)
+    _, report = normsurgeon.insert_ffn_bn(model, ci, position="before-second", init="identity")
+    assert len(report.inserted) == 2 and not report.skipped
+    assert all(a.detail["hidden"] == 64 for a in report.inserted)  # the down projection's input: H, not 2 x H
+    assert report.verify["passed"]
