@@ -78,9 +78,12 @@ def without_kv_cache(model: nn.Module) -> Iterator[None]:
     changed = []
     for m in model.modules():
         config = getattr(m, "config", None)
-        if getattr(config, "use_cache", None) and all(c is not config for c, _ in changed):
-            changed.append((config, config.use_cache))
-            config.use_cache = False
+        if getattr(config, "use_cache", None) is True and all(c is not config for c, _ in changed):
+            try:
+                config.use_cache = False
+            except Exception:  # noqa: BLE001 - a read-only config: capture as it is
+                continue
+            changed.append((config, True))
     try:
         yield
     finally:
