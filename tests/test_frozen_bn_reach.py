@@ -125,3 +125,9 @@ def test_rt_detr_frozen_batch_norms_fold_exactly():
     assert len(frozen) == 15
     _, report = normsurgeon.fold(model, {"pixel_values": torch.randn(2, 3, 64, 64, generator=g)})
     assert report.passed and frozen <= {a.path for a in report.folded}, report.summary()
+
+
+def test_converting_a_frozen_bn_says_what_it_is():
+    _, report = normsurgeon.convert(_net(TorchvisionFrozenBatchNorm2d), to="gn", example_inputs=torch.randn(2, 3, 10, 10))
+    (skip,) = report.skipped
+    assert skip.path == "1" and "frozen batch norm" in skip.reason and "functional" not in skip.reason
