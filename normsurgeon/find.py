@@ -88,10 +88,11 @@ class InspectReport:
     sites: list[NormSite]
     attempts: list[tuple[str, str]] = field(default_factory=list)
     failed_parts: list[tuple[str, str]] = field(default_factory=list)
+    inputs: list[dict] | None = None  # the inputs it was called with (input_files.input_layout)
     weight_standardization: list[str] = field(default_factory=list)  # modules normalizing a weight
 
     def to_json(self) -> dict:
-        return {"capture": self.capture, "norms": [s.to_json() for s in self.sites],
+        return {"capture": self.capture, "norms": [s.to_json() for s in self.sites], "inputs": self.inputs,
                 "capture_attempts": [{"method": m, "error": e} for m, e in self.attempts],
                 "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts],
                 "weight_standardization": list(self.weight_standardization)}
@@ -113,6 +114,9 @@ class InspectReport:
                          _fmt_dims(s.dims), s.channels if s.channels is not None else "-",
                          "-" if s.input_shape is None else "x".join(map(str, s.input_shape)), extra])
         notes = [f"capture: {self.capture}"]
+        if self.inputs:
+            notes.append("inputs: " + ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))} {i['dtype']}"
+                                                for i in self.inputs))
         for method, err in self.attempts:
             notes.append(f"  {method} failed: {err}")
         for path, reason in self.failed_parts:
@@ -135,7 +139,8 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, graph: ModelGraph |
         ci = as_call_args(example_inputs) if example_inputs is not None else None
         graph = capture(model, ci)
     return InspectReport(graph.describe(), find_norms(graph), list(graph.attempts),
-                         [(p.path, p.error or "") for p in graph.failed_parts()], weight_standardization(graph))
+                         [(p.path, p.error or "") for p in graph.failed_parts()],
+                         weight_standardization=weight_standardization(graph))
 
 
 def weight_standardization(graph: ModelGraph) -> list[str]:
