@@ -6,6 +6,7 @@ import torch.nn as nn
 import transformers
 
 import normsurgeon
+from normsurgeon.find import inspect
 from normsurgeon.graph import capture
 from normsurgeon.inputs import CallArgs
 
@@ -57,7 +58,7 @@ def test_informer_per_child_capture_reaches_the_encoder_module_lists():
     graph = capture(model, inputs)
     assert graph.method == "per-child"  # export and FX both fail on Informer
     assert not graph.failed_parts()  # encoder.layers / conv_layers are ModuleLists: never called, their children are
-    report = normsurgeon.inspect(model, graph=graph)
+    report = inspect(model, graph=graph)
     assert all(s.calls == 1 for s in report.sites), [(s.path, s.note) for s in report.sites if not s.calls]
     folded, fold_report = normsurgeon.fold(model, inputs, graph=graph)
     assert [a.path for a in fold_report.folded] == ["encoder.conv_layers.0.norm"] and fold_report.passed
