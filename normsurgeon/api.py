@@ -26,7 +26,7 @@ from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
 from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds, named_after
 from .input_files import InputsReport, input_layout, save_random_inputs
-from .loading import (LoadedModel, check_output_path, check_program_output, load_model, program_inputs,  # noqa: F401
+from .loading import (LoadedModel, check_output_path, check_picklable, check_program_output, load_model, program_inputs,  # noqa: F401
                       program_module, save_model)
 from .onnx import ExportReport, export_onnx
 from .onnx import fold as _onnx_fold
@@ -104,12 +104,15 @@ def check_output(path: str | os.PathLike, *, force: bool = False, inputs: Sequen
 
 
 def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
-    """Before any work: a recipe output needs a base the tool can rebuild (not a pickle)."""
+    """Before any work: a recipe output needs a base the tool can rebuild (not a pickle); a ``.pt``
+    output, a model torch.save can pickle (no parametrized modules)."""
     if is_dir_output(path):
         try:
             describe_base(model)
         except NormSurgeonError as e:
             raise NormSurgeonError(f"`output` {path}: {e.template}") from None
+    elif Path(path).suffix.lower() in (".pt", ".pth") and isinstance(model, nn.Module):
+        check_picklable(model, Path(path))
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
@@ -453,6 +456,8 @@ def norm_ops_on_graph(sites) -> dict[str, int]:
     """Norm sites counted by the ONNX op each exports as (hand-written ones as decomposed_* patterns)."""
     counts: dict[str, int] = {}
     for s in sites:
+        if s.note and s.note.startswith("frozen"):
+            continue  # x * scale + shift of buffers: a Mul and an Add in ONNX, no norm op
         key = f"decomposed_{s.kind}" if s.source == "pattern" else _ONNX_OP.get(s.kind, s.kind)
         counts[key] = counts.get(key, 0) + 1
     return counts

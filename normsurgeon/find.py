@@ -37,6 +37,10 @@ NORM_OPS = {
     "instance_norm": "instancenorm", "rms_norm": "rmsnorm", "_fused_rms_norm": "rmsnorm",
 }
 
+# The note of a norm that ran inside a part nobody could capture (passes quote it as their reason).
+UNCAPTURED = "ran, but in a part that could not be captured"
+
+
 def norm_kind(module: nn.Module | None) -> str | None:
     if module is None:
         return None
@@ -47,9 +51,12 @@ def norm_kind(module: nn.Module | None) -> str | None:
 
 
 def _is_frozen_bn(module: nn.Module) -> bool:
+    """Ours, or any module proven to compute ``x * scale + shift`` per channel of its buffers (DETR's,
+    torchvision's FrozenBatchNorm2d: ``affine_probe``), whatever its class is called."""
+    from .affine_probe import frozen_scale_shift
     from .nn import FrozenBatchNorm  # nn.py imports nothing from here; local import keeps find light
 
-    return isinstance(module, FrozenBatchNorm)
+    return isinstance(module, FrozenBatchNorm) or frozen_scale_shift(module) is not None
 
 
 @dataclass
@@ -82,11 +89,13 @@ class InspectReport:
     attempts: list[tuple[str, str]] = field(default_factory=list)
     failed_parts: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[dict] | None = None  # the inputs it was called with (input_files.input_layout)
+    weight_standardization: list[str] = field(default_factory=list)  # modules normalizing a weight
 
     def to_json(self) -> dict:
         return {"capture": self.capture, "norms": [s.to_json() for s in self.sites], "inputs": self.inputs,
                 "capture_attempts": [{"method": m, "error": e} for m, e in self.attempts],
-                "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts]}
+                "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts],
+                "weight_standardization": list(self.weight_standardization)}
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -114,6 +123,9 @@ class InspectReport:
             notes.append(f"  not captured: {path}: {reason}")
         summary = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items())) or "no normalization layers"
         notes.append(f"found {len(self.sites)} normalization sites: {summary}")
+        if self.weight_standardization:
+            notes.append(f"weight standardization (a norm over a weight, not a normalization layer) in "
+                         f"{len(self.weight_standardization)} module(s): {', '.join(self.weight_standardization)}")
         return [Table("Normalization layers", ["path", "kind", "source", "type", "dims", "C", "input", "notes"],
                       rows, notes)]
 
@@ -127,7 +139,22 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, graph: ModelGraph |
         ci = as_call_args(example_inputs) if example_inputs is not None else None
         graph = capture(model, ci)
     return InspectReport(graph.describe(), find_norms(graph), list(graph.attempts),
-                         [(p.path, p.error or "") for p in graph.failed_parts()])
+                         [(p.path, p.error or "") for p in graph.failed_parts()],
+                         weight_standardization=weight_standardization(graph))
+
+
+def weight_standardization(graph: ModelGraph) -> list[str]:
+    """Modules that run a norm op over one of their parameters (BiT's ``WeightStandardizedConv2d``:
+    ``F.batch_norm`` of its conv weight): weight standardization, not a normalization layer."""
+    return list(dict.fromkeys(n.module_path or "" for n in graph.nodes if NORM_OPS.get(n.op) and normalizes_parameter(n)))
+
+
+def normalizes_parameter(node: GNode) -> bool:
+    """The norm's input is a parameter (through reshapes and casts): it normalizes a weight."""
+    x = node.arg(0)
+    while isinstance(x, GNode) and (x.op in DATA_MOVEMENT or x.op in _CASTS) and x.inputs:
+        x = x.inputs[0]
+    return isinstance(x, GNode) and x.op == "param"
 
 
 def find_norms(graph: ModelGraph) -> list[NormSite]:
@@ -136,14 +163,14 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
     op_counter: dict[str, int] = {}
     for node in graph.nodes:
         kind = NORM_OPS.get(node.op)
-        if not kind:
+        if not kind or normalizes_parameter(node):  # weight standardization: see weight_standardization()
             continue
         site = _op_site(graph, node, kind, op_counter)
         sites.append(site)
         covered.add(id(node))
     sites.extend(_pattern_sites(graph, covered, op_counter))
     seen = {s.path.split(":")[0] for s in sites if s.source == "module"}
-    failed = [p.path for p in graph.failed_parts()]
+    failed = {p.path: p.error for p in graph.failed_parts()}
     for path, module in graph.model.named_modules():
         kind = norm_kind(module)
         if kind and path not in seen:
@@ -159,14 +186,23 @@ def find_norms(graph: ModelGraph) -> list[NormSite]:
                     site.dims = [d for d in range(len(x.shape)) if d != 1]
                     site.producer = _describe(_producer(x))
             else:
-                inside_failed = any(path == f or path.startswith(f + ".") for f in failed)
-                site.note = "in a part that could not be captured" if inside_failed else \
-                    "not called in the captured forward pass"
+                site.note = _uncaptured_note(path, failed)
                 site.calls = 0
             sites.append(site)
     order = {p: i for i, (p, _) in enumerate(graph.model.named_modules())}
     sites.sort(key=lambda s: order.get(s.path.split(":")[0], len(order)))
     return sites
+
+
+def _uncaptured_note(path: str, failed: dict[str, str | None]) -> str:
+    """Why a norm module has no node: never run, or run inside a part whose capture failed (say which:
+    "not reached" would send the user after their inputs when the capture is what failed)."""
+    from .graph.capture import NOT_CALLED
+
+    part = next((f for f in failed if path == f or path.startswith(f + ".")), None)
+    if part is None or failed[part] == NOT_CALLED:
+        return "not called in the captured forward pass"
+    return f"{UNCAPTURED} ({part}: {failed[part]})"
 
 
 # --- norm ops ----------------------------------------------------------------------------------
@@ -181,7 +217,9 @@ def _op_site(graph: ModelGraph, node: GNode, kind: str, counter: dict[str, int])
         site.calls = max(1, len(graph.calls(path)))
     else:
         module_path = node.module_path or ""
-        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT
+        # casts count as data movement here: OLMo's LayerNorm is F.layer_norm(x.float()).to(dtype), and
+        # a module whose forward is one norm op is that norm (a swap replaces the module whole)
+        own_ops = [n for n in _call_nodes(graph, node) if n.op not in DATA_MOVEMENT and n.op not in _CASTS
                    and n.op not in ("param", "input", "output", "getitem")]
         path = module_path if own_ops == [node] and module_path else _numbered(module_path, node.op, counter)
         mod = graph.module(module_path)
@@ -228,7 +266,11 @@ def _norm_owner(graph: ModelGraph, node: GNode) -> tuple[str, nn.Module] | None:
 def _module_fields(site: NormSite, module: nn.Module) -> NormSite:
     site.eps = float(getattr(module, "eps", 0.0) or 0.0) if hasattr(module, "eps") else None
     if _is_frozen_bn(module):
-        site.channels, site.affine, site.track_running_stats = int(module.num_features), True, True
+        channels = getattr(module, "num_features", None)
+        if not isinstance(channels, int):
+            from .affine_probe import frozen_scale_shift
+            channels = frozen_scale_shift(module)[0].numel()
+        site.channels, site.affine, site.track_running_stats = int(channels), True, True
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         site.channels, site.affine = module.num_features, module.affine
         site.track_running_stats = module.track_running_stats and module.running_mean is not None

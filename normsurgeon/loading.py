@@ -378,9 +378,25 @@ def save_model(model: torch.nn.Module | torch.export.ExportedProgram, path: str 
             raise NormSurgeonError(f"`output` {out}: torch.export failed ({one_line(e)}); save as .pt instead") from e
         _save_pt2(ep, out, "; save as .pt instead")
     else:
+        check_picklable(model, out)
         _store_example_inputs(model)
         atomic_write(out, lambda tmp: torch.save(model, tmp))
     return out
+
+
+def check_picklable(model: torch.nn.Module, out: Path) -> None:
+    """A ``.pt`` file is the pickled module; torch refuses to pickle parametrized modules (weight_norm
+    in Wav2Vec2's positional conv: "only supported through state_dict()"). Say so before any work,
+    with the outputs that do hold such a model."""
+    from torch.nn.utils import parametrize
+
+    paths = [p for p, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if paths:
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        raise NormSurgeonError(
+            f"`output` {out}: {paths[0] or 'the model'}{more} is parametrized (torch.nn.utils.parametrize, e.g. "
+            "weight_norm), which torch.save cannot pickle; write a recipe directory (`output=DIR/`: weights as "
+            "safetensors, the parametrization rebuilt) or a .pt2 archive instead")
 
 
 def _save_pt2(ep: torch.export.ExportedProgram, out: Path, hint: str) -> None:

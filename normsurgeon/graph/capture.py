@@ -19,7 +19,8 @@ its ``call_key`` (which call of that module; a module called twice has two keys)
 from __future__ import annotations
 
 import operator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,8 @@ _OPERATORS = {operator.add: "add", operator.iadd: "add", operator.sub: "sub", op
               operator.matmul: "matmul", operator.neg: "neg"}
 _VARARG_METHODS = {"view", "reshape", "permute", "expand", "repeat"}
 # Checks export inserts: they compute nothing, and as extra "users" they would hide single-use outputs.
+# The reason of a part the example inputs never ran (any other failed part ran: its capture failed).
+NOT_CALLED = "not called in the forward pass"
 _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range_for_size",
                 "_functional_assert_async", "_functional_assert_scalar"}
 
@@ -62,10 +65,33 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked
 
     A failed attempt is one line in ``ModelGraph.attempts``; what torch printed, logged or warned
     while failing (e.g. the partial graph of a failed export) is kept off the terminal."""
-    if example_inputs is not None and not checked:
-        check_inputs(model, example_inputs)
-    with quiet_torch():
-        return _capture(model, example_inputs)
+    with without_kv_cache(model):
+        if example_inputs is not None and not checked:
+            check_inputs(model, example_inputs)
+        with quiet_torch():
+            return _capture(model, example_inputs)
+
+
+@contextmanager
+def without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Turn off the KV cache of every transformers config in ``model`` (a decoder returns its cache
+    object, which torch.export refuses: "Found DynamicCache in output"), and restore the user's
+    settings afterwards. What the CLI's loader does for good (``loading.prepare_hf_model``), done
+    for the duration of a capture or a pass on a model the user holds."""
+    changed = []
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", None) is True and all(c is not config for c, _ in changed):
+            try:
+                config.use_cache = False
+            except Exception:  # noqa: BLE001 - a read-only config: capture as it is
+                continue
+            changed.append((config, True))
+    try:
+        yield
+    finally:
+        for config, value in changed:
+            config.use_cache = value
 
 
 def _capture(model: nn.Module, example_inputs: CallArgs | None) -> ModelGraph:
@@ -251,7 +277,10 @@ def _capture_per_child(model: nn.Module, ci: CallArgs, attempts: list[tuple[str,
             if not any(True for _ in child.parameters()) and not any(True for _ in child.children()):
                 continue  # stateless leaf (activation, dropout): nothing to find or fold in it alone
             if child_path not in recorded:
-                parts.append(CapturedPart(child_path, "failed", "not called in the forward pass"))
+                if any(p.startswith(child_path + ".") for p in recorded):
+                    visit(child_path, child)  # a container (ModuleList...) is never called; its children ran
+                else:
+                    parts.append(CapturedPart(child_path, "failed", NOT_CALLED))
                 continue
             try:
                 # every call, each on its own inputs: a module called twice shows two calls, as in export

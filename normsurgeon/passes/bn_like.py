@@ -8,6 +8,12 @@ the captured graph by what a ``TokenBatchNorm`` would have produced (view to (N,
 view back), so ``fold_bn`` matches, checks and folds it like any token BatchNorm; the module is then
 one site (its inner ``rep.bn`` / ``norm`` children are never sites of their own: x also feeds
 ``alpha * x``, so folding the inner BN alone would be wrong).
+
+Frozen batch norms of other libraries (DETR's ``DetrFrozenBatchNorm2d``, torchvision's
+``FrozenBatchNorm2d``...) are BN-like too, over dim 1: ``affine_probe.frozen_scale_shift`` proves
+that the module's forward is ``x * scale + shift`` per channel of its buffers (not its class name),
+and ``collapse`` turns their region into one ``batch_norm`` node on the input's own shape, which
+``fold_bn`` reads as a BatchNorm2d (channel axis 1).
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..affine_probe import frozen_scale_shift
 from ..errors import NormSurgeonError
 from ..graph import GNode, ModelGraph
 
-__all__ = ["is_bn_like", "scale_shift", "not_foldable_reason", "inside_bn_like", "collapse"]
+__all__ = ["is_bn_like", "channels_first", "scale_shift", "not_foldable_reason", "inside_bn_like", "collapse"]
 
 
 def is_bn_like(m: nn.Module | None) -> bool:
     return m is not None and not isinstance(m, nn.modules.batchnorm._BatchNorm) and \
-        callable(getattr(m, "eval_scale_shift", None))
+        (callable(getattr(m, "eval_scale_shift", None)) or channels_first(m))
+
+
+def channels_first(m: nn.Module) -> bool:
+    """A proven frozen batch norm: its channels are dim 1 (the others' are the last dim)."""
+    return not callable(getattr(m, "eval_scale_shift", None)) and frozen_scale_shift(m) is not None
 
 
 def not_foldable_reason(m: nn.Module) -> str | None:
@@ -31,6 +43,8 @@ def not_foldable_reason(m: nn.Module) -> str | None:
     if getattr(m, "group_scaling", None) is not None:
         return (f"{type(m).__name__} with group scaling: the per-token group scaling is not a fixed map "
                 "(only its affine part would fold)")
+    if channels_first(m):
+        return None
     try:
         m.eval_scale_shift()
     except NormSurgeonError as e:
@@ -40,7 +54,7 @@ def not_foldable_reason(m: nn.Module) -> str | None:
 
 def scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64 of any BN-like module's eval map ``x * scale + shift``."""
-    scale, shift = m.eval_scale_shift()
+    scale, shift = frozen_scale_shift(m) if channels_first(m) else m.eval_scale_shift()
     return scale.detach().to(torch.float64), shift.detach().to(torch.float64)
 
 
@@ -92,19 +106,35 @@ def collapse(model: nn.Module, graph: ModelGraph) -> dict[str, str]:
         if x.shape is None or y.shape is None or tuple(x.shape) != tuple(y.shape):
             problems[path] = "no shape information for its forward, or it changes the shape"
             continue
-        c = int(x.shape[-1])
         key = f"{path}#bn_like"
         common = dict(module_path=path, call_key=key, module_stack=list(region[0].module_stack), dtype=y.dtype)
+        if channels_first(m):
+            channels = frozen_scale_shift(m)[0].numel()
+            if len(x.shape) < 2 or int(x.shape[1]) != channels:
+                problems[path] = f"its input {tuple(x.shape)} does not hold its {channels} channels at dim 1"
+                continue
+            bn = GNode(f"{key}_bn", "batch_norm", args=(x,), shape=tuple(x.shape), leaf_module=True, **common)
+            _splice(graph, region, members, x, y, [bn])
+            continue
+        c = int(x.shape[-1])
         flat = GNode(f"{key}_in", "view", args=(x, [-1, c]), shape=(int(torch.Size(x.shape).numel() // c), c),
                      **common)
         bn = GNode(f"{key}_bn", "batch_norm", args=(flat,), shape=flat.shape, leaf_module=True, **common)
         back = GNode(f"{key}_out", "view", args=(bn, list(y.shape)), shape=tuple(y.shape), **common)
-        flat.users, bn.users, back.users = [bn], [back], list(y.users)
-        x.users = [u for u in x.users if id(u) not in members] + [flat]
-        for u in y.users:
-            u.args = _replace(u.args, y, back)
-            u.kwargs = _replace(u.kwargs, y, back)
-        at = graph.nodes.index(region[0])
-        graph.nodes[:] = [n for n in graph.nodes if id(n) not in members]
-        graph.nodes[at:at] = [flat, bn, back]
+        flat.users, bn.users = [bn], [back]
+        _splice(graph, region, members, x, y, [flat, bn, back])
     return problems
+
+
+def _splice(graph: ModelGraph, region: list[GNode], members: set[int], x: GNode, y: GNode, chain: list[GNode]
+            ) -> None:
+    """Put ``chain`` (its first node reads ``x``) where ``region`` was; ``y``'s readers read its last."""
+    last = chain[-1]
+    last.users = list(y.users)
+    x.users = [u for u in x.users if id(u) not in members] + [chain[0]]
+    for u in y.users:
+        u.args = _replace(u.args, y, last)
+        u.kwargs = _replace(u.kwargs, y, last)
+    at = graph.nodes.index(region[0])
+    graph.nodes[:] = [n for n in graph.nodes if id(n) not in members]
+    graph.nodes[at:at] = chain

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..calibrate import CalibrationReport, calibrate
 from ..errors import NormSurgeonError, one_line
 from ..find import NormSite, find_norms
-from ..graph import ModelGraph, capture
+from ..graph import ModelGraph, capture, without_kv_cache
 from ..inputs import CallArgs, as_call_args
 from ..recipe import record
 from ..loading import ExportedModel
@@ -236,7 +236,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
                       extra=[as_call_args(e) for e in extra_inputs],
                       padding_kwarg=padding_mask if to in ("bn", "pn") else None, rtol=rtol, atol=atol)
-    run.run(blocks, to, calibrate_batches, progress)
+    with without_kv_cache(target):  # a user's decoder: its cache object would fail the checks' captures
+        run.run(blocks, to, calibrate_batches, progress)
     _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
             {"progressive": progressive, "pn_warmup_steps": pn_warmup_steps, "pn_groups": pn_groups})
     return target, report
@@ -420,12 +421,14 @@ class _Conversion:
             if reason:
                 self.report.actions.append(Action("skipped", linear, {"kind": "ffn", "block": block.path}, reason))
                 continue
-            bn_path, bn = _ffn.wrap_linear(self.target, linear, block.hidden, self.position,
-                                           identity=self.init == "identity")
+            width, kind = block.width(self.position), block.bn(self.position)
+            bn_path, bn = _ffn.wrap_linear(self.target, linear, width, self.position,
+                                           identity=self.init == "identity", bn=kind)
             self.inserted.append(_Inserted(block, linear, bn_path, bn, self.target.get_submodule(linear)))
             self.report.actions.append(Action("inserted", bn_path, {
-                "block": block.path, "linear": linear, "position": self.position, "hidden": block.hidden,
-                "init": self.init, "activation": block.activation, "gated": block.gated}))
+                "block": block.path, "linear": linear, "position": self.position, "hidden": width,
+                "init": self.init, "activation": block.activation, "gated": block.gated,
+                **({"bn": kind} if kind != "token" else {})}))
 
     def _unwrap(self, item: _Inserted, reason: str) -> None:
         _ffn.unwrap_linear(self.target, item.linear, self.position)
@@ -616,7 +619,8 @@ def _record(model: nn.Module, report: ConvertReport, to: str | None, groups: int
         "padding_mask": (report.statistics or {}).get("mask"),
         "swapped": [a.path for a in report.converted],
         "ffn_bn": {"position": position, "init": init,
-                   "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"]} for a in report.inserted]}
+                   "sites": [{"linear": a.detail["linear"], "hidden": a.detail["hidden"],
+                              **({"bn": a.detail["bn"]} if "bn" in a.detail else {})} for a in report.inserted]}
         if report.inserted else None,
         "function_preserving": report.function_preserving, "verify": report.verify,
         "output_change": report.output_change,
@@ -649,7 +653,8 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
             SwapRule.rewrite(model, plan, UndoLog())
     sites = (ffn or {}).get("sites") or []
     for site in sites:
-        _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity")
+        _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity",
+                         bn=site.get("bn", "token"))
     paths = list(swapped) + [site["linear"] for site in sites]
     _disable_fastpath(model, paths, ConvertReport(to, "replay"))
     if action.get("padding_mask"):

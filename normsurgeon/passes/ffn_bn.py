@@ -13,7 +13,10 @@ one module and the second linear, dropout and residual add in another):
     tanh-GELU, dropout, casts) -> second linear
 
 and the gated form (SwiGLU/GeGLU, Llama's MLP): ``act(gate(x)) * up(x) -> down``, where gate and up
-read the same tensor. A "linear" is a leaf module whose call runs one matrix product
+read the same tensor, or come from one fused projection split after it (Phi-3, ModernBERT). Between
+the projections may also sit layout changes, a depthwise conv (Mix-FFN: SegFormer, GLPN, PVTv2) and
+reductions over positions (ConvNeXtV2's GRN); a 1x1 conv over more than one position is a linear
+over dim 1 (SqueezeBERT), and gets a channels-first BN. A "linear" is a leaf module whose call runs one matrix product
 (``nn.Linear``, transformers' ``Conv1D`` of GPT-2 with its (in, out) weight and addmm, custom Linear
 subclasses) and only reshapes around it. The hidden activations must not be used anywhere else
 (else a BN there would change those other uses too).
@@ -56,6 +59,11 @@ POSITIONS = ("after-first", "before-second")
 INITS = ("fresh", "identity")
 
 LINEAR_OPS = {"linear", "addmm", "mm", "matmul"}
+# A 1x1 convolution (SqueezeBERT's FFN is Conv1d over (B, C, T)) is a linear over channels (dim 1).
+POINTWISE_CONVS = {"conv1d", "conv2d"}
+_CONV_BN = {"conv1d": "bn1d", "conv2d": "bn2d"}
+# A weight read transposed: FalconLinear computes x @ self.weight.T
+_WEIGHT_VIEWS = ops.TRANSPOSE | ops.PERMUTE | {"numpy_T", "mT"}
 ACTIVATIONS = ops.ACTIVATIONS
 # What a linear module may do around its matrix product and still be a plain linear layer.
 _MOVES = ops.RESHAPE | ops.IDENTITY | ops.CASTS
@@ -65,6 +73,12 @@ _POINTWISE = ACTIVATIONS | _DROPOUTS | ops.IDENTITY | ops.CASTS | {
     "mul", "add", "sub", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "abs", "square", "clamp", "clamp_min",
     "clamp_max", "getitem",
 }
+# Between the two projections, besides pointwise ops: layout changes (SegFormer's Mix-FFN goes to an
+# image and back), the halves of a fused gate/up projection (Phi-3, ModernBERT: chunk), per-channel
+# spatial mixing (a depthwise conv) and reductions over positions (ConvNeXtV2's GRN). None of them
+# mixes channels the way attention does (activation x activation products, softmax): they are FFNs.
+_SPLITS = ops.SLICE | {"chunk", "split", "split_with_sizes", "unbind", "narrow"}
+_BETWEEN = _POINTWISE | ops.LAYOUT | _SPLITS | {"linalg_vector_norm", "norm", "mean", "sum", "maximum", "minimum"}
 _MAX_REGION = 64
 
 
@@ -78,14 +92,19 @@ class LinearUnit:
     out_node: GNode  # the tensor it produces (last node of the module call)
     module_type: str | None
     reason: str | None = None  # why it cannot be wrapped in a Sequential (None: it can)
+    bn: str = "token"  # the BN that fits its output: "token" (channels last) or "bn1d"/"bn2d" (a 1x1 conv)
+
+    @property
+    def axis(self) -> int:
+        return -1 if self.bn == "token" else 1
 
     @property
     def out_features(self) -> int | None:
-        return int(self.out_node.shape[-1]) if self.out_node.shape else None
+        return int(self.out_node.shape[self.axis]) if self.out_node.shape else None
 
     @property
     def in_features(self) -> int | None:
-        return int(self.in_node.shape[-1]) if self.in_node.shape else None
+        return int(self.in_node.shape[self.axis]) if self.in_node.shape else None
 
 
 @dataclass
@@ -103,6 +122,16 @@ class FFNBlock:
     second_type: str | None = None
     hidden_shape: list[int] | None = None
     units: dict = field(default_factory=dict, repr=False, compare=False)  # role -> LinearUnit
+    first_width: int | None = None  # the first projection's output width when it differs (fused gate/up)
+    between: list[str] = field(default_factory=list)  # what sits between the projections besides pointwise ops
+
+    def width(self, position: str) -> int:
+        """The channels of a BN at ``position``: the first projection's output, or the second's input."""
+        return self.first_width or self.hidden if position == "after-first" else self.hidden
+
+    def bn(self, position: str) -> str:
+        """Which BN fits there (``wrap_linear``'s ``bn``)."""
+        return self.units["first" if position == "after-first" else "second"].bn
 
     @property
     def path(self) -> str:
@@ -116,14 +145,16 @@ class FFNBlock:
         return ".".join(common)
 
     def describe(self) -> str:
-        act = f"{self.activation} (gated, up={self.up})" if self.gated else self.activation
-        return f"{self.first} -> {act}{' -> dropout' if self.dropout else ''} -> {self.second}"
+        up = f"up={self.up}" if self.up else "gate and up fused in one projection"
+        act = f"{self.activation} (gated, {up})" if self.gated else self.activation
+        extra = "".join(f" -> {b}" for b in self.between)
+        return f"{self.first} -> {act}{extra}{' -> dropout' if self.dropout else ''} -> {self.second}"
 
     def to_json(self) -> dict:
         return {"path": self.path, "first": self.first, "second": self.second, "up": self.up,
                 "activation": self.activation, "gated": self.gated, "hidden": self.hidden,
                 "dropout": self.dropout, "first_type": self.first_type, "second_type": self.second_type,
-                "hidden_shape": self.hidden_shape}
+                "hidden_shape": self.hidden_shape, "first_width": self.first_width, "between": self.between}
 
 
 # --- match -------------------------------------------------------------------------------------
@@ -155,6 +186,11 @@ def _linear_units(graph: ModelGraph) -> list[LinearUnit]:
     units = []
     counter: dict[str, int] = {}
     for node in graph.nodes:
+        if node.op in POINTWISE_CONVS:
+            unit = _conv_unit(graph, node)
+            if unit is not None:
+                units.append(unit)
+            continue
         if node.op not in LINEAR_OPS:
             continue
         data = node.arg(1) if node.op == "addmm" else node.arg(0)
@@ -186,9 +222,26 @@ def _linear_units(graph: ModelGraph) -> list[LinearUnit]:
     return units
 
 
+def _conv_unit(graph: ModelGraph, node: GNode) -> LinearUnit | None:
+    """A 1x1 convolution module with one group, called once as one conv op: a linear over dim 1."""
+    path = node.module_path or ""
+    module = graph.module(path)
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.groups != 1 or \
+            any(k != 1 for k in module.kernel_size) or any(s != 1 for s in module.stride) or \
+            not (module.padding == "valid" or (isinstance(module.padding, tuple) and not any(module.padding))) or \
+            not isinstance(node.arg(0), GNode) or node.shape is None:
+        return None
+    if len(node.shape) < 3 or all(d == 1 for d in node.shape[2:]):
+        return None  # one position (a squeeze-excite gate after pooling): not a token FFN
+    own = [n for n in graph.nodes if n.call_key == node.call_key and n.op not in ("param", "input", "output")]
+    if not all(n is node or n.op in _MOVES for n in own):
+        return None
+    return LinearUnit(path, node, node.arg(0), node, type(module).__name__, bn=_CONV_BN[node.op])
+
+
 def _weight_like(a: Any) -> bool:
     seen = 0
-    while isinstance(a, GNode) and a.op != "param" and seen < 4 and a.op in _MOVES | ops.TRANSPOSE | ops.PERMUTE:
+    while isinstance(a, GNode) and a.op != "param" and seen < 4 and a.op in _MOVES | _WEIGHT_VIEWS:
         a = a.inputs[0] if a.inputs else None
         seen += 1
     return isinstance(a, GNode) and a.op == "param"
@@ -202,7 +255,17 @@ def _is_linear_module(graph: ModelGraph, module: nn.Module, path: str, node: GNo
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return False
     own = [n for n in graph.nodes if n.call_key == node.call_key and n.op not in ("param", "input", "output")]
-    return all(n is node or n.op in _MOVES for n in own)
+    return all(n is node or n.op in _MOVES or _of_params(n) or _bias_add(n, node) for n in own)
+
+
+def _of_params(n: GNode) -> bool:
+    """A view of the module's own weight (``self.weight.T``): computed from parameters only."""
+    return n.op in _WEIGHT_VIEWS and bool(n.inputs) and all(i.op == "param" for i in n.inputs)
+
+
+def _bias_add(n: GNode, product: GNode) -> bool:
+    """``x @ W.T + b`` written by hand: the product plus a parameter."""
+    return n.op == "add" and product in n.inputs and any(i.op == "param" for i in n.inputs)
 
 
 def _match_block(second: LinearUnit, by_out: dict[int, LinearUnit]) -> FFNBlock | str | None:
@@ -223,7 +286,7 @@ def _match_block(second: LinearUnit, by_out: dict[int, LinearUnit]) -> FFNBlock 
             if unit not in sources:
                 sources.append(unit)
             continue
-        if n.op not in _POINTWISE or len(region) >= _MAX_REGION:
+        if (n.op not in _BETWEEN and not _depthwise(n)) or len(region) >= _MAX_REGION:
             return None
         region.append(n)
         stack.extend(i for i in n.inputs if i.op != "param")
@@ -241,17 +304,25 @@ def _match_block(second: LinearUnit, by_out: dict[int, LinearUnit]) -> FFNBlock 
                     f"(from {' and '.join(s.path for s in sources)}) are also used by {u.module_path or '(root)'} "
                     f"({u.op}): a BN there would change that use too")
     hidden = second.in_features
-    if hidden is None or any(s.out_features != hidden for s in sources):
+    split = any(n.op in _SPLITS for n in region)
+    if hidden is None or any(s.out_features is None for s in sources):
+        return None
+    if any(s.out_features != hidden for s in sources) and not (
+            len(sources) == 1 and split and sources[0].out_features % hidden == 0):
         return None
     act = acts[0]
     act_name = _activation_name(act)
     dropout = any(n.op in _DROPOUTS for n in region)
     shape = list(start.shape) if start.shape else None
+    between = list(dict.fromkeys(_between_name(n) for n in reversed(region) if _depthwise(n) or n.op in _REDUCTIONS))
     if len(sources) == 1:
         first = sources[0]
-        return FFNBlock(first.path, second.path, hidden, act_name, dropout=dropout, first_type=first.module_type,
-                        second_type=second.module_type, hidden_shape=shape,
-                        units={"first": first, "second": second})
+        fused = first.out_features != hidden  # gate and up in one projection, split after it (Phi-3)
+        gated = fused and any(n.op == "mul" and len([i for i in n.inputs if i.op != "param"]) > 1 for n in region)
+        return FFNBlock(first.path, second.path, hidden, act_name, gated=gated, dropout=dropout,
+                        first_type=first.module_type, second_type=second.module_type, hidden_shape=shape,
+                        units={"first": first, "second": second},
+                        first_width=first.out_features if fused else None, between=between)
     a, b = sources
     if a.in_node is not b.in_node:
         return None  # two linears of different inputs combined: not a gated FFN
@@ -265,6 +336,24 @@ def _match_block(second: LinearUnit, by_out: dict[int, LinearUnit]) -> FFNBlock 
     return FFNBlock(gate.path, second.path, hidden, act_name, gated=True, up=up.path, dropout=dropout,
                     first_type=gate.module_type, second_type=second.module_type, hidden_shape=shape,
                     units={"first": gate, "up": up, "second": second})
+
+
+_REDUCTIONS = {"linalg_vector_norm", "norm", "mean", "sum"}
+
+
+def _depthwise(n: GNode) -> bool:
+    """A depthwise convolution (one group per channel, a param weight): mixes positions, not channels."""
+    if n.op not in ("conv1d", "conv2d", "conv3d"):
+        return False
+    w, groups = n.arg(1, "weight"), n.arg(6, "groups", 1)
+    return isinstance(w, GNode) and w.op == "param" and w.shape is not None and isinstance(groups, int) \
+        and groups > 1 and w.shape[0] == groups and w.shape[1] == 1
+
+
+def _between_name(n: GNode) -> str:
+    if _depthwise(n):
+        return f"depthwise {n.op} ({n.module_path})"
+    return f"{n.module_stack[-1][1]} (over positions)" if n.module_stack else f"{n.op} over positions"
 
 
 def _unit_entry(unit: LinearUnit) -> set[int]:
@@ -325,17 +414,25 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
-def wrap_linear(model: nn.Module, path: str, hidden: int, position: str, *, identity: bool = False) -> tuple[str, nn.Module]:
+def wrap_linear(model: nn.Module, path: str, hidden: int, position: str, *, identity: bool = False,
+                bn: str = "token") -> tuple[str, nn.Module]:
     """Replace the linear at ``path`` by ``Sequential(linear, bn)`` (after-first) or
-    ``Sequential(bn, linear)`` (before-second). Returns (path of the new BN, the BN)."""
-    from ..nn import ffn_batchnorm
+    ``Sequential(bn, linear)`` (before-second). ``bn``: "token" (a TokenBatchNorm over the last dim)
+    or "bn1d"/"bn2d" (channels at dim 1: a 1x1 conv's). Returns (path of the new BN, the BN)."""
+    from ..nn import ffn_batchnorm, make_identity, module_class
 
     parent, name = _parent(model, path)
     linear = getattr(parent, name)
     weight = getattr(linear, "weight", None)
     factory = {"device": weight.device, "dtype": weight.dtype} if isinstance(weight, torch.Tensor) \
         and weight.is_floating_point() else {}
-    bn = ffn_batchnorm(hidden, identity_init=identity, **factory).train(linear.training)
+    if bn == "token":
+        norm = ffn_batchnorm(hidden, identity_init=identity, **factory)
+    else:
+        norm = module_class(bn)(hidden, **factory)
+        if identity:
+            make_identity(norm)
+    bn = norm.train(linear.training)
     seq = nn.Sequential(linear, bn) if position == "after-first" else nn.Sequential(bn, linear)
     seq.train(linear.training)
     setattr(parent, name, seq)

@@ -23,7 +23,9 @@ import torch.nn as nn
 from torch.export import ExportedProgram
 
 from ..errors import NormSurgeonError, one_line
-from ..graph import ModelGraph, capture
+from ..find import normalizes_parameter
+from ..graph import ModelGraph, capture, without_kv_cache
+from ..graph.capture import NOT_CALLED
 from ..inputs import CallArgs, as_call_args
 from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
@@ -157,6 +159,12 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
         raise NormSurgeonError("fold needs example inputs for an nn.Module (the graph is captured by running it)")
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
+    with without_kv_cache(work):  # a user's decoder: its cache object would fail capture and verification
+        return _fold_module(work, ci, verify, rtol, atol, graph, extra_inputs, inplace)
+
+
+def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None, atol: float | None,
+                 graph: ModelGraph | None, extra_inputs: Sequence[Any], inplace: bool) -> tuple[nn.Module, FoldReport]:
     # The references run the example first: inputs the model rejects fail here, in one line, and the
     # capture need not run the model again to check them.
     refs = References.record(work, ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
@@ -208,11 +216,15 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
               ) -> tuple[dict[str, Action], list[Applied]]:
     """match → check → rewrite for every BatchNorm; the Action of each and the sites rewritten."""
-    failed_paths = {p.path: p.error for p in graph.failed_parts()}
+    # a part never run is not a failed capture: its BNs get entry_reason's "never called"
+    failed_paths = {p.path: p.error for p in graph.failed_parts() if p.error != NOT_CALLED}
     applied: list[Applied] = []
     actions: dict[str, Action] = {}
     for entry in match(work, graph, ctx):
         reason = entry.reason or entry_reason(entry, ctx, failed_paths)
+        if entry.module is None and len(entry.nodes) == 1 and normalizes_parameter(entry.nodes[0]):
+            reason = ("weight standardization (batch_norm over a weight, in the forward of "
+                      f"{entry.nodes[0].module_path or 'the model'}): not a normalization layer, nothing to fold")
         if reason is not None:
             actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None}, reason)
             continue

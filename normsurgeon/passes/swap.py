@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..find import NormSite
+from ..find import UNCAPTURED, NormSite
 from ..graph import GNode, ModelGraph
 from ..graph.ops import DATA_MOVEMENT
 from ..report import Action
@@ -81,7 +81,9 @@ def whole_module(graph: ModelGraph, site: NormSite) -> nn.Module | None:
 
 def unreached_reason(group: list[NormSite]) -> str | None:
     if max(s.calls for s in group) == 0:
-        return "not reached by the example inputs: its input layout is unknown"
+        ran = next((s.note for s in group if s.note and s.note.startswith(UNCAPTURED)), None)
+        return f"{ran}: its input layout is unknown" if ran else \
+            "not reached by the example inputs: its input layout is unknown"
     return None
 
 
@@ -144,6 +146,9 @@ def read_bn_site(graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[s
     BN transposes), and its replacement receives what the module received."""
     site = group[0]
     module = graph.module(path) if site.source == "module" else None
+    if site.source == "module" and module is not None and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (f"{type(module).__name__} is a frozen batch norm (x * scale + shift of its buffers): it has no "
+                "BatchNorm to replace (fold folds it)"), None
     if site.source != "module" or not isinstance(module, nn.modules.batchnorm._BatchNorm):
         where = site.path.split(":")[0] or "the model"
         return f"functional batch_norm call inside {where}.forward: module replacement cannot swap it", None
