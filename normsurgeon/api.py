@@ -420,8 +420,8 @@ def export(model: nn.Module | ExportedProgram | str | os.PathLike, example_input
     ci = as_call_args(example_inputs) if example_inputs is not None or program is None else program_inputs(program)
     # rtol/atol None: the tolerance table by dtype, as fold and convert take it
     tol = tolerance_for(model, export_kwargs.pop("rtol", None), export_kwargs.pop("atol", None))
-    export_kwargs["rtol"], export_kwargs["atol"] = tol.rtol, tol.atol if tol.atol is not None else \
-        tolerance_for(model).atol
+    export_kwargs["rtol"] = tol.rtol
+    export_kwargs["atol"] = tol.atol if tol.atol is not None else tolerance_for(model).atol
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, ci)

@@ -67,7 +67,7 @@ def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, at
     dtypes = dtypes or {torch.float32}
     worst = max((TOLERANCE.get(d, TOLERANCE[torch.float32]) for d in dtypes), key=lambda t: t[0])
     if rtol is None:
-        return Tolerance(*worst)
+        return Tolerance(worst[0], worst[1] if atol is None else atol)
     low = [TOLERANCE[d] for d in dtypes if d in _LOW_PRECISION]
     return Tolerance(max([rtol] + [t[0] for t in low]), atol)
 

@@ -126,13 +126,14 @@ def test_torchrun_two_ranks_equal_one_process_on_the_union(tmp_path, shards, sin
     assert not (tmp_path / "f.pt").exists()
 
 
-def test_progress_shows_batches_done_only_on_a_terminal():
+def test_progress_bar_on_a_terminal_plain_lines_for_slow_work_otherwise(monkeypatch):
     import io
 
     from rich.console import Console
 
     from normsurgeon.cli.calibrate_cmd import _BatchProgress
 
+    monkeypatch.setenv("NORMSURGEON_PROGRESS", "1")  # tests/conftest.py turns the lines off elsewhere
     piped = io.StringIO()
     with _BatchProgress(Console(file=piped, force_terminal=False)) as progress:
         progress(1, 4)  # piped stderr (CI logs): no bar, and no line for quick work

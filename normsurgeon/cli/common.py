@@ -142,7 +142,8 @@ class PlainProgress:
 
     Called as ``progress(message)``, ``progress(done, total)`` or ``progress(what, done, total)``. The
     first line comes only after ``quiet_s`` seconds, then one per new stage or per ``every_s`` seconds,
-    so a CI log of a slow run shows where it is, and a fast run stays silent."""
+    so a CI log of a slow run shows where it is, and a fast run stays silent. ``NORMSURGEON_PROGRESS=0``
+    turns them off."""
 
     def __init__(self, label: str = "", console: Console | None = None, quiet_s: float = 2.0,
                  every_s: float = 10.0) -> None:
@@ -154,8 +155,11 @@ class PlainProgress:
         self.start = self._time()
         self._last_at = None
         self._last_stage = None
+        self.enabled = os.environ.get("NORMSURGEON_PROGRESS", "1") != "0"
 
     def __call__(self, *args) -> None:
+        if not self.enabled:
+            return
         if len(args) == 1:
             stage, text = str(args[0]), str(args[0])
         else:

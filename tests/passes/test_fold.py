@@ -785,7 +785,7 @@ def test_cli_exit_1_when_verification_fails(tmp_path, monkeypatch):
         report.passed = False
         return folded, report
 
-    monkeypatch.setattr(api, "fold", failing)
+    monkeypatch.setattr(api._fold_pass, "fold", failing)  # the pass the command's api.fold runs
     out = tmp_path / "x.pt"
     code, _, stderr = _run(["fold", "normsurgeon.zoo:resnet", "-o", str(out)])
     assert code == 1 and "do not match" in stderr and not out.exists()
