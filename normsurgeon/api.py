@@ -25,7 +25,8 @@ from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
 from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds
-from .loading import LoadedModel, check_output_path, load_model, program_inputs, program_module, save_model  # noqa: F401
+from .loading import LoadedModel, load_model, program_inputs, program_module  # noqa: F401
+from .saving import check_output_path, save_model  # noqa: F401
 from .onnx import ExportReport, export_onnx
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
@@ -106,11 +107,13 @@ def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
-         input_path: str | os.PathLike | None = None) -> Path:
-    """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
+         input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
+    """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file; never
+    over ``input_path`` or ``inputs`` (the files the command read: ``saving.guard_inputs``)."""
     if is_dir_output(path):
-        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path)
-    return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path)
+        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
+                           inputs=inputs)
+    return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
 
 
 def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = None,
@@ -211,7 +214,8 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
     from .distributed import process_group
 
     model_path = Path(model) if Path(model).exists() else None
-    out = check_output(output, force=force, inputs=[model_path])  # every rank: fail before any work
+    read = [model_path, weights, *([data] if isinstance(data, (str, os.PathLike)) else data)]
+    out = check_output(output, force=force, inputs=read)  # every rank: fail before any work
     with process_group(device) as ranks:
         loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                       input_dtypes=input_dtypes, need_inputs=True)
@@ -221,7 +225,8 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
         if ranks.rank == 0:
             loaded.model.to("cpu")
             # a recipe directory (-o DIR/) keeps the recipe the model carries; its weights are the new statistics
-            out = save(loaded.model, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+            out = save(loaded.model, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
+                       inputs=read)
             report.output = str(out)
             report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
     return report, ranks.rank

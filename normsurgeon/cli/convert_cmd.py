@@ -80,7 +80,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         raise NormSurgeonError(f"--calibrate-synthetic must be >= 1, got {calibrate_synthetic}")
     if batch_size is not None and calibrate_file is None:
         raise NormSurgeonError("--batch-size goes with --calibrate FILE")
-    out_path = api.check_output(output, force=force, inputs=[model]) if output else None
+    read = [model, weights, inputs_file, calibrate_file]  # files this command reads: -o never replaces them
+    out_path = api.check_output(output, force=force, inputs=read) if output else None
 
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
     if output:
@@ -104,7 +105,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
     if out_path is not None:
-        api.save(converted, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save(converted, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
+                 inputs=read)
         report.notes.append(f"wrote {out_path}")
     else:
         report.notes.append("report only: no -o given, nothing written")

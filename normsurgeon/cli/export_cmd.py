@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..errors import VerificationError
 from .common import emit, guarded, load_from_options, model_options, output_options, progress_console
@@ -19,7 +20,7 @@ def _status(enabled: bool = True):
         yield lambda message: None
         return
     with console.status("starting") as status:
-        yield lambda message: status.update(message)
+        yield lambda message: status.update(escape(message))  # "loading run[/final].pt": text, not markup
 
 
 @click.command("export")
@@ -60,10 +61,11 @@ def export(model, trust, imports, weights, input_shapes, input_dtypes, output, d
     whose own verification fails is not exported (exit 1).
     """
     from .. import api
-    from ..loading import check_output_path
+    from ..saving import check_output_path
 
     model_path = Path(model) if Path(model).exists() else None
-    check_output_path(output, force=force, inputs=[model_path], suffixes=(".onnx",))  # fail before loading
+    read = [model_path, weights, inputs_file]  # files this command reads: -o never replaces them
+    check_output_path(output, force=force, inputs=read, suffixes=(".onnx",))  # fail before loading
     with _status() as progress:
         progress(f"loading {model}")
         loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)

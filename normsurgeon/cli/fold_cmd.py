@@ -6,8 +6,8 @@ import click
 
 from ..errors import NormSurgeonError, VerificationError
 from .. import api
-from ..loading import check_program_output
-from .common import emit, guarded, load_from_options, model_options, output_options, stderr
+from ..saving import check_program_output
+from .common import emit, guarded, load_from_options, model_options, output_options, say, stderr
 
 
 @click.command("fold")
@@ -37,8 +37,9 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     if rtol is not None and rtol <= 0:
         raise NormSurgeonError("--rtol must be positive")
     out_path = None
+    read = [model, weights, inputs_file]  # files this command reads: -o never replaces them
     if output is not None:
-        out_path = api.check_output(output, force=force, inputs=[model])
+        out_path = api.check_output(output, force=force, inputs=read)
     loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
     if loaded.program is not None and out_path is not None:
         check_program_output(out_path)  # before any work, like every output check
@@ -49,7 +50,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     target = loaded.program if loaded.program is not None else loaded.model
     folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
     if report.passed and out_path is not None:
-        api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
+        api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
+                 inputs=read)
     if as_json:
         payload = report.to_json()
         payload["output"] = str(out_path) if (out_path is not None and report.passed) else None
@@ -58,8 +60,7 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     else:
         emit(report, False)
         if report.passed or out_path is None:  # a failure is said once, by the error below
-            stderr.print(_note(report, out_path, "program" if loaded.program is not None else "model"),
-                         soft_wrap=True, highlight=False)
+            say(stderr, _note(report, out_path, "program" if loaded.program is not None else "model"))
     if not report.passed:
         raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
 
