@@ -63,6 +63,7 @@ def guard_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
         if src is None or not Path(src).exists():
             continue
         real = Path(src).resolve()
+        kind = "directory" if real.is_dir() else "file"
         if target == real or _same(out, Path(src)):
             how = "is"
         elif _inside(target, real):
@@ -71,7 +72,7 @@ def guard_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
             how = "holds"
         else:
             continue
-        raise NormSurgeonError(f"-o {out} {how} the input {src}; normsurgeon never overwrites its inputs "
+        raise NormSurgeonError(f"-o {out} {how} the input {kind} ({src}); normsurgeon never overwrites its inputs "
                                "(choose another output path)")
 
 

@@ -100,6 +100,24 @@ def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[list[
     return out + [[e] for e in extra]
 
 
+def check_input_values(ci: CallArgs, what: str) -> None:
+    """Refuse verification inputs that cannot check anything: an empty tensor (batch 0) compares
+    nothing, and NaN/inf in an input gives NaN/inf outputs before and after any rewrite, which would
+    read as a rewrite that changed the outputs."""
+    for name, t in named_tensors(ci).items():
+        if t.numel() == 0:
+            raise NormSurgeonError(f"{what}: input {name!r} is empty (shape {list(t.shape)}); a verification on "
+                                   "it would check nothing")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NormSurgeonError(f"{what}: input {name!r} holds {bad} NaN/inf value(s); outputs computed from "
+                                   "them cannot verify anything")
+
+
+def _finite_outputs(outputs: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(o).all()) for o in outputs if o.is_floating_point())
+
+
 def run_clean(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
     """One forward pass without side effects: no grad, a fixed RNG, BatchNorm running statistics
     restored, module modes restored (``eval_mode`` runs the model in eval)."""
@@ -130,6 +148,15 @@ class References:
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     eval_mode: bool = False
     user_inputs: int = 0  # how many of ``inputs`` are the user's own (they come last)
+    nonfinite: int = 0  # how many kept inputs the original model maps to NaN/inf outputs
+
+    @property
+    def why_unverifiable(self) -> str | None:
+        """Why a comparison fails even with nothing changed, when the model itself is the cause."""
+        if not self.nonfinite:
+            return None
+        return (f"the original model's outputs are NaN/inf on {self.nonfinite} of {len(self.inputs)} verification "
+                "inputs before any change (a BatchNorm with negative/NaN running_var?), so nothing can be verified")
 
     @classmethod
     def record(cls, model: nn.Module, ci: CallArgs, *, extra: Sequence[CallArgs] = (),
@@ -137,6 +164,9 @@ class References:
         """Run ``model`` on the candidate inputs; the example and ``extra`` (the user's) must run, the
         random ones are kept if they do."""
         refs = cls(eval_mode=eval_mode)
+        check_input_values(ci, "the example inputs")
+        for k, e in enumerate(extra):
+            check_input_values(e, f"--inputs set {k + 1}")
         candidates = candidate_inputs(ci)
         for i, alternatives in enumerate([*candidates, *[[e] for e in extra]]):
             for c in alternatives:
@@ -149,6 +179,10 @@ class References:
                         raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it "
                                                f"before any change ({one_line(e, typed=True, limit=200)})") from e
                     continue
+                if not _finite_outputs(out):
+                    if 0 < i < len(candidates):
+                        continue  # a random input the model maps to NaN/inf checks nothing: dropped
+                    refs.nonfinite += 1
                 refs.inputs.append(c)
                 refs.outputs.append(out)
                 break
@@ -187,8 +221,13 @@ def load_inputs_file(path: str | os.PathLike, example_inputs: Any) -> list[CallA
     ci = as_call_args(example_inputs)
     obj = read_tensors(path, "--inputs")
     if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj):
-        return [_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})") for i, o in enumerate(obj)]
-    return [_fit_inputs(obj, ci, f"--inputs {path}")]
+        sets = [(_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})"), f"--inputs {path} (set {i + 1})")
+                for i, o in enumerate(obj)]
+    else:
+        sets = [(_fit_inputs(obj, ci, f"--inputs {path}"), f"--inputs {path}")]
+    for s, what in sets:
+        check_input_values(s, what)  # before any work: NaN/inf or empty inputs verify nothing
+    return [s for s, _ in sets]
 
 
 def named_tensors(ci: CallArgs) -> dict[str, torch.Tensor]:

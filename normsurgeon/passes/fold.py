@@ -206,7 +206,7 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
     applied: list[Applied] = []
     actions: dict[str, Action] = {}
     for entry in match(work, graph, ctx):
-        reason = entry.reason or entry_reason(entry, ctx, failed_paths)
+        reason = entry.reason or entry_reason(entry, ctx, failed_paths) or bad_running_var(entry.module)
         if reason is not None:
             actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.module is None}, reason)
             continue
@@ -234,6 +234,19 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
                                rolled_back=lambda why, s=chosen: _rolled_back(s, why),
                                describe=f"folding into {', '.join(chosen.into)}"))
     return actions, applied
+
+
+def bad_running_var(module: nn.Module | None) -> str | None:
+    """The skip reason of a BatchNorm whose running_var is negative or NaN in some channel: it computes
+    NaN there itself, so no fold of it (or comparison through it) means anything."""
+    var = getattr(module, "running_var", None)
+    if not isinstance(var, torch.Tensor) or not var.is_floating_point():
+        return None
+    bad = int(((var < 0) | torch.isnan(var)).sum())
+    if not bad:
+        return None
+    return (f"running_var negative/NaN in {bad} of {var.numel()} channels: this BatchNorm itself outputs NaN "
+            "there (recalibrate it: normsurgeon calibrate)")
 
 
 def _rolled_back(site: Any, why: str) -> Action:
@@ -312,8 +325,9 @@ def _keep_verified(ep: ExportedProgram, applied: list, actions: dict[str, Action
     stats, err = _compare_program(ep, refs)
     if not tol.ok(stats, err):
         for site in applied:
-            actions[site.norm] = _rolled_back(site, "rolled back: the outputs differ even with nothing folded "
-                                                    "(the program is not deterministic?)")
+            actions[site.norm] = _rolled_back(site, "rolled back: " + (
+                refs.why_unverifiable or "the outputs differ even with nothing folded (the program is not "
+                                         "deterministic?)"))
         return ep, stats, err
     for site in applied:
         trial, done = _build(ep, [*kept, site], actions)
