@@ -28,7 +28,7 @@ import torch.nn as nn
 from .errors import NormSurgeonError, one_line
 from .files import read_tensors
 from .graph.capture import rejected
-from .inputs import CallArgs, as_call_args
+from .inputs import CallArgs, as_call_args, random_like
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
 # The one tolerance table: (rtol, atol) a function-preserving rewrite must meet, by the dtype the
@@ -75,29 +75,81 @@ def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, at
 # --- inputs and reference outputs ----------------------------------------------------------------
 
 def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[list[CallArgs]]:
-    """The example, two random inputs like it and one at another batch size, then ``extra``; each
-    entry lists alternatives, the first the original model accepts is used.
+    """The example, a random input like it, one at another batch size and one at other sizes, then
+    ``extra``; each entry lists alternatives, the first the original model accepts is used.
 
     The other batch size is one fewer (batch 1 is where batch-dependent code most often branches, and
     a smaller batch halves what the two forward passes of a large model's check cost), or one more
-    where the example has batch 1 or the model rejects the smaller one.
+    where the example has batch 1 or the model rejects the smaller one. The "other sizes" input
+    covers code the example never runs (a branch taken only for a large batch, or only above some
+    image size or sequence length, around a folded layer): a larger batch (``larger_batch``) with
+    the spatial/sequence dims grown by a quarter (``other_sizes``), else shrunk, else the larger batch
+    alone, else those sizes alone; only where the model rejects all of them is it a second random
+    input of the example's shape (``References.shapes`` says which shapes were checked).
     """
     device = next((t.device for t in ci.tensors()), None)
     batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
     out = [[ci]]
-    wanted = [[{}], [{}]]
+    wanted: list[list[dict]] = [[{}]]
     if batch:
         wanted.append([{"batch": b} for b in ([batch - 1] if batch > 1 else []) + [batch + 1]])
+    big = larger_batch(batch) if batch else None
+    grown, shrunk = other_sizes(ci, 1.25), other_sizes(ci, 0.75)
+    sized = [{"batch": big, "sizes": s} for s in (grown, shrunk) if big and s] + \
+        ([{"batch": big}] if big else []) + [{"sizes": s} for s in (grown, shrunk) if s]
+    wanted.append(sized + [{}])
     for seed, kws in enumerate(wanted, start=1):
         alternatives = []
         for kw in kws:
             try:
-                alternatives.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
+                alternatives.append(_resized(ci, torch.Generator().manual_seed(seed), **kw).to(device=device))
             except Exception:  # noqa: BLE001 - a random input is a bonus
                 pass
         if alternatives:
             out.append(alternatives)
     return out + [[e] for e in extra]
+
+
+def larger_batch(batch: int) -> int:
+    """A batch above the example's, up to 4 times it (a forward pass at most 4x the example's):
+    8 for the usual examples of batch 2 to 7, batch + 1 from 8 on."""
+    return max(batch + 1, min(8, 4 * batch))
+
+
+def other_sizes(ci: CallArgs, factor: float) -> dict[int, int]:
+    """``{size: new size}`` for the spatial/sequence dims of ``ci``: dims 2.. of floating inputs with 3
+    or more dims (images, audio frames, volumes) and dim 1 of 2-d integer inputs (token ids and their
+    masks); every dim of one size gets the same new size, so ids and masks stay aligned."""
+    sizes = set()
+    for t in ci.tensors():
+        if t.is_floating_point() and t.dim() >= 3:
+            sizes.update(t.shape[2:])
+        elif not t.is_floating_point() and t.dim() == 2:
+            sizes.add(t.shape[1])
+    new = {s: max(1, round(s * factor)) for s in sizes if s > 1}
+    return {s: n for s, n in new.items() if n != s}
+
+
+def _resized(ci: CallArgs, generator: torch.Generator, batch: int | None = None,
+             sizes: Mapping[int, int] | None = None) -> CallArgs:
+    """Fresh random inputs like ``ci``, at ``batch`` and with the dims ``other_sizes`` names resized."""
+    if not sizes:
+        return ci.like(generator, batch=batch)
+    values = []
+    for name, t in zip(ci.names(), [*ci.args, *ci.kwargs.values()]):
+        if not isinstance(t, torch.Tensor):
+            values.append(t)
+            continue
+        shape = list(t.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if t.is_floating_point() and t.dim() >= 3:
+            shape[2:] = [sizes.get(s, s) for s in shape[2:]]
+        elif not t.is_floating_point() and t.dim() == 2:
+            shape[1] = sizes.get(shape[1], shape[1])
+        values.append(random_like(t, shape, generator))
+    n = len(ci.args)
+    return CallArgs(tuple(values[:n]), dict(zip(ci.names()[n:], values[n:])))
 
 
 def check_input_values(ci: CallArgs, what: str) -> None:
@@ -149,6 +201,11 @@ class References:
     eval_mode: bool = False
     user_inputs: int = 0  # how many of ``inputs`` are the user's own (they come last)
     nonfinite: int = 0  # how many kept inputs the original model maps to NaN/inf outputs
+
+    @property
+    def shapes(self) -> list[list[list[int]]]:
+        """The shapes of every input set checked (per set, its tensors' shapes): what a verdict covers."""
+        return [[list(t.shape) for t in ci.tensors()] for ci in self.inputs]
 
     @property
     def why_unverifiable(self) -> str | None:

@@ -66,3 +66,50 @@ def test_negative_or_nan_running_var_is_a_skip_reason_not_a_rollback(bad):
     text = " ".join(str(a.reason) for a in report.actions) + " " + report.summary()
     assert "not deterministic" not in text
     assert report.passed is False and "NaN/inf" in report.summary()
+
+
+# --- row 11 ----------------------------------------------------------------------------------------
+
+class BatchBranch(nn.Module):
+    """The conv feeds the BN only for small batches: folding the BN into it changes the big-batch path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if x.shape[0] > 4 else self.bn(y)
+
+
+class SizeBranch(BatchBranch):
+    def forward(self, x):
+        y = self.conv(x)
+        return y if x.shape[-1] >= 20 else self.bn(y)
+
+
+@pytest.mark.parametrize("cls, x", [(BatchBranch, torch.randn(2, 3, 16, 16)), (SizeBranch, torch.randn(2, 3, 16, 16))])
+def test_a_branch_the_example_never_takes_is_caught(cls, x):
+    torch.manual_seed(0)
+    model = cls().eval()
+    folded, report = fold(model, (x,))
+    assert not report.folded, report.summary()
+    assert report.rolled_back and "changed the outputs" in report.rolled_back[0].reason
+    # what was checked is said: the example and a larger batch at other spatial sizes
+    assert [2, 3, 16, 16] in [s[0] for s in report.verified_shapes]
+    assert [8, 3, 20, 20] in [s[0] for s in report.verified_shapes]
+    assert "checked at input shapes" in report.tables()[0].notes[-1]
+
+
+def test_sizes_the_model_rejects_are_not_claimed():
+    """A model that only takes 16x16 (a flatten into a Linear): the other input falls back to the
+    larger batch alone, and the report lists exactly the shapes that ran."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 2)).eval()
+    folded, report = fold(model, (torch.randn(2, 3, 16, 16),))
+    assert report.passed and len(report.folded) == 1
+    shapes = [s[0] for s in report.verified_shapes]
+    assert [8, 3, 16, 16] in shapes and all(s[2:] == [16, 16] for s in shapes)

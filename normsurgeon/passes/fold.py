@@ -49,6 +49,14 @@ class FoldReport:
     tolerance: float | None = None
     passed: bool | None = None
     verify_error: str | None = None
+    verified_shapes: list[list[list[int]]] = field(default_factory=list)  # per input set checked, its shapes
+
+    def shapes_note(self) -> str | None:
+        """Which input sizes the verdict covers: a fold is proved for these, not for sizes never run."""
+        if not self.verified_shapes:
+            return None
+        sets = ["+".join("x".join(map(str, s)) or "scalar" for s in shapes) for shapes in self.verified_shapes]
+        return f"checked at input shapes {', '.join(dict.fromkeys(sets))}; other sizes are not proved"
 
     @property
     def folded(self) -> list[Action]:
@@ -96,7 +104,8 @@ class FoldReport:
         if self.verify is not None:
             verify.update(max_abs_error=_finite(self.verify.max_abs_error),
                           max_rel_error=_finite(self.verify.max_rel_error))
-        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs)
+        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs,
+                      shapes=self.verified_shapes)
         if self.verify_error:
             verify["error"] = self.verify_error
         return {
@@ -123,6 +132,8 @@ class FoldReport:
         table = Table(f"BatchNorm folding (capture: {self.capture})",
                       ["BatchNorm", "result", "position", "into / reason"], rows)
         table.notes.append(self.summary())
+        if self.actions and self.shapes_note():
+            table.notes.append(self.shapes_note())
         return [table]
 
 
@@ -164,6 +175,7 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
     report.tolerance = tol.rtol
     if refs is not None:
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
+        report.verified_shapes = refs.shapes
 
     # An in-place fold owns the model: spill replaced weights to disk instead of holding a copy.
     with UndoStore(spill=inplace) as store:
@@ -276,6 +288,7 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
     refs = References.record(program_module(ep), ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
     if refs is not None:
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
+        report.verified_shapes = refs.shapes
 
     actions: dict[str, Action] = {}
     chosen: list[program_rule.ProgramSite] = []
