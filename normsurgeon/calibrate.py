@@ -146,11 +146,11 @@ class RunningStats:
         return s
 
 
-def as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def as_positions(bn: _BatchNorm, x: torch.Tensor, token: bool = False) -> torch.Tensor:
     """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN.
-    A TokenBatchNorm under an active padding mask (see ``normsurgeon.nn.padding_mask``) counts its
-    real tokens only, as its own batch statistics do."""
-    if isinstance(bn, TokenBatchNorm):
+    A TokenBatchNorm (or its ``bn`` child: ``token``) under an active padding mask (see
+    ``normsurgeon.nn.padding_mask``) counts its real tokens only, as its own batch statistics do."""
+    if token or isinstance(bn, TokenBatchNorm):
         rows = real_rows(x, bn.num_features)
         x2d = x.reshape(-1, bn.num_features)
         return x2d if rows is None else x2d[rows]
@@ -237,10 +237,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
         raise NormSurgeonError(f"max_batches must be >= 0, got {max_batches}")
     targets: list[tuple[str, _BatchNorm]] = []
     report = CalibrationReport()
+    # a TokenBatchNorm's statistics live in its BatchNorm1d child, which sees the flattened tokens;
+    # reported under the TokenBatchNorm's path
+    token_children = {id(m.bn): name for name, m in model.named_modules() if isinstance(m, TokenBatchNorm)}
     for name, m in model.named_modules():
         if not isinstance(m, _BatchNorm):
             continue
-        path = name or "<root>"
+        path = token_children.get(id(m), name) or "<root>"
         if not m.track_running_stats or m.running_mean is None or m.running_var is None:
             report.skipped.append({"path": path, "reason": "track_running_stats=False: it always uses batch statistics"})
         elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
@@ -269,7 +272,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *, max_batches: int | No
     def hook(bn, args, kwargs):
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            stats[bn].add_batch(as_positions(bn, x.detach()))
+            stats[bn].add_batch(as_positions(bn, x.detach(), token=id(bn) in token_children))
 
     try:
         model.eval()

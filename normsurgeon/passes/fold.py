@@ -195,7 +195,7 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
 def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     """Redo a recorded fold on ``model`` (a rebuilt base): the same match and rewrite, at exactly the
     recorded sites, without verification (the weights that matter are loaded afterwards)."""
-    want = {f["norm"]: f for f in action.get("folded") or []}
+    want = {_site_path(model, f["norm"]): f for f in action.get("folded") or []}
     graph = capture(model, ci)
     ctx = FoldContext(model, graph)
     for entry in match(model, graph, ctx):
@@ -209,6 +209,18 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         rewrite(site, ctx, UndoLog())
     if want:
         raise NormSurgeonError(f"recipe: the rebuilt model has no BatchNorm at {', '.join(want)} to fold")
+
+
+def _site_path(model: nn.Module, path: str) -> str:
+    """A recipe written when TokenBatchNorm was a BatchNorm subclass names it; its BatchNorm is now
+    its ``bn`` child, which is the site."""
+    from ..nn import TokenBatchNorm
+
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return path
+    return f"{path}.bn" if isinstance(m, TokenBatchNorm) else path
 
 
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
