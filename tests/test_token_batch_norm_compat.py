@@ -45,20 +45,22 @@ def test_a_version_1_pickle_loads():
     assert list(old.state_dict()) == list(bn.state_dict())
 
 
-def test_a_recipe_whose_fold_names_the_token_batch_norm_replays(tmp_path):
+def test_folds_name_the_token_batch_norm_and_its_recipe_replays(tmp_path):
+    """The fold matches the BatchNorm1d child, but reports and records the TokenBatchNorm's path (as
+    version 1 did, so its recipes replay) and leaves a plain Identity there."""
     torch.manual_seed(0)
     model = zoo.vit()
     ci = model.example_inputs()
     converted, _ = api.convert(model, "bn", example_inputs=ci, calibrate_batches=[ci])
+    tokens = {p for p, m in converted.named_modules() if isinstance(m, TokenBatchNorm)}
     folded, report = api.fold(converted.eval(), ci)
-    assert report.passed and report.folded
+    assert report.passed and {a.path for a in report.folded} == tokens
+    assert all(isinstance(folded.get_submodule(p), nn.Identity) for p in tokens)
     out = api.save(folded, tmp_path / "r", example_inputs=ci)
     doc = json.loads((out / "recipe.json").read_text())
     fold_action = next(a for a in doc["actions"] if a["op"] == "fold")
-    assert all(f["norm"].endswith(".bn") for f in fold_action["folded"])
-    for f in fold_action["folded"]:  # what version 1 wrote: the TokenBatchNorm's own path
-        f["norm"] = f["norm"].removesuffix(".bn")
-    (out / "recipe.json").write_text(json.dumps(doc))
+    assert {f["norm"] for f in fold_action["folded"]} == tokens
     loaded = normsurgeon.load(out)
+    assert all(isinstance(loaded.get_submodule(p), nn.Identity) for p in tokens)
     with torch.no_grad():
         torch.testing.assert_close(ci.call(loaded).logits, ci.call(folded.eval()).logits, rtol=0, atol=0)

@@ -52,7 +52,11 @@ class TokenBatchNorm(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats, device=device,
                                  dtype=dtype, bias=bias)
+        self._flat_state_dict()
+
+    def _flat_state_dict(self) -> None:
         self.register_state_dict_post_hook(_flat_keys)
+        self.register_load_state_dict_post_hook(_flat_missing_keys)
 
     def __setattr__(self, name: str, value) -> None:
         if name in _DELEGATED and "bn" in self.__dict__.get("_modules", {}):
@@ -121,6 +125,7 @@ class TokenBatchNorm(nn.Module):
             old, new = prefix + key, prefix + "bn." + key
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
+        self.__dict__["_loading_prefix"] = prefix  # for _flat_missing_keys
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -134,7 +139,7 @@ class TokenBatchNorm(nn.Module):
                      and k not in _DELEGATED}
             state.update(_parameters={}, _buffers={}, _non_persistent_buffers_set=set(), _modules={"bn": child})
             super().__setstate__(state)
-            self.register_state_dict_post_hook(_flat_keys)
+            self._flat_state_dict()
             return
         super().__setstate__(state)
 
@@ -218,6 +223,17 @@ def _flat_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata)
         nested = prefix + "bn." + key
         if nested in state_dict:
             state_dict[prefix + key] = state_dict.pop(nested)
+
+
+def _flat_missing_keys(module: nn.Module, incompatible) -> None:
+    """Load-state-dict post hook: missing keys named as the state dict names them (``weight``)."""
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is None:
+        return
+    keys = incompatible.missing_keys
+    for i, key in enumerate(keys):
+        if key.startswith(prefix + "bn.") and key[len(prefix) + 3:] in _STATE:
+            keys[i] = prefix + key[len(prefix) + 3:]
 
 
 def _delegate(name: str) -> property:
