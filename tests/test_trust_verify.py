@@ -113,3 +113,15 @@ def test_sizes_the_model_rejects_are_not_claimed():
     assert report.passed and len(report.folded) == 1
     shapes = [s[0] for s in report.verified_shapes]
     assert [8, 3, 16, 16] in shapes and all(s[2:] == [16, 16] for s in shapes)
+
+
+def test_negative_running_var_in_a_program_is_a_skip_reason():
+    from normsurgeon.passes.fold import fold_program
+
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(cnn(bad_var=-0.5), (x,), strict=False)
+    _, report = fold_program(ep, (x,))
+    by_path = {a.path: a for a in report.actions}
+    skipped = [a for a in report.actions if a.kind == "skipped"]
+    assert len(skipped) == 1 and "running_var negative/NaN" in skipped[0].reason, by_path
+    assert "not deterministic" not in " ".join(str(a.reason) for a in report.actions)

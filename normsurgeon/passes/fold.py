@@ -281,7 +281,10 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
 def bad_running_var(module: nn.Module | None) -> str | None:
     """The skip reason of a BatchNorm whose running_var is negative or NaN in some channel: it computes
     NaN there itself, so no fold of it (or comparison through it) means anything."""
-    var = getattr(module, "running_var", None)
+    return _bad_var(getattr(module, "running_var", None))
+
+
+def _bad_var(var: Any) -> str | None:
     if not isinstance(var, torch.Tensor) or not var.is_floating_point():
         return None
     bad = int(((var < 0) | torch.isnan(var)).sum())
@@ -328,6 +331,10 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
             actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.functional}, reason)
             continue
         site = entry.sites[0]  # "after" first, as in the module fold
+        why = _bad_var(_program_tensor(ep, site.stats.get("running_var")))
+        if why is not None:
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.functional}, why)
+            continue
         chosen.append(site)
         actions[entry.norm] = Action("folded", site.norm)
 
@@ -339,6 +346,16 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
         report.verify, report.passed, report.verify_error = stats, tol.ok(stats, err), err
     report.actions = list(actions.values())
     return folded, report
+
+
+def _program_tensor(ep: ExportedProgram, placeholder: str | None) -> torch.Tensor | None:
+    """The parameter, buffer or constant a placeholder of ``ep`` stands for."""
+    sig = ep.graph_signature
+    target = sig.inputs_to_buffers.get(placeholder) or sig.inputs_to_parameters.get(placeholder) \
+        or sig.inputs_to_lifted_tensor_constants.get(placeholder)
+    if target is None:
+        return None
+    return ep.state_dict.get(target, ep.constants.get(target))
 
 
 def _build(ep: ExportedProgram, sites: list, actions: dict[str, Action]) -> tuple[ExportedProgram, list]:
