@@ -30,9 +30,7 @@ def _like(src: nn.Module) -> dict:
 
 
 def _check_batchnorm(bn: nn.Module, what: str) -> None:
-    from .token_batch_norm import TokenBatchNorm  # holds its BatchNorm (``bn``), reads/writes through to it
-
-    if not isinstance(bn, (_BatchNorm, TokenBatchNorm)):
+    if not isinstance(bn, _BatchNorm):
         raise NormSurgeonError(f"{what} expects a BatchNorm module, got {type(bn).__name__}")
 
 
