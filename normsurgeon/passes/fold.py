@@ -29,8 +29,9 @@ from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, Tolerance, UndoLog, UndoStore, set_module, tolerance_for, tolerance_for_dtypes
+from ..verify import References, Tolerance, UndoLog, UndoStore, tolerance_for, tolerance_for_dtypes
 from . import fold_bn_program as program_rule
+from . import token_sites
 from .base import Applied, apply_verified
 from .fold_bn import FoldContext, check, combine, entry_reason, match, rewrite
 
@@ -185,7 +186,7 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
             actions.update(verdict.actions)
             report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
     report.actions = list(actions.values())
-    _token_sites(work, report.actions)
+    token_sites.report_paths(work, report.actions)
     if report.folded:
         record(work, {"op": "fold", "folded": [{"norm": a.path, "into": a.detail["into"],
                                                 "position": a.detail["position"]} for a in report.folded],
@@ -196,7 +197,7 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
 def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     """Redo a recorded fold on ``model`` (a rebuilt base): the same match and rewrite, at exactly the
     recorded sites, without verification (the weights that matter are loaded afterwards)."""
-    want = {_site_path(model, f["norm"]): f for f in action.get("folded") or []}
+    want = {token_sites.site_path(model, f["norm"]): f for f in action.get("folded") or []}
     graph = capture(model, ci)
     ctx = FoldContext(model, graph)
     for entry in match(model, graph, ctx):
@@ -210,35 +211,7 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         rewrite(site, ctx, UndoLog())
     if want:
         raise NormSurgeonError(f"recipe: the rebuilt model has no BatchNorm at {', '.join(want)} to fold")
-    _token_sites(model, [])
-
-
-def _token_sites(model: nn.Module, actions: list[Action]) -> None:
-    """A TokenBatchNorm's BatchNorm is its ``bn`` child, which is what the rule matches and folds:
-    report it by the TokenBatchNorm's path (what the user converted, what recipes name), and put a
-    plain Identity where a folded one is left holding an Identity (the same function)."""
-    from ..nn import TokenBatchNorm
-
-    tokens = {path: m for path, m in model.named_modules() if isinstance(m, TokenBatchNorm)}
-    for a in actions:
-        parent = a.path.removesuffix(".bn")
-        if a.path.endswith(".bn") and parent in tokens:
-            a.path = parent
-    for path, m in tokens.items():
-        if isinstance(m.bn, nn.Identity):
-            set_module(model, path, nn.Identity())
-
-
-def _site_path(model: nn.Module, path: str) -> str:
-    """A recipe written when TokenBatchNorm was a BatchNorm subclass names it; its BatchNorm is now
-    its ``bn`` child, which is the site."""
-    from ..nn import TokenBatchNorm
-
-    try:
-        m = model.get_submodule(path)
-    except AttributeError:
-        return path
-    return f"{path}.bn" if isinstance(m, TokenBatchNorm) else path
+    token_sites.unwrap(model)
 
 
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
