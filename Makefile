@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/normsurgeon demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -p no:cacheprovider
+	$(BIN)/python -m pytest -n 2 -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_fold.py --runs 300

@@ -17,6 +17,11 @@ import normsurgeon
 from normsurgeon import zoo
 
 
+
+def _ops(counts: dict | None) -> str:
+    """Norm-op counts as a reader wants them: 'BatchNormalization 23', or 'none'."""
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items() if v) or "none"
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outdir", default=None)
@@ -32,7 +37,8 @@ def main(argv=None) -> None:
         print(f"{name}: {data['onnx']} via {data['exporter']}")
         print(f"   verified: {verify['passed']} on {verify.get('inputs_checked')} inputs, "
               f"max abs {verify['max_abs_error']:.2e}, max rel {verify['max_rel_error']:.2e}")
-        print(f"   norm ops exported: {data['norm_ops']}; after ORT optimization: {data.get('norm_ops_optimized')}")
+        print(f"   norm ops exported: {_ops(data['norm_ops'])}; after ORT optimization: "
+              f"{_ops(data.get('norm_ops_optimized'))}")
         assert verify["passed"]
 
 

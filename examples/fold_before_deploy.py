@@ -17,6 +17,11 @@ import normsurgeon
 from normsurgeon import zoo
 
 
+
+def _ops(counts: dict | None) -> str:
+    """Norm-op counts as a reader wants them: 'BatchNormalization 23', or 'none'."""
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items() if v) or "none"
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outdir", default=None)
@@ -39,7 +44,7 @@ def main(argv=None) -> None:
         for tag, m in (("original", model), ("folded", folded)):
             path = outdir / f"{name}_{tag}.onnx"
             exported = normsurgeon.export_onnx(m, inputs, path, force=True).to_json()
-            print(f"   {tag:8s} ONNX: {exported['norm_ops']}  verified in ONNX Runtime: "
+            print(f"   {tag:8s} ONNX: {_ops(exported['norm_ops'])}  verified in ONNX Runtime: "
                   f"{exported['verify']['passed']} (max abs error {exported['verify']['max_abs_error']:.2e})")
             assert exported["verify"]["passed"], f"{tag} {name} does not match torch in ONNX Runtime"
             paths.append(path)

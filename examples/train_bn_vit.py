@@ -39,6 +39,11 @@ def make_task(seed: int):
     return batch
 
 
+
+def _ops(counts: dict | None) -> str:
+    """Norm-op counts as a reader wants them: 'BatchNormalization 23', or 'none'."""
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items() if v) or "none"
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
@@ -112,7 +117,7 @@ def main(argv=None) -> None:
     for tag, m in (("layernorm", ln_vit), ("bn_folded", folded)):
         path = outdir / f"vit_{tag}.onnx"
         ej = normsurgeon.export_onnx(m, example, path, force=True).to_json()
-        print(f"== export {tag}: norm ops {ej['norm_ops']}, verified in ONNX Runtime: {ej['verify']['passed']} "
+        print(f"== export {tag}: norm ops {_ops(ej['norm_ops'])}, verified in ONNX Runtime: {ej['verify']['passed']} "
               f"(max abs error {ej['verify']['max_abs_error']:.2e})")
         paths.append(path)
     if args.runs > 0:

@@ -18,16 +18,18 @@ import torch.nn as nn
 from torch.export import ExportedProgram
 
 from .bench import measure_latency as bench  # noqa: F401 - the `bench` command
-from .calibrate import (CalibrationReport, calibrate, load_calibration_data, shard_files,  # noqa: F401
-                        synthetic_batches)
+from .calibrate import (CalibrationReport, calibrate, example_from_data, load_calibration_data,  # noqa: F401
+                        shard_files, synthetic_batches)
 from .demo import run_demo as demo  # noqa: F401 - the `demo` command
 from .errors import NormSurgeonError, VerificationError, one_line
 from .find import find_norms, inspect as _inspect
 from .graph import capture, eval_modes, restore_modes
-from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds
-from .loading import LoadedModel, load_model, program_inputs, program_module  # noqa: F401
-from .saving import check_output_path, save_model  # noqa: F401
+from .inputs import CallArgs, as_call_args, inputs_from_shapes, int_input_bounds, named_after
+from .input_files import InputsReport, input_layout, save_random_inputs
+from .loading import (LoadedModel, check_output_path, check_program_output, load_model, program_inputs,  # noqa: F401
+                      program_module, save_model)
 from .onnx import ExportReport, export_onnx
+from .onnx import fold as _onnx_fold
 from .passes.convert import ConvertReport, insert_ffn_bn, validate as validate_convert  # noqa: F401
 from .passes import convert as _convert_pass
 from .passes import fold as _fold_pass
@@ -35,9 +37,9 @@ from .passes.fold import FoldReport
 from .recipe import describe_base, factory_base, set_base, transformers_base
 from . import replay
 from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
-from .verify import load_inputs_file
+from .verify import load_inputs_file, tolerance_for
 
-__all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
+__all__ = ["load", "inspect", "write_inputs", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
            "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
            "export", "bench", "demo", "save_model", "save", "check_output", "check_recipe_base", "apply_recipe",
            "load_inputs_file"]
@@ -52,14 +54,15 @@ def load(model: str | os.PathLike, *, trust: bool = False, imports: Sequence[str
          input_dtypes: Sequence[str] = (), need_inputs: bool = False) -> LoadedModel:
     """Load a model as every command does, with example inputs from ``input_shapes`` or the model.
 
-    A recipe directory (``save``) is rebuilt without unpickling anything (no ``trust`` needed). The
+    A recipe directory (``save``) is rebuilt without unpickling anything (``trust`` is needed only for
+    a factory base other than ``normsurgeon.zoo:NAME``). The
     model remembers how it was built (``normsurgeon.recipe``), so what the passes do to it can be
     saved as a recipe. Integer inputs drawn for ``input_shapes`` stay below the size of the embedding
     that consumes them (or the config's vocabulary)."""
     if is_recipe_dir(model):
         if weights is not None:
-            raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a recipe directory")
-        loaded = replay.load_dir(model)
+            raise NormSurgeonError("`weights` goes with a package.module:factory spec, not with a recipe directory")
+        loaded = replay.load_dir(model, trust=trust, imports=imports)
     else:
         loaded = load_model(model, trust=trust, imports=imports, weights=weights)
         _remember_base(loaded, str(model))
@@ -70,10 +73,13 @@ def load(model: str | os.PathLike, *, trust: bool = False, imports: Sequence[str
             loaded.example_inputs = inputs_from_shapes(
                 input_shapes, input_dtypes, int_high=[bounds.get(f"input_{i}") for i in range(len(input_shapes))])
     elif input_dtypes:
-        raise NormSurgeonError("--input-dtype needs --input-shape")
+        raise NormSurgeonError("`input_dtypes` needs `input_shapes`")
+    if loaded.example_inputs is not None and loaded.program is None:
+        # a file may name a positional input by its forward parameter (pixel_values), as `inputs` writes it
+        loaded.example_inputs = named_after(as_call_args(loaded.example_inputs), loaded.model)
     if need_inputs and loaded.example_inputs is None:
-        raise NormSurgeonError(f"{model}: cannot derive example inputs for this model; pass --input-shape "
-                               "(e.g. --input-shape 1,3,224,224)")
+        raise NormSurgeonError(f"{model}: cannot derive example inputs for this model; pass `input_shapes` "
+                               "(e.g. `input_shapes=['1,3,224,224']`)")
     return loaded
 
 
@@ -103,43 +109,186 @@ def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
         try:
             describe_base(model)
         except NormSurgeonError as e:
-            raise NormSurgeonError(f"-o {path}: {e}") from None
+            raise NormSurgeonError(f"`output` {path}: {e.template}") from None
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
          input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
-    """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file; never
-    over ``input_path`` or ``inputs`` (the files the command read: ``saving.guard_inputs``)."""
+    """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
     if is_dir_output(path):
         return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
                            inputs=inputs)
     return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
 
 
-def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = None,
+def _resolve(model: Any, example_inputs: Any, load_options: dict, *, need_inputs: bool = True):
+    """A path or ``package.module:factory`` spec is loaded (``load``; a ``.pt2`` gives its program); a
+    model object is used as given. Returns (model, example inputs, the file it came from)."""
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load(model, need_inputs=need_inputs, **load_options)
+        target = loaded.program if loaded.program is not None else loaded.model
+        ex = example_inputs if example_inputs is not None else loaded.example_inputs
+        if isinstance(target, nn.Module) and ex is not None:
+            ex = named_after(as_call_args(ex), target)
+        return target, ex, loaded.path, True
+    given = [k for k, v in load_options.items() if v]
+    if given:
+        raise NormSurgeonError(f"{', '.join(f'`{k}`' for k in given)} go(es) with a model path or spec, "
+                               "not with a model object")
+    if isinstance(model, nn.Module) and example_inputs is not None:
+        example_inputs = named_after(as_call_args(example_inputs), model)
+    return model, example_inputs, None, False
+
+
+def _spec_path(model: Any) -> Path | None:
+    return Path(model) if isinstance(model, (str, os.PathLike)) and Path(model).exists() else None
+
+
+def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, example_inputs: Any = None,
+            output: str | os.PathLike | None = None, force: bool = False,
             inputs_file: str | os.PathLike | None = None, extra_inputs: Iterable | None = None,
-            **kwargs: Any) -> tuple[nn.Module, ConvertReport]:
-    """``passes.convert.convert`` (keyword arguments go there), with the user's inputs from
-    ``inputs_file`` (``--inputs``) joining its checks."""
+            calibrate_file: str | os.PathLike | None = None, calibrate_synthetic: int | None = None,
+            batch_size: int | None = None, trust: bool = False, imports: Sequence[str] = (),
+            weights: str | os.PathLike | None = None, input_shapes: Sequence[str] = (),
+            input_dtypes: Sequence[str] = (), **kwargs: Any) -> tuple[nn.Module, ConvertReport]:
+    """``passes.convert.convert`` (its keyword arguments go there) with everything the ``convert``
+    command adds: ``model`` may be a path or spec (loaded as ``load`` does with ``trust``, ``imports``,
+    ``weights``, ``input_shapes``, ``input_dtypes``, and converted in place: it is ours), the user's
+    inputs from ``inputs_file`` join its checks, the BatchNorms are recalibrated on ``calibrate_file``
+    (or ``calibrate_synthetic`` random batches), and the result is saved to ``output`` (a recipe
+    directory or ``.pt``/``.pt2``; checked before any work, never the input, an existing one only with
+    ``force``). Nothing is written when the exact swaps' verification fails. ``report.output`` says
+    what was written (None: nothing)."""
+    ffn_bn = kwargs.get("ffn_bn", False)
+    validate_convert(to, kwargs.get("groups"), ffn_bn, kwargs.get("ffn_bn_position", "after-first"),
+                     kwargs.get("ffn_bn_init", "fresh"), kwargs.get("progressive"),
+                     kwargs.get("pn_warmup_steps", 4000), kwargs.get("pn_groups"))
+    if not ffn_bn and (kwargs.get("ffn_bn_position", "after-first") != "after-first"
+                       or kwargs.get("ffn_bn_init", "fresh") != "fresh"):
+        raise NormSurgeonError("`ffn_bn_position`/`ffn_bn_init` go with `ffn_bn=True`")
+    if calibrate_file is not None and calibrate_synthetic is not None:
+        raise NormSurgeonError("give either `calibrate_file` or `calibrate_synthetic`, not both")
+    if calibrate_synthetic is not None and calibrate_synthetic < 1:
+        raise NormSurgeonError(f"`calibrate_synthetic` must be >= 1, got {calibrate_synthetic}")
+    if batch_size is not None and calibrate_file is None:
+        raise NormSurgeonError("`batch_size` goes with `calibrate_file`")
+    if (calibrate_file is not None or calibrate_synthetic is not None) and kwargs.get("calibrate_batches") is not None:
+        raise NormSurgeonError("give either `calibrate_batches` or `calibrate_file`/`calibrate_synthetic`, not both")
+    # every file this call reads: `output` never replaces or deletes one of them (saving.guard_inputs)
+    read = [_spec_path(model), weights, inputs_file, calibrate_file]
+    out = check_output(output, force=force, inputs=read) if output is not None else None
+    model, example_inputs, input_path, owned = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes))
+    if owned:
+        kwargs.setdefault("inplace", True)
+    if out is not None and isinstance(model, nn.Module):
+        check_recipe_base(model, output)
     extra = list(extra_inputs or [])
     if inputs_file is not None:
-        extra += load_inputs_file(inputs_file, _convert_pass._inputs(model, example_inputs))
-    return _convert_pass.convert(model, to, example_inputs=example_inputs, extra_inputs=extra, **kwargs)
+        extra += load_inputs_file(inputs_file, named_after(_convert_pass._inputs(model, example_inputs), model))
+    if calibrate_file is not None:
+        ci = _convert_pass._inputs(model, example_inputs)
+        kwargs["calibrate_batches"] = load_calibration_data(calibrate_file, named_after(ci, model),
+                                                            batch_size=batch_size)
+        check_calibration_batch(model, kwargs["calibrate_batches"][0], str(calibrate_file))
+    elif calibrate_synthetic is not None:
+        kwargs["calibrate_batches"] = synthetic_batches(_convert_pass._inputs(model, example_inputs),
+                                                        calibrate_synthetic)
+    converted, report = _convert_pass.convert(model, to, example_inputs=example_inputs, extra_inputs=extra, **kwargs)
+    report.output = None
+    failed = report.verify is not None and report.verify.get("passed") is False
+    if out is not None and not failed:
+        report.output = str(save(converted, output, example_inputs=example_inputs, force=force,
+                                 input_path=input_path, inputs=read))
+    return converted, report
 
 
-def fold(model: nn.Module, example_inputs: Any, *, inputs_file: str | os.PathLike | None = None,
-         extra_inputs: Iterable | None = None, **kwargs: Any) -> tuple[nn.Module, FoldReport]:
-    """``passes.fold.fold`` (keyword arguments go there), with the user's inputs from ``inputs_file``
-    (``--inputs``) joining its verification."""
+def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs: Any = None, *,
+         output: str | os.PathLike | None = None, force: bool = False,
+         inputs_file: str | os.PathLike | None = None, extra_inputs: Iterable | None = None,
+         trust: bool = False, imports: Sequence[str] = (), weights: str | os.PathLike | None = None,
+         input_shapes: Sequence[str] = (), input_dtypes: Sequence[str] = (),
+         **kwargs: Any) -> tuple[nn.Module | ExportedProgram, FoldReport]:
+    """``passes.fold.fold`` (its keyword arguments go there) with everything the ``fold`` command adds:
+    ``model`` may be a path or spec (loaded as ``load`` does, and folded in place: it is ours; a
+    ``.pt2`` is folded in its own graph), the user's inputs from ``inputs_file`` join the verification,
+    and a verified result is saved to ``output`` (a recipe directory, ``.pt`` or ``.pt2``; checked before
+    any work, never the input, an existing one only with ``force``). ``report.output`` says what was
+    written (None: nothing), ``report.dry_run`` whether no ``output`` was asked for.
+
+    An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
+    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
+    if _onnx_fold.is_onnx(model):
+        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_dtypes=input_dtypes,
+                                            example_inputs=example_inputs))
+        return _onnx_fold.fold_file(model, output=output, force=force, inputs_file=inputs_file,
+                                    extra_inputs=extra_inputs, input_shapes=input_shapes, **kwargs)
+    read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
+    out = check_output(output, force=force, inputs=read) if output is not None else None
+    model, example_inputs, input_path, owned = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes))
+    program = isinstance(model, ExportedProgram)
+    if owned and not program:
+        kwargs.setdefault("inplace", True)
+    if out is not None:
+        if program:
+            check_program_output(out)
+        else:
+            check_recipe_base(model, output)
     extra = list(extra_inputs or [])
     if inputs_file is not None:
-        extra += load_inputs_file(inputs_file, example_inputs)
-    return _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+        ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
+        extra += load_inputs_file(inputs_file, ex)
+    folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+    report.dry_run = out is None
+    if out is not None and report.passed:
+        report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
+                                 inputs=read))
+    return folded, report
 
 
-def inspect(model: nn.Module, example_inputs: Any = None):
-    """Every normalization layer of ``model`` (``find.InspectReport``)."""
-    return _inspect(model, graph=capture(model, as_call_args(example_inputs) if example_inputs is not None else None))
+def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, trust: bool = False,
+            imports: Sequence[str] = (), weights: str | os.PathLike | None = None, input_shapes: Sequence[str] = (),
+            input_dtypes: Sequence[str] = ()):
+    """Every normalization layer of ``model`` (``find.InspectReport``), and the inputs it was called with
+    (``report.inputs``: name, shape, dtype; the layout ``--inputs`` and calibration files use). ``model``
+    may be a path or spec (loaded as ``load`` does), an ``.onnx`` path or an ``onnx.ModelProto``
+    (``onnx.inspect.inspect_onnx``: its graph's norm ops and decomposed norms)."""
+    if _onnx_fold.is_onnx(model):
+        _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_shapes=input_shapes,
+                                            input_dtypes=input_dtypes, example_inputs=example_inputs))
+        from .onnx.inspect import inspect_onnx
+
+        return inspect_onnx(model)
+    model, example_inputs, _, _ = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes), need_inputs=False)
+    if isinstance(model, ExportedProgram):
+        example_inputs = example_inputs if example_inputs is not None else program_inputs(model)
+        model = program_module(model)
+    ci = as_call_args(example_inputs) if example_inputs is not None else None
+    report = _inspect(model, graph=capture(model, ci))
+    report.inputs = input_layout(ci) if ci is not None else None
+    return report
+
+
+def write_inputs(model: nn.Module | str | os.PathLike, output: str | os.PathLike, example_inputs: Any = None, *,
+           batch: int | None = None, shards: int = 1, seed: int = 0, force: bool = False, trust: bool = False,
+           imports: Sequence[str] = (), weights: str | os.PathLike | None = None, input_shapes: Sequence[str] = (),
+           input_dtypes: Sequence[str] = ()) -> InputsReport:
+    """Write random inputs for ``model`` in the layout its input files take (``--inputs``, ``--data``,
+    ``--calibrate``): a ``.pt`` dict, one tensor per input name, ``batch`` samples (default: the
+    example's). A template for real data, and stand-ins to try every command. With ``shards`` > 1,
+    ``output`` names one file per rank with ``{rank}`` (``calib-{rank}.pt``), as ``torchrun`` reads them."""
+    model, example_inputs, input_path, _ = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes))
+    if isinstance(model, ExportedProgram):
+        example_inputs = example_inputs if example_inputs is not None else program_inputs(model)
+    return save_random_inputs(as_call_args(example_inputs), output, batch=batch, shards=shards, seed=seed, force=force,
+                        input_path=input_path)
 
 
 def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> None:
@@ -166,11 +315,12 @@ def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLi
     shard (``calibrate.shard_files``: ``{rank}`` / ``{world_size}`` in the names, or its share of a list)
     and the statistics merge exactly across ranks. A rank that cannot read or run its shard makes every
     rank raise before any statistics change (no rank is left waiting in a collective).
-    ``max_batches`` counts this rank's batches.
+    ``max_batches`` counts this rank's batches. Without ``example_inputs`` (a factory that declares
+    none) the data say what the inputs are (``calibrate.example_from_data``).
     """
     import torch.distributed as dist
 
-    from .distributed import failed_ranks
+    from .distributed import AGREED, failed_ranks
 
     on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if on else (0, 1)
@@ -179,6 +329,8 @@ def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLi
     batches: list[CallArgs] = []
     try:
         files = shard_files(data, rank, world)
+        if example_inputs is None:
+            example_inputs = example_from_data(files[0], model)
         for f in files:
             batches += load_calibration_data(f, example_inputs, batch_size=batch_size)
         device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
@@ -189,13 +341,18 @@ def calibrate_files(model: nn.Module, example_inputs: Any, data: str | os.PathLi
     failed = failed_ranks(error is None, group)
     if error is not None:
         if world > 1:
-            raise type(error)(f"rank {rank}: {error}") from error
+            err = error.prefixed(f"rank {rank}: ")
+            setattr(err, AGREED, True)  # every rank raises here: they leave the process group together
+            raise err from error
         raise error
     if failed:
-        raise NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
+        err = NormSurgeonError(f"rank(s) {', '.join(map(str, failed))} of {world} could not use their calibration "
                                "data (their error is on their stderr); nothing calibrated")
+        setattr(err, AGREED, True)
+        raise err
     report = calibrate(model, batches, max_batches=max_batches, progress=progress, group=group)
     report.files = [str(f) for f in files]
+    report.example_inputs = example_inputs  # what the model was called with (not in the JSON)
     return report
 
 
@@ -218,23 +375,25 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
     out = check_output(output, force=force, inputs=read)  # every rank: fail before any work
     with process_group(device) as ranks:
         loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                      input_dtypes=input_dtypes, need_inputs=True)
+                      input_dtypes=input_dtypes)  # without example inputs, the data's own
         loaded.model.to(ranks.device)
         report = calibrate_files(loaded.model, loaded.example_inputs, data, batch_size=batch_size,
                                  max_batches=max_batches, progress=progress if ranks.rank == 0 else None)
         if ranks.rank == 0:
             loaded.model.to("cpu")
             # a recipe directory (-o DIR/) keeps the recipe the model carries; its weights are the new statistics
-            out = save(loaded.model, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
-                       inputs=read)
+            out = save(loaded.model, output, example_inputs=report.example_inputs, force=force,
+                       input_path=loaded.path, inputs=read)
             report.output = str(out)
             report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
     return report, ranks.rank
 
 
-def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | os.PathLike, *, fold: bool = False,
-           fold_rtol: float | None = None, inplace: bool = False, inputs_file: str | os.PathLike | None = None,
-           extra_inputs: Iterable | None = None, progress=None, **export_kwargs: Any) -> ExportReport:
+def export(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs: Any, path: str | os.PathLike, *,
+           fold: bool = False, fold_rtol: float | None = None, inplace: bool = False,
+           inputs_file: str | os.PathLike | None = None, extra_inputs: Iterable | None = None, progress=None,
+           trust: bool = False, imports: Sequence[str] = (), weights: str | os.PathLike | None = None,
+           input_shapes: Sequence[str] = (), input_dtypes: Sequence[str] = (), **export_kwargs: Any) -> ExportReport:
     """Export ``model`` to ONNX, verified in ONNX Runtime (``onnx.export_onnx``; keyword arguments go
     there); with ``fold`` the BatchNorms are folded first and the fold report is ``report.fold``.
 
@@ -244,11 +403,28 @@ def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | 
     so the model is exported once. ``model`` is folded in place only with ``inplace=True``. An
     ``ExportedProgram`` (``LoadedModel.program``) is exported as it is or, with ``fold``, its own graph is
     folded first (``passes.fold.fold_program``); its example inputs default to the program's own.
+    ``model`` may be a path or spec: loaded as ``load`` does (after ``path`` is checked), and then
+    folded in place (it is ours).
     """
+    if isinstance(model, (str, os.PathLike)):
+        check_output_path(path, force=export_kwargs.get("force", False),
+                          inputs=[_spec_path(model), weights, inputs_file], suffixes=(".onnx",))  # before loading
+        if progress is not None:
+            progress(f"loading {model}")
+    model, example_inputs, input_path, owned = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes))
+    if owned:
+        inplace = True
+        export_kwargs.setdefault("input_path", input_path)
     program = model if isinstance(model, ExportedProgram) else None
     if program is not None:
         model = program_module(program)
     ci = as_call_args(example_inputs) if example_inputs is not None or program is None else program_inputs(program)
+    # rtol/atol None: the tolerance table by dtype, as fold and convert take it
+    tol = tolerance_for(model, export_kwargs.pop("rtol", None), export_kwargs.pop("atol", None))
+    export_kwargs["rtol"], export_kwargs["atol"] = tol.rtol, tol.atol if tol.atol is not None else \
+        tolerance_for(model).atol
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, ci)
@@ -267,7 +443,7 @@ def export(model: nn.Module | ExportedProgram, example_inputs: Any, path: str | 
                                                  extra_inputs=extra)
         if fold_report.passed is False:
             err = VerificationError(f"the folded model's outputs do not match ({fold_report.summary()}); "
-                                    "nothing exported")
+                                    "nothing written")
             err.report = fold_report
             raise err
     report = export_onnx(model, ci, path, extra_inputs=extra, progress=progress, **export_kwargs)

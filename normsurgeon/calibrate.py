@@ -389,9 +389,10 @@ def synthetic_batches(example_inputs: Any, n: int, seed: int = 0, batch_size: in
 
 
 def _slots(example: CallArgs) -> list[tuple[str, torch.Tensor]]:
-    """(name, example tensor) for each tensor input, in CallArgs.names() order."""
+    """(name, example tensor) for each tensor input, in CallArgs.names() order, named as files name
+    them (``CallArgs.file_names``: a positional input by its forward parameter when known)."""
     values = [*example.args, *example.kwargs.values()]
-    return [(n, v) for n, v in zip(example.names(), values) if isinstance(v, torch.Tensor)]
+    return [(n, v) for n, v in zip(example.file_names(), values) if isinstance(v, torch.Tensor)]
 
 
 def _assign(data: Any, slots: list[tuple[str, torch.Tensor]], where: str) -> dict[str, list[torch.Tensor]]:
@@ -410,6 +411,9 @@ def _assign(data: Any, slots: list[tuple[str, torch.Tensor]], where: str) -> dic
             raise NormSurgeonError(f"calibration data {where}: entries {bad} are not tensors")
         if len(slots) == 1 and len(data) == 1:
             return {names[0]: [next(iter(data.values()))]}
+        # a positional input may also go by its position (input_0), as --inputs files name it
+        data = {(names[int(k[6:])] if k.startswith("input_") and k[6:].isdigit() and int(k[6:]) < len(names)
+                 and k not in names else k): v for k, v in data.items()}
         missing = [n for n in names if n not in data]
         extra = [k for k in data if k not in names]
         if missing or extra:
@@ -519,6 +523,27 @@ def load_calibration_data(path: str | Path, example_inputs: Any, batch_size: int
     batches = []
     for i in range(n_batches):
         values = [per_slot[n][i] if n in per_slot else v
-                  for n, v in zip(names, [*example.args, *example.kwargs.values()])]
+                  for n, v in zip(example.file_names(), [*example.args, *example.kwargs.values()])]
         batches.append(CallArgs(tuple(values[:nargs]), dict(zip(names[nargs:], values[nargs:]))))
     return batches
+
+
+def example_from_data(path: str | Path, model: nn.Module) -> CallArgs:
+    """Example inputs for a model that declares none (a plain factory): two samples of the calibration
+    data, which are the model's inputs. A tensor (or a list of batches) is the one positional input; a
+    dict calls the model by keyword, except that a single entry is the one positional input."""
+    from .inputs import named_after
+
+    where = str(path)
+    data = read_tensors(Path(path), "calibration data", npz_positional=False)
+    if isinstance(data, (list, tuple)) and data and all(isinstance(v, torch.Tensor) for v in data):
+        data = data[0]
+    if isinstance(data, Mapping) and len(data) == 1:
+        data = next(iter(data.values()))
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise NormSurgeonError(f"calibration data {where} holds no samples")
+        return named_after(CallArgs((data[:2],), {}), model)
+    if isinstance(data, Mapping) and data and all(isinstance(v, torch.Tensor) and v.dim() for v in data.values()):
+        return CallArgs((), {k: v[:2] for k, v in data.items()})
+    raise NormSurgeonError(f"calibration data {where}: cannot tell the model's inputs from it; pass `input_shapes`")

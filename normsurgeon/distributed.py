@@ -16,6 +16,8 @@ from .errors import NormSurgeonError
 
 #: how long a rank waits in a collective for the others (torch's default is 30 minutes)
 TIMEOUT = datetime.timedelta(minutes=10)
+#: how long a rank waits at the end for the others (rank 0 may still be writing the output)
+TEARDOWN_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise NormSurgeonError(f"--device {device!r}: {e}") from e
+        raise NormSurgeonError(f"`device={device!r}`: {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NormSurgeonError(f"--device {device}: CUDA is not available on this machine")
+        raise NormSurgeonError(f"`device={device!r}`: CUDA is not available on this machine")
     return dev
 
 
@@ -78,13 +80,41 @@ def process_group(device: str = "auto") -> Iterator[Ranks]:
         raise NormSurgeonError(f"cannot join the torchrun process group ({backend}): {type(e).__name__}: {e}") from e
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), dev)
-    except BaseException:
-        dist.destroy_process_group()  # torchrun stops the other ranks when this one fails
+    except BaseException as e:
+        # an error every rank raised (``AGREED``, after ``failed_ranks``): leave together; one rank's own
+        # error: the others may be in a collective it will never join, so go at once (torchrun stops them)
+        _teardown(backend, together=getattr(e, AGREED, False))
         raise
-    # Tear down together: a gloo rank that destroys its group while a peer still works (rank 0 saving)
-    # can abort ("terminate called without an active exception") and fail the whole launch.
-    dist.barrier()
-    dist.destroy_process_group()
+    _teardown(backend, together=True)
+
+
+#: set on an exception that every rank raises at the same step, so they can leave the group together
+AGREED = "raised_on_every_rank"
+
+
+def _teardown(backend: str, together: bool) -> None:
+    """Destroy the process group, on every path; ``together``: after the other ranks arrive.
+
+    A gloo rank that destroys its group, or exits without destroying it, while a peer still works
+    (rank 0 saving) or still talks to it can abort in C++ ("terminate called without an active
+    exception") and fail the whole launch. So on success and on an agreed error every rank first
+    waits for the others at a barrier, bounded by ``TEARDOWN_TIMEOUT`` for gloo (``monitored_barrier``:
+    a rank that never comes, e.g. one that crashed, is reported instead of waited for), and destroys
+    the group whatever happened there.
+    """
+    import torch.distributed as dist
+
+    try:
+        if not together:
+            pass
+        elif backend == "gloo":
+            dist.monitored_barrier(timeout=TEARDOWN_TIMEOUT)
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer gone already: nothing left to wait for
+        pass
+    finally:
+        dist.destroy_process_group()
 
 
 def failed_ranks(ok: bool, group=None) -> list[int]:

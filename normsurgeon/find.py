@@ -81,9 +81,10 @@ class InspectReport:
     sites: list[NormSite]
     attempts: list[tuple[str, str]] = field(default_factory=list)
     failed_parts: list[tuple[str, str]] = field(default_factory=list)
+    inputs: list[dict] | None = None  # the inputs it was called with (input_files.input_layout)
 
     def to_json(self) -> dict:
-        return {"capture": self.capture, "norms": [s.to_json() for s in self.sites],
+        return {"capture": self.capture, "norms": [s.to_json() for s in self.sites], "inputs": self.inputs,
                 "capture_attempts": [{"method": m, "error": e} for m, e in self.attempts],
                 "not_captured": [{"path": p, "reason": r} for p, r in self.failed_parts]}
 
@@ -104,6 +105,9 @@ class InspectReport:
                          _fmt_dims(s.dims), s.channels if s.channels is not None else "-",
                          "-" if s.input_shape is None else "x".join(map(str, s.input_shape)), extra])
         notes = [f"capture: {self.capture}"]
+        if self.inputs:
+            notes.append("inputs: " + ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))} {i['dtype']}"
+                                                for i in self.inputs))
         for method, err in self.attempts:
             notes.append(f"  {method} failed: {err}")
         for path, reason in self.failed_parts:

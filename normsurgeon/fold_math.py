@@ -109,6 +109,12 @@ def fold_bn_after_conv(weight: Tensor, bias: Tensor | None, scale: Tensor, shift
     return _back(w, s * b + t, weight, bias)
 
 
+def fold_bn_after_conv_transpose(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *,
+                                 groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``BN(conv_transpose(x))`` as one ConvTranspose: ``(weight, bias)``; weight is ``(in, out / groups, *k)``."""
+    return fold_bn_after_conv(weight, bias, scale, shift, groups=groups, transposed=True)
+
+
 # --- BN before a consumer --------------------------------------------------------------------------
 
 def fold_bn_before_linear(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
@@ -189,18 +195,28 @@ def expand_channels(v: Tensor, stride: int, length: int) -> Tensor:
     return v.repeat_interleave(stride).repeat(length // (n * stride))
 
 
+# (kind, position) -> the fold; the fold-target table (passes.fold_targets) names these per row.
+_FOLDS = {
+    ("linear", "after"): "fold_bn_after_linear", ("linear", "before"): "fold_bn_before_linear",
+    ("linear_t", "after"): "fold_bn_after_transposed_linear",
+    ("linear_t", "before"): "fold_bn_before_transposed_linear",
+    ("conv", "after"): "fold_bn_after_conv", ("conv", "before"): "fold_bn_before_conv",
+    ("conv_transpose", "after"): "fold_bn_after_conv_transpose",
+    ("conv_transpose", "before"): "fold_bn_before_conv_transpose",
+}
+_GROUPED = {"conv", "conv_transpose"}
+
+
 def fold_bn_into(kind: str, position: str, weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor,
                  *, groups: int = 1) -> tuple[Tensor, Tensor]:
     """The fold for a weighted op of ``kind`` (linear | linear_t | conv | conv_transpose) with the BN
-    ``position``ed "after" it (its producer) or "before" it (its consumer): ``(weight, bias)``."""
-    if position == "after":
-        if kind == "linear":
-            return fold_bn_after_linear(weight, bias, scale, shift)
-        if kind == "linear_t":
-            return fold_bn_after_transposed_linear(weight, bias, scale, shift)
-        return fold_bn_after_conv(weight, bias, scale, shift, groups=groups, transposed=kind == "conv_transpose")
-    if kind == "linear":
-        return fold_bn_before_linear(weight, bias, scale, shift)
-    if kind == "linear_t":
-        return fold_bn_before_transposed_linear(weight, bias, scale, shift)
-    return fold_bn_before_conv(weight, bias, scale, shift, groups=groups)
+    ``position``ed "after" it (its producer) or "before" it (its consumer): ``(weight, bias)``.
+
+    A ConvTranspose before-fold is ``fold_bn_before_conv_transpose``: exact only where every output
+    position receives every kernel tap or the shift is zero (``conv_transpose_taps_uniform``), which
+    the caller checks."""
+    name = _FOLDS.get((kind, position))
+    if name is None:
+        raise ValueError(f"no fold of a BN {position} a {kind!r} (kinds: linear, linear_t, conv, conv_transpose)")
+    fn = globals()[name]
+    return fn(weight, bias, scale, shift, groups=groups) if kind in _GROUPED else fn(weight, bias, scale, shift)

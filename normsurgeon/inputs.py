@@ -29,6 +29,8 @@ class CallArgs:
 
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    #: the forward parameters the positional args bind to (``named_after``): the names files use for them
+    arg_names: tuple = ()
 
     def call(self, model: torch.nn.Module):
         return model(*self.args, **self.kwargs)
@@ -40,6 +42,17 @@ class CallArgs:
         """Names for exported graph inputs, positional ones first."""
         return [f"input_{i}" for i in range(len(self.args))] + list(self.kwargs)
 
+    def file_names(self) -> list[str]:
+        """Names for input files (``--inputs``, calibration data): a positional input by the forward
+        parameter it binds to (``pixel_values``, ``x``) when known, else as ``names()``."""
+        if len(self.arg_names) == len(self.args):
+            return [*self.arg_names, *self.kwargs]
+        return self.names()
+
+    def aliases(self) -> dict[str, str]:
+        """Another name a file may give an input -> its ``names()`` name (``pixel_values`` -> ``input_0``)."""
+        return {f: n for f, n in zip(self.file_names(), self.names()) if f != n}
+
     def to(self, device=None, dtype=None) -> "CallArgs":
         def conv(t):
             if not isinstance(t, torch.Tensor):
@@ -47,7 +60,8 @@ class CallArgs:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
-        return CallArgs(tuple(conv(a) for a in self.args), {k: conv(v) for k, v in self.kwargs.items()})
+        return CallArgs(tuple(conv(a) for a in self.args), {k: conv(v) for k, v in self.kwargs.items()},
+                        self.arg_names)
 
     def like(self, generator: torch.Generator | None = None, batch: int | None = None,
              seq: int | None = None, seq_dims: Mapping[str, int] | None = None) -> "CallArgs":
@@ -70,7 +84,35 @@ class CallArgs:
                 shape[seq_dims[name]] = seq
             out.append(random_like(t, shape, generator))
         n = len(self.args)
-        return CallArgs(tuple(out[:n]), dict(zip(names[n:], out[n:])))
+        return CallArgs(tuple(out[:n]), dict(zip(names[n:], out[n:])), self.arg_names)
+
+
+def named_after(ci: CallArgs, model: torch.nn.Module) -> CallArgs:
+    """``ci`` with its positional inputs named after the parameters of ``model.forward`` they bind to,
+    so a file that stores ``{"pixel_values": ...}`` fits inputs given by shape (``input_0``)."""
+    import inspect
+
+    if not ci.args or ci.arg_names:
+        return ci
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ci
+    names = []
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        elif p.kind == p.VAR_POSITIONAL:
+            break
+    if len(names) < len(ci.args) or set(names[:len(ci.args)]) & set(ci.kwargs):
+        return ci
+    return CallArgs(ci.args, ci.kwargs, tuple(names[:len(ci.args)]))
+
+
+def rename_inputs(obj: Mapping, ci: CallArgs) -> dict:
+    """A file's tensors by name, the forward-parameter names of positional inputs mapped to ``names()``."""
+    aliases = ci.aliases()
+    return {aliases.get(k, k): v for k, v in obj.items()}
 
 
 def random_like(t: torch.Tensor, shape: Sequence[int], generator: torch.Generator | None = None):
@@ -114,9 +156,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise NormSurgeonError(f"bad --input-shape {text!r}: expected integers like 1,3,224,224") from None
+        raise NormSurgeonError(f"bad `input_shapes` entry {text!r}: expected integers like 1,3,224,224") from None
     if not shape or any(d <= 0 for d in shape):
-        raise NormSurgeonError(f"bad --input-shape {text!r}: every size must be a positive integer")
+        raise NormSurgeonError(f"bad `input_shapes` entry {text!r}: every size must be a positive integer")
     return shape
 
 
@@ -127,7 +169,7 @@ def inputs_from_shapes(shapes: Sequence[str | Sequence[int]], dtypes: Sequence[s
     gen = torch.Generator().manual_seed(seed)
     parsed = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in shapes]
     if dtypes and len(dtypes) not in (1, len(parsed)):
-        raise NormSurgeonError(f"got {len(dtypes)} --input-dtype values for {len(parsed)} --input-shape values")
+        raise NormSurgeonError(f"got {len(dtypes)} `input_dtypes` values for {len(parsed)} `input_shapes` values")
     tensors = []
     for i, shape in enumerate(parsed):
         dtype = parse_dtype(dtypes[i if len(dtypes) > 1 else 0]) if dtypes else torch.float32

@@ -1,11 +1,16 @@
 """Load models from what users have on disk, and save results without ever losing anything.
 
 Accepted model arguments:
-- a transformers model directory (config.json + weights), loaded offline, never with remote code;
-- a ``.pt2`` torch.export archive (safe: no pickle);
+- a transformers model directory (config.json + weights), loaded offline, never with remote code,
+  built-in attention only;
+- a ``.pt2`` torch.export archive, its contents checked first (``pt2_check``): pickled or code parts
+  need ``trust=True``;
 - a ``.pt``/``.pth`` file: a pickled ``nn.Module`` (only with ``trust=True``, because unpickling runs
   arbitrary code) or a state dict (safe; needs an architecture from a factory spec);
 - a ``package.module:factory`` spec, optionally with weights from ``.pt``/``.safetensors``.
+
+What each may run, and what ``trust`` unlocks, is ``normsurgeon.trust``'s concern (docs/cli.md,
+"What loading trusts").
 
 Recipe directories (``convert``/``fold -o DIR/``) are rebuilt by ``normsurgeon.replay``, which needs
 the passes; ``api.load`` takes every form.
@@ -14,10 +19,9 @@ the passes; ``api.load`` takes every form.
 from __future__ import annotations
 
 import importlib
+import json
 import os
-import re
 import pickle
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ import torch
 from .errors import NormSurgeonError, one_line
 from .inputs import CallArgs, as_call_args, inputs_from_hf_config
 from .quiet import quiet_torch
+from .trust import check_config_attention, cwd_hint, hub_offline, user_code
 
 
 @dataclass
@@ -41,20 +46,23 @@ class LoadedModel:
 
 
 def import_modules(names: Sequence[str]) -> None:
-    """Import modules a pickle or factory needs (``--import``); the working directory is importable."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-            raise NormSurgeonError(f"--import {name}: {type(e).__name__}: {e}") from e
+    """Import modules a pickle or factory needs (``--import``), the working directory importable while
+    they import (and no longer: ``trust.user_code``)."""
+    with user_code(imports=names):
+        pass
 
 
 def load_model(spec: str | os.PathLike, *, trust: bool = False, imports: Sequence[str] = (),
                weights: str | os.PathLike | None = None, batch: int = 2) -> LoadedModel:
-    """Load a model from a path or ``package.module:factory`` spec; see the module docstring."""
-    import_modules(imports)
+    """Load a model from a path or ``package.module:factory`` spec; see the module docstring.
+
+    The working directory is importable during this call only with ``imports`` or ``trust``
+    (``trust.user_code``); ``sys.path`` is as it was afterwards."""
+    with user_code(trust=trust, imports=imports):
+        return _load_model(spec, trust, weights, batch)
+
+
+def _load_model(spec, trust: bool, weights, batch: int) -> LoadedModel:
     text = str(spec)
     path = Path(text)
     if path.is_dir():
@@ -69,7 +77,7 @@ def load_model(spec: str | os.PathLike, *, trust: bool = False, imports: Sequenc
             raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a model file")
         suffix = path.suffix.lower()
         if suffix == ".pt2":
-            return _load_pt2(path)
+            return _load_pt2(path, trust)
         if suffix in (".pt", ".pth", ".bin", ".ckpt"):
             return _load_pickle_file(path, trust)
         if suffix == ".safetensors":
@@ -88,15 +96,23 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
     except ImportError:
         raise NormSurgeonError("loading a transformers directory needs the 'transformers' package") from None
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with hub_offline():
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{path}/config.json: cannot read config: {one_line(e)}") from e
+    try:  # the file as written: sub-model configs may name their own attention
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    check_config_attention({"attn_implementation": getattr(config, "_attn_implementation", None), "file": raw},
+                           f"{path}/config.json")
     arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
+    cls = getattr(transformers, str(arch), None) if arch else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
+        with hub_offline():
+            model = cls.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{path}: cannot load weights: {one_line(e)}") from e
     prepare_hf_model(model)
@@ -131,29 +147,29 @@ class ExportedModel(torch.nn.Module):
         return self
 
 
-_PYTREE_TYPE = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+def _load_pt2(path: Path, trust: bool) -> LoadedModel:
+    from .pt2_check import check_archive
 
-
-def _load_pt2(path: Path) -> LoadedModel:
-    imported: set[str] = set()
-    while True:
-        logged: list[str] = []
+    with open(path, "rb") as fh:  # one open file: what was checked is what torch reads
+        report = check_archive(fh, str(path))
+        if report.needs_trust and not trust:
+            more = f" (and {len(report.needs_trust) - 1} more such part(s))" if len(report.needs_trust) > 1 else ""
+            raise NormSurgeonError(
+                f"{path}: {report.needs_trust[0]}{more}; loading this archive would run code from the file, so it is "
+                "loaded only with trust=True (--trust: pass it if you trust where the file came from)")
+        # An output type (a transformers ModelOutput, say) registers itself as a pytree node when its module
+        # is imported; the archive names it. Only transformers' own modules are imported without trust.
+        for module in sorted(report.pytree_modules | (report.foreign_modules if trust else set())):
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001
+                raise NormSurgeonError(f"{path}: cannot import {module}, which defines a type of the program's "
+                                       f"inputs or outputs: {one_line(e)}{cwd_hint(module)}") from e
+        fh.seek(0)
         try:
-            with quiet_torch(logged):
-                ep = torch.export.load(str(path))
-            break
+            with quiet_torch():
+                ep = torch.export.load(fh)
         except Exception as e:  # noqa: BLE001
-            # An output type (a transformers ModelOutput, say) registers itself as a pytree node when
-            # its module is imported: import it and try again.
-            m = _PYTREE_TYPE.search("\n".join([str(e), *logged]))
-            module = m.group(1).rsplit(".", 1)[0] if m else None
-            if module and module not in imported:
-                imported.add(module)
-                try:
-                    importlib.import_module(module)
-                    continue
-                except Exception:  # noqa: BLE001 - fall through to the error below
-                    pass
             raise NormSurgeonError(f"{path}: not a readable torch.export archive: {one_line(e)}") from e
     return LoadedModel(program_module(ep), program_inputs(ep), "pt2", path, ep)
 
@@ -255,16 +271,17 @@ def getattr_inputs(model: torch.nn.Module) -> CallArgs | None:
 
 def _load_factory(spec: str, weights: str | os.PathLike | None) -> LoadedModel:
     mod_name, _, attr = spec.partition(":")
-    import_modules([])
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{spec}: cannot import {mod_name}: {one_line(e)}") from e
+        hint = cwd_hint(mod_name) if isinstance(e, ModuleNotFoundError) else ""
+        raise NormSurgeonError(f"{spec}: cannot import {mod_name}: {one_line(e)}{hint}") from e
     factory: Callable | None = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
-        raise NormSurgeonError(f"{spec}: {mod_name} has no callable {attr!r}")
+        known = f"; the built-in models are {', '.join(module.MODELS)}" if mod_name == "normsurgeon.zoo" else ""
+        raise NormSurgeonError(f"{spec}: {mod_name} has no callable {attr!r}{known}")
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001

@@ -65,9 +65,87 @@ class Recipe:
         if not isinstance(actions, list) or not all(isinstance(a, dict) and "op" in a for a in actions):
             raise NormSurgeonError(f"{where}: \"actions\" must be a list of {{\"op\": ...}} objects")
         dtype = data.get("dtype")
-        if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise NormSurgeonError(f"{where}: unknown dtype {dtype!r}")
+        if dtype is not None and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+                                      and getattr(torch, dtype).is_floating_point):
+            raise NormSurgeonError(f"{where}: \"dtype\" must be a floating dtype (float32, bfloat16...), got {dtype!r}")
+        check_fields(data, where)
         return cls(base=base, actions=actions, dtype=dtype)
+
+
+# --- the recipe as data: every field a reader acts on, checked before anything is built ------------
+
+MAX_SIZE = 1 << 24  # features of one layer: far above any real model, far below an allocation that hurts
+_FFN_POSITIONS = ("after-first", "before-second")
+_FFN_INITS = ("fresh", "identity")
+
+
+def check_fields(data: dict, where: str) -> None:
+    """Refuse a recipe whose fields have the wrong type or are out of range, naming the field, before
+    any model is built (a 1 kB file must not make the reader allocate gigabytes)."""
+    base = data["base"]
+    if base["kind"] == "factory":
+        _want(isinstance(base.get("spec"), str), where, "base.spec", "a string package.module:factory",
+              base.get("spec"))
+    else:
+        _want(isinstance(base.get("class"), str), where, "base.class", "a class name", base.get("class"))
+        _want(base.get("config") is None or isinstance(base.get("config"), dict), where, "base.config",
+              "an object", base.get("config"))
+        impl = base.get("attn_implementation")
+        _want(impl is None or isinstance(impl, (str, dict)), where, "base.attn_implementation", "a string", impl)
+    keys = data.get("example_inputs")
+    _want(keys is None or (isinstance(keys, list) and all(isinstance(k, str) and k.startswith(("args.", "kwargs."))
+                                                          for k in keys)),
+          where, "example_inputs", "a list of \"args.N\"/\"kwargs.NAME\" keys", keys)
+    for i, action in enumerate(data["actions"]):
+        at = f"actions[{i}]"
+        if action["op"] == "convert":
+            _check_convert(action, where, at)
+        elif action["op"] == "fold":
+            folded = action.get("folded")
+            _want(folded is None or isinstance(folded, list), where, f"{at}.folded", "a list", folded)
+            for j, f in enumerate(folded or []):
+                ok = isinstance(f, dict) and isinstance(f.get("norm"), str) and isinstance(f.get("position"), str) \
+                    and isinstance(f.get("into"), list) and all(isinstance(t, str) for t in f["into"])
+                _want(ok, where, f"{at}.folded[{j}]", "{\"norm\": str, \"into\": [str], \"position\": str}", f)
+
+
+def _check_convert(action: dict, where: str, at: str) -> None:
+    to = action.get("to")
+    _want(to is None or isinstance(to, str), where, f"{at}.to", "a target name", to)
+    swapped = action.get("swapped")
+    _want(swapped is None or (isinstance(swapped, list) and all(isinstance(p, str) for p in swapped)),
+          where, f"{at}.swapped", "a list of module paths", swapped)
+    for name, low, none_ok in (("groups", 1, True), ("pn_groups", 1, True), ("progressive", 0, True),
+                               ("pn_warmup_steps", 0, True)):
+        _want_int(action.get(name), where, f"{at}.{name}", low, none_ok)
+    mask = action.get("padding_mask")
+    _want(mask is None or isinstance(mask, str), where, f"{at}.padding_mask", "an input name", mask)
+    ffn = action.get("ffn_bn")
+    if ffn is None:
+        return
+    _want(isinstance(ffn, dict), where, f"{at}.ffn_bn", "an object", ffn)
+    _want(ffn.get("position") in _FFN_POSITIONS, where, f"{at}.ffn_bn.position", " or ".join(_FFN_POSITIONS),
+          ffn.get("position"))
+    _want(ffn.get("init") in _FFN_INITS, where, f"{at}.ffn_bn.init", " or ".join(_FFN_INITS), ffn.get("init"))
+    sites = ffn.get("sites")
+    _want(isinstance(sites, list), where, f"{at}.ffn_bn.sites", "a list", sites)
+    for j, site in enumerate(sites):
+        _want(isinstance(site, dict) and isinstance(site.get("linear"), str), where, f"{at}.ffn_bn.sites[{j}]",
+              "{\"linear\": path, \"hidden\": size}", site)
+        _want_int(site.get("hidden"), where, f"{at}.ffn_bn.sites[{j}].hidden", 1, False)
+
+
+def _want(ok: bool, where: str, field: str, expected: str, got: Any) -> None:
+    if not ok:
+        text = repr(got)
+        raise NormSurgeonError(f"{where}: {field} must be {expected}, got {text[:60]}{'...' if len(text) > 60 else ''}")
+
+
+def _want_int(value: Any, where: str, field: str, low: int, none_ok: bool) -> None:
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_SIZE
+    _want(ok, where, field, f"an integer from {low} to {MAX_SIZE}", value)
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:

@@ -17,6 +17,7 @@ dtypes and loads the weights strictly: a missing or unexpected key is an error n
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ from .passes import convert as _convert
 from .passes import fold as _fold
 from .saving import guard_inputs, place_dir, temp_dir
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
+from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
 from .verify import run_clean
 
 __all__ = ["save", "load", "load_dir", "apply_recipe", "build_base", "is_recipe_dir", "is_dir_output",
@@ -63,45 +65,102 @@ def check_dir_output(path: str | os.PathLike, *, force: bool = False, inputs=())
     guard_inputs(out, inputs)
     if out.exists():
         if not out.is_dir():
-            raise NormSurgeonError(f"-o {path}: {out} is a file, not a directory")
+            raise NormSurgeonError(f"`output` {path}: {out} is a file, not a directory")
         if any(out.iterdir()):
             if not (out / RECIPE_FILE).is_file():
-                raise NormSurgeonError(f"-o {path}: {out} is a directory with other files in it; a recipe goes "
+                raise NormSurgeonError(f"`output` {path}: {out} is a directory with other files in it; a recipe goes "
                                        "into a new or empty directory")
             if not force:
-                raise NormSurgeonError(f"-o {path}: {out} holds a recipe already; pass --force to replace it")
+                raise NormSurgeonError(f"`output` {path}: {out} holds a recipe already; pass `force=True` to replace it")
     parent = out.resolve().parent
     if not parent.is_dir():
-        raise NormSurgeonError(f"-o {path}: directory {parent} does not exist")
+        raise NormSurgeonError(f"`output` {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise NormSurgeonError(f"-o {path}: directory {parent} is not writable")
+        raise NormSurgeonError(f"`output` {path}: directory {parent} is not writable")
     return out
 
 
 # --- building --------------------------------------------------------------------------------------
 
-def build_base(base: dict) -> nn.Module:
-    """The base model a recipe starts from, with fresh (random) weights, in eval mode."""
+def build_base(base: dict, *, trust: bool = False, where: str = "recipe", max_bytes: int | None = None) -> nn.Module:
+    """The base model a recipe starts from, with fresh (random) weights, in eval mode.
+
+    Without ``trust`` only what runs no code from the recipe is built: a transformers class (looked
+    up in transformers itself, built-in attention only) or ``normsurgeon.zoo:NAME``; any other
+    factory spec needs ``trust=True`` (``trust.check_recipe_factory``). ``max_bytes``: the most a
+    transformers base may hold (checked on the meta device first)."""
     kind = base.get("kind")
     if kind == "factory":
-        return load_model(str(base["spec"])).model
+        spec = base.get("spec")
+        check_recipe_factory(spec, where, trust=trust)
+        name = zoo_name(str(spec))
+        if name is not None:  # the tool's own code: no import by name
+            from .zoo import MODELS
+
+            model = MODELS[name]()
+            prepare_hf_model(model)
+            return model.eval()
+        return load_model(str(spec), trust=True).model
     if kind != "transformers":
-        raise NormSurgeonError(f"recipe: unknown base kind {kind!r}")
+        raise NormSurgeonError(f"{where}: unknown base kind {kind!r}")
     import transformers
 
     name = base.get("class")
     cls = getattr(transformers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise NormSurgeonError(f"recipe: transformers has no model class {name!r} (transformers "
+        raise NormSurgeonError(f"{where}: transformers has no model class {name!r} (transformers "
                                f"{transformers.__version__})")
+    impl = base.get("attn_implementation")
+    check_attention(impl, f"{where} base")
+    check_config_attention(base.get("config"), f"{where} base config")
     try:
-        config = cls.config_class.from_dict(dict(base.get("config") or {}))
-        impl = base.get("attn_implementation")
-        model = cls._from_config(config, attn_implementation=impl) if impl else cls(config)
+        with hub_offline():
+            config = cls.config_class.from_dict(dict(base.get("config") or {}))
+
+            def build() -> nn.Module:
+                return cls._from_config(config, attn_implementation=impl) if impl else cls(config)
+
+            if max_bytes is not None:  # sizes from the config, measured without allocating
+                size = _meta_bytes(build)
+                if size is not None and size > max_bytes:
+                    raise NormSurgeonError(
+                        f"{where}: base.config describes a {name} of {size / 2**30:.1f} GiB, far more than the "
+                        f"recipe's weights ({max_bytes / 2**30:.1f} GiB at most): refused before allocating it")
+            model = build()
+    except NormSurgeonError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"recipe: cannot build {name} from its config: {one_line(e, typed=True)}") from e
+        raise NormSurgeonError(f"{where}: cannot build {name} from its config: {one_line(e, typed=True)}") from e
     prepare_hf_model(model)
     return model.eval()
+
+
+def _meta_bytes(build) -> int | None:
+    """Bytes of the model ``build()`` makes, built on the meta device (None: it cannot be built there;
+    the real build then says what is wrong)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001
+        return None
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _weights_limit(file: Path) -> int:
+    """How large a base may be for ``file``'s weights: the base is built in float32 (4 bytes an
+    element, whatever dtype the file stores), allowed twice the file's elements (norms folded away,
+    tied weights stored once) plus 256 MiB of buffers the file does not hold. Read from the header,
+    before anything is built: a missing or unreadable file is an error here."""
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise NormSurgeonError(f"{file}: missing (the weights of the recipe)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            elements = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # noqa: BLE001
+        raise NormSurgeonError(f"{file}: cannot read: {one_line(e)}") from e
+    return 2 * 4 * elements + (256 << 20)
 
 
 def apply_recipe(model: nn.Module, recipe: Any, *, example_inputs: Any = None) -> nn.Module:
@@ -127,9 +186,27 @@ def apply_recipe(model: nn.Module, recipe: Any, *, example_inputs: Any = None) -
         if redo is None:
             raise NormSurgeonError(f"recipe action {i + 1}: unknown op {action.get('op')!r} (written by a newer "
                                    "normsurgeon?)")
+        _check_sizes(model, action, i)
         redo(model, action, ci)
     attach(model, Recipe(base=recipe.base, actions=list(recipe.actions), example_inputs=ci))
     return model
+
+
+def _check_sizes(model: nn.Module, action: dict, i: int) -> None:
+    """An FFN BatchNorm normalizes the features between the two linears: a recorded size must be one
+    of the linear's own (a recipe cannot make the reader allocate what the model does not have)."""
+    ffn = action.get("ffn_bn") if action.get("op") == "convert" else None
+    for j, site in enumerate((ffn or {}).get("sites") or []):
+        where = f"recipe action {i + 1}: ffn_bn site {j + 1} ({site.get('linear')})"
+        try:
+            linear = model.get_submodule(str(site.get("linear")))
+        except AttributeError:
+            raise NormSurgeonError(f"{where}: the rebuilt model has no module there") from None
+        weight = getattr(linear, "weight", None)
+        dims = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        if site.get("hidden") not in dims:  # nn.Linear is (out, in), transformers' Conv1D (in, out)
+            raise NormSurgeonError(f"{where}: hidden {site.get('hidden')!r} is not a size of the linear's weight "
+                                   f"{list(dims)}")
 
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -174,7 +251,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
         try:
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "normsurgeon": "recipe"})
         except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"-o {path}: cannot write the weights: {one_line(e, typed=True)}") from e
+            raise NormSurgeonError(f"`output` {path}: cannot write the weights: {one_line(e, typed=True)}") from e
         if ci is not None:
             save_file({k: t.detach().cpu().contiguous() for k, t in zip(names, _input_tensors(ci))},
                       str(tmp / INPUTS_FILE))
@@ -189,7 +266,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
 
 def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) -> None:
     """The directory must rebuild a model whose outputs equal ``model``'s exactly."""
-    reloaded = load_dir(saved).model
+    reloaded = load_dir(saved, trust=True).model  # our own output: its base is the model's, built in this process
     if ci is None:
         return
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -198,7 +275,7 @@ def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) 
     want = run_clean(model, x, eval_mode=True)
     got = run_clean(reloaded, x, eval_mode=True)
     if len(want) != len(got) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(want, got)):
-        raise NormSurgeonError(f"-o {path}: the rebuilt model's outputs differ from the model's (the recipe does "
+        raise NormSurgeonError(f"`output` {path}: the rebuilt model's outputs differ from the model's (the recipe does "
                                "not describe this model; save as .pt instead); nothing written")
 
 
@@ -216,16 +293,21 @@ def _input_tensors(ci: CallArgs) -> list[torch.Tensor]:
 
 # --- loading ---------------------------------------------------------------------------------------
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """The model saved in recipe directory ``path`` (eval mode), rebuilt without unpickling anything."""
-    return load_dir(path).model
+def load(path: str | os.PathLike, *, trust: bool = False) -> nn.Module:
+    """The model saved in recipe directory ``path`` (eval mode), rebuilt without unpickling anything.
+
+    ``trust=True`` is needed only for a recipe whose base is a factory other than the zoo (building it
+    runs code the recipe names)."""
+    return load_dir(path, trust=trust).model
 
 
-def load_dir(path: str | os.PathLike) -> LoadedModel:
+def load_dir(path: str | os.PathLike, *, trust: bool = False, imports=()) -> LoadedModel:
     """``load`` with the example inputs, as every command loads a model argument."""
     path = Path(path)
     recipe = _read_recipe(path)
-    model = build_base(recipe.base)
+    limit = _weights_limit(path / WEIGHTS_FILE)
+    with user_code(trust=trust, imports=imports):
+        model = build_base(recipe.base, trust=trust, where=str(path / RECIPE_FILE), max_bytes=limit)
     apply_recipe(model, recipe)
     if recipe.dtype is not None:  # non-persistent buffers too (rotary tables...), as model.half() did
         model.to(getattr(torch, recipe.dtype))
@@ -280,6 +362,7 @@ def _load_weights(model: nn.Module, file: Path) -> None:
             saved = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{file}: cannot read: {one_line(e)}") from e
+    _check_dtypes(model, saved, file)
     _cast_to_saved(model, saved)
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
@@ -294,7 +377,25 @@ def _load_weights(model: nn.Module, file: Path) -> None:
                                    + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")])))
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _check_dtypes(model: nn.Module, saved: dict[str, str], file: Path) -> None:
+    """A strict load compares dtypes too: a floating tensor may be saved in another floating dtype
+    (it is loaded in that one), anything else must be saved in the model's own dtype."""
+    state = model.state_dict(keep_vars=True)
+    for key, st_dtype in saved.items():
+        t = state.get(key)
+        if t is None:
+            continue  # reported as an unexpected key by the load
+        got = _ST_DTYPES.get(st_dtype)
+        if got == t.dtype or (got is not None and got.is_floating_point and t.is_floating_point()):
+            continue
+        shown = str(got).removeprefix("torch.") if got is not None else st_dtype
+        raise NormSurgeonError(f"{file}: {key} is stored as {shown}, but the rebuilt model's tensor is "
+                               f"{str(t.dtype).removeprefix('torch.')}: not weights of this model")
 
 
 def _cast_to_saved(model: nn.Module, saved: dict[str, str]) -> None:

@@ -72,7 +72,7 @@ def guard_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
             how = "holds"
         else:
             continue
-        raise NormSurgeonError(f"-o {out} {how} the input {kind} ({src}); normsurgeon never overwrites its inputs "
+        raise NormSurgeonError(f"`output` {out} {how} the input {kind} ({src}); normsurgeon never overwrites its inputs "
                                "(choose another output path)")
 
 
@@ -82,19 +82,19 @@ def check_output_path(path: str | os.PathLike, *, force: bool = False,
     """Validate an output file before any work is done, so a bad path fails fast."""
     out = Path(path)
     if suffixes and out.suffix.lower() not in suffixes:
-        raise NormSurgeonError(f"-o {out}: the output must end in {' or '.join(suffixes)}")
+        raise NormSurgeonError(f"`output` {out}: the output must end in {' or '.join(suffixes)}")
     guard_inputs(out, inputs)
     if out.exists() and not force:
-        raise NormSurgeonError(f"-o {out} exists; pass --force to replace it")
+        raise NormSurgeonError(f"`output` {out} exists; pass `force=True` to replace it")
     if out.is_dir():
-        raise NormSurgeonError(f"-o {out} is a directory")
+        raise NormSurgeonError(f"`output` {out} is a directory")
     parent = out.parent if str(out.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
-        raise NormSurgeonError(f"-o {out}: {parent} is a file, not a directory")
+        raise NormSurgeonError(f"`output` {out}: {parent} is a file, not a directory")
     if not parent.is_dir():
-        raise NormSurgeonError(f"-o {out}: directory {parent} does not exist")
+        raise NormSurgeonError(f"`output` {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise NormSurgeonError(f"-o {out}: directory {parent} is not writable")
+        raise NormSurgeonError(f"`output` {out}: directory {parent} is not writable")
     return out
 
 
@@ -102,7 +102,7 @@ def check_program_output(out: Path) -> None:
     """A torch.export program (a folded ``.pt2``) is saved as ``.pt2`` only: ``ep.module()`` holds
     local functions, which ``torch.save`` cannot pickle."""
     if out.suffix.lower() != ".pt2":
-        raise NormSurgeonError(f"-o {out}: a torch.export program is saved as .pt2, not {out.suffix}")
+        raise NormSurgeonError(f"`output` {out}: a torch.export program is saved as .pt2, not {out.suffix}")
 
 
 # --- temporary names ------------------------------------------------------------------------------
@@ -200,8 +200,8 @@ def follow_umask(path: Path) -> None:
 # --- moving into place ----------------------------------------------------------------------------
 
 def _appeared(out: Path) -> NormSurgeonError:
-    return NormSurgeonError(f"-o {out} appeared while this run worked (another run wrote it?); nothing replaced "
-                            "(pass --force to replace it)")
+    return NormSurgeonError(f"`output` {out} appeared while this run worked (another run wrote it?); nothing replaced "
+                            "(pass `force=True` to replace it)")
 
 
 def place_file(tmp: Path, out: Path, *, force: bool) -> None:
@@ -274,12 +274,12 @@ def save_model(model: torch.nn.Module | torch.export.ExportedProgram, path: str 
         _save_pt2(model, out, "", force)
     elif out.suffix.lower() == ".pt2":
         if example_inputs is None:
-            raise NormSurgeonError(f"-o {out}: a .pt2 archive needs example inputs (--input-shape)")
+            raise NormSurgeonError(f"`output` {out}: a .pt2 archive needs example inputs (`input_shapes`)")
         ci = as_call_args(example_inputs)
         try:
             ep = torch.export.export(model.eval(), ci.args, ci.kwargs, strict=False)
         except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"-o {out}: torch.export failed ({one_line(e)}); save as .pt instead") from e
+            raise NormSurgeonError(f"`output` {out}: torch.export failed ({one_line(e)}); save as .pt instead") from e
         _save_pt2(ep, out, "; save as .pt instead", force)
     else:
         _store_example_inputs(model)
@@ -294,7 +294,7 @@ def _save_pt2(ep: torch.export.ExportedProgram, out: Path, hint: str, force: boo
             with quiet_torch():
                 torch.export.load(tmp)
         except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"-o {out}: the archive does not load back ({one_line(e)}){hint}") from e
+            raise NormSurgeonError(f"`output` {out}: the archive does not load back ({one_line(e)}){hint}") from e
 
     atomic_write(out, write, force=force)
 

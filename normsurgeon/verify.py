@@ -28,7 +28,7 @@ import torch.nn as nn
 from .errors import NormSurgeonError, one_line
 from .files import read_tensors
 from .graph.capture import rejected
-from .inputs import CallArgs, as_call_args, random_like
+from .inputs import CallArgs, as_call_args, random_like, rename_inputs
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
 # The one tolerance table: (rtol, atol) a function-preserving rewrite must meet, by the dtype the
@@ -297,29 +297,33 @@ def _fit_inputs(obj: Any, ci: CallArgs, what: str) -> CallArgs:
 
     named = named_tensors(ci)
     names = list(named)
+    shown = {n: f for f, n in zip(ci.file_names(), ci.names())}  # how the user's file names them
     if isinstance(obj, torch.Tensor):
         obj = [obj]
     if isinstance(obj, (list, tuple)):
         if len(obj) != len(names):
             raise NormSurgeonError(f"{what}: holds {len(obj)} tensors but the model takes {len(names)} "
-                                   f"({', '.join(names)}); store them by name")
+                                   f"({', '.join(shown[n] for n in names)}); store them by name")
         obj = dict(zip(names, obj))
     if not isinstance(obj, Mapping):
         raise NormSurgeonError(f"{what}: expected tensors by input name, got {type(obj).__name__}")
+    obj = rename_inputs(obj, ci)
     unknown = [k for k in obj if k not in named]
     missing = [n for n in names if n not in obj]
     if unknown or missing:
-        raise NormSurgeonError(f"{what}: input names {sorted(obj)} do not match the model's {names}"
-                               + (f" (unknown: {unknown})" if unknown else "") + (f" (missing: {missing})" if missing else ""))
+        raise NormSurgeonError(f"{what}: input names {sorted(shown.get(k, k) for k in obj)} do not match the "
+                               f"model's {[shown[n] for n in names]}"
+                               + (f" (unknown: {unknown})" if unknown else "")
+                               + (f" (missing: {[shown[n] for n in missing]})" if missing else ""))
     fitted = {}
     for n, ex in named.items():
         t = obj[n]
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(np.asarray(t))
         if t.is_floating_point() != ex.is_floating_point():
-            raise NormSurgeonError(f"{what}: input {n!r} is {t.dtype} but the model takes {ex.dtype}")
+            raise NormSurgeonError(f"{what}: input {shown[n]!r} is {t.dtype} but the model takes {ex.dtype}")
         if t.dim() != ex.dim():
-            raise NormSurgeonError(f"{what}: input {n!r} has shape {list(t.shape)}; the model takes "
+            raise NormSurgeonError(f"{what}: input {shown[n]!r} has shape {list(t.shape)}; the model takes "
                                    f"{ex.dim()}-d inputs like {list(ex.shape)}")
         fitted[n] = t.to(device=ex.device, dtype=ex.dtype)
     values = [*ci.args, *ci.kwargs.values()]

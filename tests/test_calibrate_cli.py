@@ -133,8 +133,12 @@ def test_progress_shows_batches_done_only_on_a_terminal():
 
     from normsurgeon.cli.calibrate_cmd import _BatchProgress
 
-    with _BatchProgress(Console(file=io.StringIO(), force_terminal=False)) as progress:
-        assert progress is None  # piped stderr (CI logs): no bar
+    piped = io.StringIO()
+    with _BatchProgress(Console(file=piped, force_terminal=False)) as progress:
+        progress(1, 4)  # piped stderr (CI logs): no bar, and no line for quick work
+        progress.start -= 60  # ... but slow work says where it is, in plain lines
+        progress(2, 4)
+    assert piped.getvalue().startswith("normsurgeon: calibrating: batches: 2/4 [") and "\x1b" not in piped.getvalue()
     buf = io.StringIO()
     with _BatchProgress(Console(file=buf, force_terminal=True, width=100)) as progress:
         for done in range(1, 5):

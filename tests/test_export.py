@@ -201,7 +201,7 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
 
 def test_output_rules(tmp_path, vit_export):
     model, path, _ = vit_export
-    with pytest.raises(NormSurgeonError, match="exists; pass --force"):
+    with pytest.raises(NormSurgeonError, match="exists; pass force=True"):
         export_onnx(model, model.example_inputs(), path)
     with pytest.raises(NormSurgeonError, match="must end in .onnx"):
         export_onnx(model, model.example_inputs(), tmp_path / "m.pt")

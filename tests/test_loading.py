@@ -119,7 +119,7 @@ def test_save_refuses_to_overwrite_input_or_existing_file(tmp_path):
     assert src.read_bytes() == before
     out = tmp_path / "out.pt"
     save_model(model, out)
-    with pytest.raises(NormSurgeonError, match="--force"):
+    with pytest.raises(NormSurgeonError, match="pass force=True"):
         save_model(model, out)
     save_model(model, out, force=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left

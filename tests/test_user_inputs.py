@@ -59,6 +59,13 @@ MODELS = textwrap.dedent('''
 
     def small_vocab():
         return SmallVocab().eval()
+
+
+    def plain_cnn():
+        """A CNN factory as users write them: no example inputs anywhere."""
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        return model.eval()
 ''')
 
 
@@ -133,3 +140,44 @@ def test_int_bounds_follow_the_consuming_embedding(zoo_model):
     model, _ = zoo_model("bert")
     ci = CallArgs((), {"input_ids": torch.randint(0, 500, (2, 8)), "token_type_ids": torch.randint(0, 5, (2, 8))})
     assert int_input_bounds(model, ci) == {"input_ids": 100, "token_type_ids": 2}
+
+
+def test_a_named_file_fits_inputs_given_by_shape(user_models, zoo_model):
+    """--input-shape gives a positional input; a file names it by the forward parameter it binds to."""
+    zoo_model("resnet")[0].save_pretrained(user_models / "hf_resnet")
+    torch.save({"pixel_values": torch.randn(3, 3, 64, 64)}, user_models / "real.pt")
+    result = run("fold", "hf_resnet", "--input-shape", "1,3,64,64", "--inputs", "real.pt", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["verify"]["user_inputs"] == 1
+    # a plain factory: forward(x) -> "x"; the positional name input_0 still works
+    for name in ("x", "input_0"):
+        torch.save({name: torch.randn(3, 3, 16, 16)}, user_models / "real.pt")
+        result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt", "--json")
+        assert result.exit_code == 0, result.output + result.stderr
+    torch.save({"pixels": torch.randn(3, 3, 16, 16)}, user_models / "real.pt")
+    result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt")
+    assert result.exit_code == 2 and "['x']" in result.stderr, result.stderr  # the name the user can use
+
+
+def test_calibrate_takes_a_plain_factorys_inputs_from_the_data(user_models):
+    torch.save({"x": torch.randn(12, 3, 16, 16) * 3 + 1}, user_models / "calib.pt")
+    result = run("calibrate", "ns_user_models:plain_cnn", "--data", "calib.pt", "-o", "cal.pt", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert json.loads(result.stdout)["samples"] == 12
+    bn = torch.load(user_models / "cal.pt", weights_only=False)[1]
+    assert abs(float(bn.running_mean.mean())) > 0.01  # statistics of the data, not the fresh 0/1
+
+
+def test_inputs_command_writes_the_layout_every_command_reads(user_models):
+    result = run("inputs", "ns_user_models:branchy", "--batch", "5", "--shards", "2", "-o", "c-{rank}.pt", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    data = json.loads(result.stdout)
+    assert data["inputs"] == [{"name": "x", "shape": [2, 3, 16, 16], "dtype": "float32"}]
+    assert data["files"] == ["c-0.pt", "c-1.pt"]
+    shards = [torch.load(user_models / f, weights_only=True) for f in data["files"]]
+    assert all(list(s) == ["x"] and s["x"].shape == (5, 3, 16, 16) for s in shards)
+    assert not torch.equal(shards[0]["x"], shards[1]["x"])
+    result = run("fold", "ns_user_models:branchy", "--inputs", "c-0.pt")
+    assert result.exit_code == 0, result.stderr
+    result = run("inputs", "ns_user_models:branchy", "-o", "c-0.pt")  # never replaced silently
+    assert result.exit_code == 2 and "--force" in result.stderr

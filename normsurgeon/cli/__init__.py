@@ -37,7 +37,11 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="normsurgeon")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug: bool) -> None:
-    """Find, convert, fold and export the normalization layers of PyTorch models, verified numerically."""
+    """Find, convert, fold and export the normalization layers of PyTorch models, verified numerically.
+
+    MODEL (every command): a transformers directory, a recipe directory (-o DIR/), a .pt2 archive, a
+    .pt/.pth file (a pickled module needs --trust) or package.module:factory.
+    """
 
 
 def _register() -> None:
@@ -47,11 +51,21 @@ def _register() -> None:
     from .demo_cmd import demo
     from .export_cmd import export
     from .fold_cmd import fold
+    from .inputs_cmd import inputs
     from .inspect_cmd import inspect
 
-    for cmd in (inspect, fold, convert, calibrate, export, bench, demo):
+    for cmd in (inspect, inputs, fold, convert, calibrate, export, bench, demo):
         main.add_command(cmd)
 
 
 _register()
+
+
+def _zoo_help() -> None:
+    from ..zoo import MODELS
+
+    main.help += f"\n\n    Built-in models: normsurgeon.zoo:NAME, NAME one of {', '.join(MODELS)}."
+
+
+_zoo_help()
 

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import click
 
-from .common import emit, guarded, model_options, output_options, progress_console
+from .common import PlainProgress, emit, force_option, guarded, model_options, output_options, progress_console
 
 
 @click.command("calibrate")
 @model_options
 @click.option("--data", "data", multiple=True, required=True, metavar="FILE",
-              help="Calibration data (.pt/.npy/.npz/.safetensors); repeatable. Under torchrun '{rank}' and "
-                   "'{world_size}' in the name are replaced (calib-{rank}.pt), or the ranks share the files.")
+              help="Calibration data (.pt/.npy/.npz/.safetensors, as 'normsurgeon inputs' lays it out); "
+                   "repeatable. Under torchrun '{rank}' and '{world_size}' in the name are replaced "
+                   "(calib-{rank}.pt), or the ranks share the files. A model without example inputs takes "
+                   "its inputs' shapes from the data.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Re-batch the data to this size (default: batches as stored, a single tensor by 32).")
 @click.option("--max-batches", type=click.IntRange(0), default=None, help="Stop after this many batches per rank.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="auto: this rank's GPU (LOCAL_RANK) if CUDA is available, else the CPU.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Write the recalibrated model here (.pt or .pt2); rank 0 writes it.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Write the recalibrated model: DIR/ (a recipe directory: JSON + safetensors, loads without "
+                   "--trust), .pt (pickled module) or .pt2 (torch.export archive); rank 0 writes it.")
+@force_option
 @output_options
 @guarded
 def calibrate(model, trust, imports, weights, input_shapes, input_dtypes, data, batch_size, max_batches, device,
@@ -42,8 +45,8 @@ def calibrate(model, trust, imports, weights, input_shapes, input_dtypes, data, 
 
 
 class _BatchProgress:
-    """``progress(done, total)`` for calibration batches: a bar on stderr, only on a terminal (rank 0
-    alone is handed it)."""
+    """``progress(done, total)`` for calibration batches: a bar on stderr on a terminal, plain lines
+    for slow work otherwise (``PlainProgress``); rank 0 alone is handed it."""
 
     def __init__(self, console) -> None:
         self.console = console
@@ -52,7 +55,7 @@ class _BatchProgress:
 
     def __enter__(self):
         if not self.console.is_terminal:
-            return None
+            return PlainProgress("calibrating: batches", self.console)
         return self
 
     def __call__(self, done: int, total: int | None) -> None:

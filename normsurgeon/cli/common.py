@@ -23,7 +23,8 @@ def model_options(fn: Callable) -> Callable:
     """MODEL argument plus the options that say how to load it and how to call it."""
     opts = [
         click.argument("model"),
-        click.option("--trust", is_flag=True, help="Allow unpickling a .pt/.pth model (runs code from the file)."),
+        click.option("--trust", is_flag=True, help="Allow code from the model file: unpickling a .pt/.pth, a recipe's factory base, a .pt2's "
+                     "pickled parts; the working directory becomes importable."),
         click.option("--import", "imports", multiple=True, metavar="MODULE",
                      help="Import MODULE first (classes a pickle or factory needs). Repeatable."),
         click.option("--weights", type=click.Path(), default=None,
@@ -65,7 +66,7 @@ def guarded(fn: Callable) -> Callable:
             if debug:
                 traceback.print_exc()
             # messages hold user paths: "ckpt[best].pt" must print as it is, not as markup
-            stderr.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+            stderr.print(f"[bold red]error:[/] {escape(e.cli_message)}", markup=True, soft_wrap=True)  # flags
             sys.exit(e.exit_code)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
@@ -125,3 +126,53 @@ def say(console: Console, text: str) -> None:
 def progress_console() -> Console:
     """Progress goes to stderr so --json output stays one clean object."""
     return stderr
+
+
+def force_option(fn: Callable) -> Callable:
+    return click.option("--force", is_flag=True, help="Replace an existing output.")(fn)
+
+
+def tolerance_options(fn: Callable) -> Callable:
+    """--rtol/--atol, the same on every command that verifies (fold, convert, export)."""
+    fn = click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,
+                      help="... or its max abs error <= atol. Default: by dtype, as --rtol (1e-6 for float32).")(fn)
+    fn = click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
+                      help="A check passes if its max relative error (max abs error / max |expected|) <= rtol "
+                           "... Default: by dtype (1e-4 float32, 5e-3 float16, 1.5e-2 bfloat16); a smaller "
+                           "value is raised to those for float16/bfloat16.")(fn)
+    return fn
+
+
+class PlainProgress:
+    """Progress for logs and pipes (stderr not a terminal): plain lines, none for quick work.
+
+    Called as ``progress(message)``, ``progress(done, total)`` or ``progress(what, done, total)``. The
+    first line comes only after ``quiet_s`` seconds, then one per new stage or per ``every_s`` seconds,
+    so a CI log of a slow run shows where it is, and a fast run stays silent."""
+
+    def __init__(self, label: str = "", console: Console | None = None, quiet_s: float = 2.0,
+                 every_s: float = 10.0) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.label, self.console = label, console or stderr
+        self.quiet_s, self.every_s = quiet_s, every_s
+        self.start = self._time()
+        self._last_at = None
+        self._last_stage = None
+
+    def __call__(self, *args) -> None:
+        if len(args) == 1:
+            stage, text = str(args[0]), str(args[0])
+        else:
+            what = args[0] if len(args) == 3 else self.label
+            done, total = args[-2], args[-1]
+            stage, text = what, f"{what}: {done}" + (f"/{total}" if total else "")
+        now = self._time()
+        elapsed = now - self.start
+        if elapsed < self.quiet_s:
+            return
+        if stage == self._last_stage and self._last_at is not None and now - self._last_at < self.every_s:
+            return
+        self._last_at, self._last_stage = now, stage
+        self.console.print(f"normsurgeon: {text} [{elapsed:.0f}s]", markup=False, highlight=False, soft_wrap=True)

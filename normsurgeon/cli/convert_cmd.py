@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-
 import click
 
-from ..errors import NormSurgeonError, VerificationError
-from .common import emit, guarded, load_from_options, model_options, output_options, progress_console
+from ..errors import VerificationError
+from ..passes.convert import RULES
+from ..passes.swap import kind_name
+from .common import (PlainProgress, emit, force_option, guarded, model_options, output_options, progress_console,
+                     tolerance_options)
+
+# --to: the swap registry, one entry per rule (as --exporter lists its choices)
+_TARGETS = ", ".join(f"{t} ({'/'.join(kind_name(k) for k in r.sources)} -> {r.target_name})" for t, r in RULES.items())
 
 
 @click.command("convert")
 @model_options
-@click.option("--to", "to", default=None, metavar="bn|pn|ln|gn|frozen",
-              help="Target: bn (LayerNorm/RMSNorm -> BatchNorm), pn (LayerNorm/RMSNorm -> PowerNorm), "
-                   "ln (BatchNorm -> LayerNorm), "
-                   "gn (BatchNorm -> GroupNorm), frozen (BatchNorm -> FrozenBatchNorm, exact).")
+@click.option("--to", "to", type=click.Choice(list(RULES)), default=None, help=f"Target: {_TARGETS}.")
 @click.option("--groups", type=int, default=None, metavar="G",
               help="Groups for --to gn (default 1); must divide every BatchNorm's channels.")
 @click.option("--progressive", type=int, default=None, metavar="STEPS",
@@ -35,18 +37,20 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
               help="Recalibrate the BatchNorms on this data (.pt/.npy/.npz/.safetensors) after converting.")
 @click.option("--calibrate-synthetic", type=int, default=None, metavar="N",
               help="Recalibrate on N random batches shaped like the example inputs (smoke tests only).")
-@click.option("--batch-size", type=int, default=None, help="Batch size for --calibrate data.")
+@click.option("--batch-size", type=int, default=None, help="Re-batch the --calibrate data to this size.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Also check on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
+              help="Also check on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
+                   "'normsurgeon inputs' writes the layout).")
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Write the converted model: DIR/ (a recipe directory: JSON + safetensors, loads without "
                    "--trust), .pt (pickle) or .pt2 (torch.export archive).")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@tolerance_options
+@force_option
 @output_options
 @guarded
 def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, progressive, pn_warmup,
             pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic,
-            batch_size, inputs_file, output, force, as_json, debug):
+            batch_size, inputs_file, output, rtol, atol, force, as_json, debug):
     """Convert the normalization layers of MODEL.
 
     \b
@@ -68,49 +72,21 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
     """
     from .. import api
 
-    # options first: nothing is loaded or computed for a bad command line
-    if to is None and not ffn_bn:
-        raise NormSurgeonError("give --to bn|pn|ln|gn|frozen (and/or --ffn-bn)")
-    api.validate_convert(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup, pn_groups)
-    if not ffn_bn and (ffn_bn_position != "after-first" or ffn_bn_init != "fresh"):
-        raise NormSurgeonError("--ffn-bn-position/--ffn-bn-init go with --ffn-bn")
-    if calibrate_file is not None and calibrate_synthetic is not None:
-        raise NormSurgeonError("give either --calibrate FILE or --calibrate-synthetic N, not both")
-    if calibrate_synthetic is not None and calibrate_synthetic < 1:
-        raise NormSurgeonError(f"--calibrate-synthetic must be >= 1, got {calibrate_synthetic}")
-    if batch_size is not None and calibrate_file is None:
-        raise NormSurgeonError("--batch-size goes with --calibrate FILE")
-    read = [model, weights, inputs_file, calibrate_file]  # files this command reads: -o never replaces them
-    out_path = api.check_output(output, force=force, inputs=read) if output else None
-
-    loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    if output:
-        api.check_recipe_base(loaded.model, output)
-    extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
-    batches = None
-    if calibrate_file is not None:
-        batches = api.load_calibration_data(calibrate_file, loaded.example_inputs, batch_size=batch_size)
-        api.check_calibration_batch(loaded.model, batches[0], calibrate_file)
-    elif calibrate_synthetic is not None:
-        batches = api.synthetic_batches(loaded.example_inputs, calibrate_synthetic)
-
-    with _Progress(enabled=batches is not None) as progress:
-        converted, report = api.convert(loaded.model, to, example_inputs=loaded.example_inputs, groups=groups,
-                                          ffn_bn=ffn_bn, ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init,
-                                          calibrate_batches=batches, inplace=True, progress=progress,
-                                          extra_inputs=extra,
-                                          progressive=progressive, pn_warmup_steps=pn_warmup, pn_groups=pn_groups,
-                                          padding_mask=None if no_padding_mask else "attention_mask")
-    if report.verify is not None and report.verify.get("passed") is False:
-        emit(report, as_json)
-        raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
-    if out_path is not None:
-        api.save(converted, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
-                 inputs=read)
-        report.notes.append(f"wrote {out_path}")
-    else:
-        report.notes.append("report only: no -o given, nothing written")
+    with _Progress(enabled=calibrate_file is not None or calibrate_synthetic is not None) as progress:
+        converted, report = api.convert(
+            model, to, output=output, force=force, inputs_file=inputs_file, calibrate_file=calibrate_file,
+            calibrate_synthetic=calibrate_synthetic, batch_size=batch_size, trust=trust, imports=imports,
+            weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes, groups=groups, ffn_bn=ffn_bn,
+            ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init, progress=progress, progressive=progressive,
+            pn_warmup_steps=pn_warmup, pn_groups=pn_groups, rtol=rtol, atol=atol,
+            padding_mask=None if no_padding_mask else "attention_mask")
+    failed = report.verify is not None and report.verify.get("passed") is False
+    if not failed:
+        report.notes.append(f"wrote {report.output}" if report.output else
+                            "nothing written (no -o given; -o FILE saves the converted model)")
     emit(report, as_json)
+    if failed:
+        raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")
 
 
 class _Progress:
@@ -124,6 +100,8 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return None
+        if not progress_console().is_terminal:
+            return PlainProgress("calibrating: batches")
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

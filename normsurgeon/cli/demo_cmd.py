@@ -8,14 +8,16 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import api
-from .common import guarded, progress_console, render_table, stdout_console
+from .common import PlainProgress, guarded, progress_console, render_table, stdout_console
 
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Keep the ONNX files here (default: a temporary directory).")
-@click.option("--train-steps", type=click.IntRange(10, 10_000), default=150, show_default=True)
-@click.option("--bench-runs", type=click.IntRange(10, 100_000), default=200, show_default=True)
+@click.option("--train-steps", type=click.IntRange(10, 10_000), default=150, show_default=True,
+              help="Training steps of the converted BN ViT on the synthetic task (step 3).")
+@click.option("--bench-runs", type=click.IntRange(10, 100_000), default=200, show_default=True,
+              help="Timed runs per model in the latency comparison (step 6).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @guarded
@@ -24,13 +26,16 @@ def demo(workdir, train_steps, bench_runs, as_json, debug):
     console = stdout_console()
     steps = []
     live = progress_console() if as_json else console
-    # A bar only means something on a terminal; in logs and pipes it would leave stray lines.
+    # A bar only means something on a terminal; in logs and pipes it would leave stray lines: plain ones there
+    plain = None if live.is_terminal else PlainProgress(console=progress_console())
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=live, transient=True, disable=not live.is_terminal) as bar:
         task = bar.add_task("starting", total=1)
 
         def tick(what, done, total):
             bar.update(task, description=what, completed=done, total=max(total, 1))
+            if plain is not None:
+                plain(what, done, total)
 
         for step in api.demo(workdir, train_steps=train_steps, bench_runs=bench_runs, progress=tick):
             steps.append(step)

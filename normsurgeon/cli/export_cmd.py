@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import click
 from rich.markup import escape
 
 from ..errors import VerificationError
-from .common import emit, guarded, load_from_options, model_options, output_options, progress_console
+from .common import (PlainProgress, emit, force_option, guarded, model_options, output_options, progress_console,
+                     tolerance_options)
 
 
 @contextlib.contextmanager
 def _status(enabled: bool = True):
-    """A spinner on stderr (only on a terminal); yields a callback that updates its text."""
+    """A spinner on stderr on a terminal, plain lines for slow work otherwise (``PlainProgress``);
+    yields a callback that updates its text."""
     console = progress_console()
-    if not enabled or not console.is_terminal:
+    if not enabled:
         yield lambda message: None
+        return
+    if not console.is_terminal:
+        yield PlainProgress()
         return
     with console.status("starting") as status:
         yield lambda message: status.update(escape(message))  # "loading run[/final].pt": text, not markup
@@ -37,13 +41,12 @@ def _status(enabled: bool = True):
 @click.option("--dynamic-seq", is_flag=True,
               help="Require a dynamic sequence (token inputs): fail instead of falling back to static shapes.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
-              help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
+              help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
+                   "'normsurgeon inputs' writes the layout).")
 @click.option("--random-inputs", "num_random", type=click.IntRange(0, 1000), default=3, show_default=True,
               help="Random input sets to verify on, besides the example inputs.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
-              help="Pass if max relative error (max abs error / max |expected|) <= rtol ...")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="... or max abs error <= atol.")
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@tolerance_options
+@force_option
 @click.option("--keep-failed", is_flag=True,
               help="Write the .onnx even when its verification fails (for inspection); default: nothing written.")
 @output_options
@@ -61,25 +64,18 @@ def export(model, trust, imports, weights, input_shapes, input_dtypes, output, d
     whose own verification fails is not exported (exit 1).
     """
     from .. import api
-    from ..saving import check_output_path
 
-    model_path = Path(model) if Path(model).exists() else None
-    read = [model_path, weights, inputs_file]  # files this command reads: -o never replaces them
-    check_output_path(output, force=force, inputs=read, suffixes=(".onnx",))  # fail before loading
     with _status() as progress:
-        progress(f"loading {model}")
-        loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
         try:
-            # the CLI owns the model it loaded: fold it in place (no second copy in memory)
-            # a .pt2 goes as its program: --fold folds the program's own graph
-            target = loaded.program if loaded.program is not None else loaded.model
-            report = api.export(target, loaded.example_inputs, output, fold=do_fold, inplace=True,
-                                inputs_file=inputs_file, opset=opset, static=static,
+            # a .pt2 goes as its program: --fold folds the program's own graph; a loaded model is folded in
+            # place (the command owns it: no second copy in memory)
+            report = api.export(model, None, output, fold=do_fold, inputs_file=inputs_file, opset=opset,
+                                static=static, trust=trust, imports=imports, weights=weights,
+                                input_shapes=input_shapes, input_dtypes=input_dtypes,
                                 # an absent flag is None: dynamic where possible, static with a note otherwise
                                 dynamic_batch=dynamic_batch or None, dynamic_seq=dynamic_seq or None,
                                 rtol=rtol, atol=atol, num_random=num_random, force=force,
-                                progress=progress, exporter=exporter, input_path=loaded.path,
-                                keep_failed=keep_failed)
+                                progress=progress, exporter=exporter, keep_failed=keep_failed)
         except VerificationError as e:
             if getattr(e, "report", None) is not None:
                 emit(e.report, as_json)
@@ -92,5 +88,5 @@ def export(model, trust, imports, weights, input_shapes, input_dtypes, output, d
             "nothing written; --keep-failed writes it for inspection"
         raise VerificationError(
             f"{output} disagrees with PyTorch in ONNX Runtime on {len(failed)} of {len(v.checks)} input sets "
-            f"({', '.join(failed)}): max abs {v.max_abs_error:.3g} > atol {atol:g} and max rel "
-            f"{v.max_rel_error:.3g} > rtol {rtol:g} ({where})")
+            f"({', '.join(failed)}): max abs {v.max_abs_error:.3g} > atol {v.atol:g} and max rel "
+            f"{v.max_rel_error:.3g} > rtol {v.rtol:g} ({where})")

@@ -4,78 +4,54 @@ from __future__ import annotations
 
 import click
 
-from ..errors import NormSurgeonError, VerificationError
+from ..errors import VerificationError
 from .. import api
-from ..saving import check_program_output
-from .common import emit, guarded, load_from_options, model_options, output_options, say, stderr
+from .common import emit, force_option, guarded, model_options, output_options, stderr, tolerance_options
 
 
 @click.command("fold")
 @model_options
 @click.option("-o", "--output", type=click.Path(), default=None,
               help="Where to save the folded model: DIR/ (a recipe directory: JSON + safetensors, loads without "
-                   "--trust), .pt (pickled module) or .pt2 (torch.export archive). Without it: report only.")
+                   "--trust), .pt (pickled module) or .pt2 (torch.export archive); .onnx for an .onnx MODEL. "
+                   "Without it: report only.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional).")
-@click.option("--rtol", type=float, default=None,
-              help="Largest accepted max relative error (max abs error / max |expected output|); a fold "
-                   "that exceeds it is rolled back. Default: the tolerance table by dtype (1e-4 float32, "
-                   "5e-3 float16, 1.5e-2 bfloat16); a smaller value is raised to those for float16/bfloat16.")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+              help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
+                   "'normsurgeon inputs' writes the layout).")
+@tolerance_options
+@force_option
 @output_options
 @guarded
-def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, force, as_json,
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, atol, force, as_json,
          debug):
     """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
     BNs) and BN before Linear or unpadded Conv. Every BN gets a line: folded into what, or skipped
     and why. Verified on the example inputs, random ones and --inputs. Exit 1 if the folded model's
-    outputs do not match. A .pt2 (torch.export program) is folded in its own graph and saved as a .pt2
-    program; its example inputs come from the program.
+    outputs do not match (nothing written). A .pt2 (torch.export program) is folded in its own graph
+    and saved as a .pt2 program; its example inputs come from the program. An .onnx file is folded in
+    its own graph and verified in ONNX Runtime (inputs from the graph; --input-shape sizes its dynamic
+    dims), saved as .onnx.
     """
-    if rtol is not None and rtol <= 0:
-        raise NormSurgeonError("--rtol must be positive")
-    out_path = None
-    read = [model, weights, inputs_file]  # files this command reads: -o never replaces them
-    if output is not None:
-        out_path = api.check_output(output, force=force, inputs=read)
-    loaded = load_from_options(model, trust, imports, weights, input_shapes, input_dtypes, need_inputs=True)
-    if loaded.program is not None and out_path is not None:
-        check_program_output(out_path)  # before any work, like every output check
-    elif output is not None:
-        api.check_recipe_base(loaded.model, output)
-    extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
-    # a .pt2 folds in its own graph (a new program, saved as .pt2); a module in place (the CLI owns it)
-    target = loaded.program if loaded.program is not None else loaded.model
-    folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
-    if report.passed and out_path is not None:
-        api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path,
-                 inputs=read)
-    if as_json:
-        payload = report.to_json()
-        payload["output"] = str(out_path) if (out_path is not None and report.passed) else None
-        payload["dry_run"] = out_path is None
-        emit(_Json(payload), True)
-    else:
-        emit(report, False)
-        if report.passed or out_path is None:  # a failure is said once, by the error below
-            say(stderr, _note(report, out_path, "program" if loaded.program is not None else "model"))
+    folded, report = api.fold(model, output=output, force=force, inputs_file=inputs_file, rtol=rtol, atol=atol,
+                              trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                              input_dtypes=input_dtypes)
+    emit(report, as_json)
+    if not as_json and (report.passed or report.dry_run):  # a failure is said once, by the error below
+        what = "program" if _is_program(folded) else "model"
+        stderr.print(_note(report, what), soft_wrap=True, highlight=False, markup=False)
     if not report.passed:
         raise VerificationError(f"the folded model's outputs do not match ({report.summary()}); nothing written")
 
 
-def _note(report, out_path, what: str) -> str:
-    if out_path is None:
-        return f"dry run: no output written (pass -o FILE to save the folded {what})"
-    if report.passed:
-        return f"saved the folded {what} to {out_path}"
-    return "verification failed: nothing written"
+def _is_program(obj) -> bool:
+    from torch.export import ExportedProgram
+
+    return isinstance(obj, ExportedProgram)
 
 
-class _Json:
-    def __init__(self, payload: dict) -> None:
-        self.payload = payload
-
-    def to_json(self) -> dict:
-        return self.payload
+def _note(report, what: str) -> str:
+    if report.dry_run:
+        return f"dry run: nothing written (pass -o FILE to save the folded {what})"
+    return f"saved the folded {what} to {report.output}"

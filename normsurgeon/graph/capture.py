@@ -40,6 +40,9 @@ _MODULE_OPS: list[tuple[type, str]] = [
     (nn.modules.instancenorm._InstanceNorm, "instance_norm"),
     (nn.Dropout, "dropout"), (nn.Dropout1d, "dropout"), (nn.Dropout2d, "dropout"), (nn.Dropout3d, "dropout"),
     (nn.Identity, "identity"), (nn.Flatten, "flatten"),
+    (nn.MaxPool1d, "max_pool1d"), (nn.MaxPool2d, "max_pool2d"), (nn.MaxPool3d, "max_pool3d"),
+    (nn.AdaptiveMaxPool1d, "adaptive_max_pool1d"), (nn.AdaptiveMaxPool2d, "adaptive_max_pool2d"),
+    (nn.AdaptiveMaxPool3d, "adaptive_max_pool3d"),
 ]
 if hasattr(nn, "RMSNorm"):
     _MODULE_OPS.append((nn.RMSNorm, "rms_norm"))

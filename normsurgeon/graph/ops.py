@@ -37,6 +37,15 @@ SHAPE_ONLY = frozenset({"size", "sym_size", "dim", "numel", "sym_numel", "stride
 # Users that read only the shape/dtype of their *second* argument.
 SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 
+# Max-pooling commutes with a per-channel affine map whose scale is >= 0 on every channel
+# (max(s·x + t) = s·max(x) + t): a fold may follow a BN through it once the signs are checked
+# (``passes.fold_targets.commute_reason``). Not data movement: nothing else may look through it.
+MAX_POOL = frozenset({"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+                      "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d",
+                      "adaptive_max_pool2d", "adaptive_max_pool3d"})
+MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                    nn.AdaptiveMaxPool3d)
+
 # Every op that rearranges (or passes through) a tensor without computing on its values; the
 # channel axis can be followed through each by ``map_axis``.
 LAYOUT = RESHAPE | PERMUTE | TRANSPOSE | IDENTITY
@@ -132,13 +141,39 @@ def is_data_movement(node: GNode, module: nn.Module | None = None) -> bool:
     op = node.op
     if not (node.args and isinstance(node.args[0], GNode)):
         return False
-    if op in LAYOUT or op in SLICE:
+    if op in LAYOUT or op in SLICE or _same_shape_expand(node):
         return True
     if op in DROPOUT:
         return dropout_is_identity(node, module)
     if op == "pad" or op in COPY_PAD:
         return ints(node.arg(1, "pad")) is not None and (op != "pad" or node.arg(2, "mode", "constant") in COPY_PAD_MODES)
     return False
+
+
+def _pooled_dims(node: GNode) -> int:
+    """How many trailing dims a max-pool op pools (``max_pool2d``: 2)."""
+    if node.leaf_module:
+        return {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2,
+                nn.AdaptiveMaxPool3d: 3}[type(node.target)]
+    return int(next(c for c in node.op if c.isdigit()))
+
+
+def commutes_with_positive_affine(node: GNode) -> bool:
+    """``node`` is a max-pool (or the values output of one that returns indices too): it commutes with a
+    per-channel ``s·x + t`` where ``s >= 0`` on every channel, when the channel axis is not pooled."""
+    if not (node.args and isinstance(node.args[0], GNode)):
+        return False
+    if node.op == "getitem":
+        return node.args[1] == 0 and commutes_with_positive_affine(node.args[0])
+    if node.leaf_module:
+        return isinstance(node.target, MAX_POOL_MODULES) and not node.target.return_indices
+    return node.op in MAX_POOL
+
+
+def _same_shape_expand(node: GNode) -> bool:
+    src = node.args[0]
+    return node.op == "expand" and src.shape is not None and node.shape is not None and \
+        tuple(src.shape) == tuple(node.shape)
 
 
 def map_axis_through_reshape(in_shape: Iterable[int], out_shape: Iterable[int], axis: int) -> int | None:
@@ -160,12 +195,21 @@ def map_axis(node: GNode, axis: int) -> tuple[int | None, str | None]:
     (None, why) when the op merges, splits, drops or pads it."""
     src = node.args[0]
     in_shape, out_shape = src.shape, node.shape
+    if commutes_with_positive_affine(node):
+        if node.op == "getitem":  # the values of a max-pool that also returns indices
+            return axis, None
+        if in_shape is None:
+            return None, f"no shape information at {node.op} (the captured graph has no shapes)"
+        if axis >= len(in_shape) - _pooled_dims(node):
+            return None, f"{node.op} pools the channel axis"
+        return axis, None
     if in_shape is None or (out_shape is None and node.op not in IDENTITY | DROPOUT):
         return None, f"no shape information at {node.op} (the captured graph has no shapes)"
     ndim = len(in_shape)
     op = node.op
-    if op in IDENTITY or op in DROPOUT:
+    if op in IDENTITY or op in DROPOUT or (op == "expand" and _same_shape_expand(node)):
         return axis, None
+
     if op in RESHAPE:
         a = map_axis_through_reshape(in_shape, out_shape, axis)
         return (a, None) if a is not None else (None, f"{op} to {tuple(out_shape)} merges or splits the channel "

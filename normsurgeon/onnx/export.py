@@ -439,7 +439,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise NormSurgeonError(f"unknown exporter {exporter!r}: use auto, dynamo or torchscript")
     if static and (dynamic_batch or dynamic_seq):
-        raise NormSurgeonError("--static contradicts --dynamic-batch/--dynamic-seq")
+        raise NormSurgeonError("`static=True` contradicts `dynamic_batch=True`/`dynamic_seq=True`")
     out = check_output_path(path, force=force, inputs=[input_path], suffixes=(".onnx",))
     ci = _signature_order(model, as_call_args(example_inputs))
     named = _named_tensors(ci)
@@ -450,7 +450,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     if not static:
         axes = _default_axes(model, named, batch=dynamic_batch is not False, sequence=dynamic_seq is not False)
     if dynamic_seq and not any("sequence" in a.values() for a in axes.values()):
-        raise NormSurgeonError("--dynamic-seq: no sequence input (token ids, attention masks, input_values, "
+        raise NormSurgeonError("`dynamic_seq=True`: no sequence input (token ids, attention masks, input_values, "
                                f"inputs_embeds) among {input_names}; only the batch axis can be dynamic here")
     required = bool(dynamic_batch or dynamic_seq)
     notes: list[str] = []
@@ -586,7 +586,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
         if data_name:
             data_out = out.parent / data_name
             if data_out.exists() and not force:
-                raise NormSurgeonError(f"{data_out} exists; pass --force to replace it")
+                raise NormSurgeonError(f"{data_out} exists; pass `force=True` to replace it")
             place_file(tmpdir / data_name, data_out, force=force)
         place_file(dest, out, force=force)  # without force: another run's file is not replaced
         return report

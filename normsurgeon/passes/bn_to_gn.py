@@ -23,5 +23,5 @@ class BnToGn(FromBnRule):
         if bad:
             shown = ", ".join(f"{path} (C={c})" for path, c in bad[:4]) + (
                 f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            raise NormSurgeonError(f"--groups {groups} does not divide the channels of {shown}; choose a G that "
+            raise NormSurgeonError(f"`groups={groups}` does not divide the channels of {shown}; choose a G that "
                                    "divides every C (1 always does)")

@@ -86,6 +86,7 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
     # new token BNs / PowerNorms: whose batch statistics they take ({"padding_aware", "mask", "note"})
     statistics: dict | None = None
+    output: str | None = None  # what api.convert wrote (None: nothing)
 
     @property
     def converted(self) -> list[Action]:
@@ -113,6 +114,7 @@ class ConvertReport:
             "ffn_blocks": [b.to_json() for b in self.ffn_blocks],
             "statistics": self.statistics,
             "notes": list(self.notes),
+            "output": self.output,
         }
 
     def tables(self) -> list[Table]:
@@ -143,7 +145,7 @@ class ConvertReport:
             oc = self.output_change
             notes.append(f"output change on the example inputs (eval): max abs {fmt_float(oc['max_abs_error'])}, "
                          f"max rel {fmt_float(oc['max_rel_error'])}, cosine {oc['cosine']:.4f}")
-        if self.statistics is not None:
+        if self.statistics is not None and self.statistics.get("padding_aware"):  # only models that take a mask
             notes.append(f"statistics: {self.statistics['note']}")
         notes.extend(self.notes)
         if not out:
@@ -159,8 +161,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
             calibrate_batches: Iterable[Any] | None = None, inplace: bool = False, graph: ModelGraph | None = None,
             progress: Callable[[int, int | None], None] | None = None,
             extra_inputs: Sequence[Any] = (), progressive: int | None = None, pn_warmup_steps: int = 4000,
-            pn_groups: int | None = None, padding_mask: str | None = "attention_mask"
-            ) -> tuple[nn.Module, ConvertReport]:
+            pn_groups: int | None = None, padding_mask: str | None = "attention_mask",
+            rtol: float | None = None, atol: float | None = None) -> tuple[nn.Module, ConvertReport]:
     """Convert the normalization layers of ``model``; returns (converted model, ConvertReport).
 
     to:
@@ -194,7 +196,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     example_inputs: how to call the model (tensor, tuple, dict or CallArgs); defaults to the model's
     own ``example_inputs``. graph: a graph already captured from ``model`` (saves a capture).
     extra_inputs: the user's own inputs (``verify.load_inputs_file``); they join the whole-model check
-    and the measured output change.
+    and the measured output change. rtol/atol: the exact swaps' tolerance (``verify.tolerance_for``;
+    None: by dtype).
 
     The input model is left untouched unless ``inplace=True``. Module train/eval modes are kept. What
     was rewritten is recorded on the returned model (``normsurgeon.recipe``), so it can be saved as a
@@ -233,7 +236,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     target = model if inplace else copy.deepcopy(model)
     run = _Conversion(target, ci, graph, report, plans, ffn_bn_position, ffn_bn_init, spill=inplace,
                       extra=[as_call_args(e) for e in extra_inputs],
-                      padding_kwarg=padding_mask if to in ("bn", "pn") else None)
+                      padding_kwarg=padding_mask if to in ("bn", "pn") else None, rtol=rtol, atol=atol)
     run.run(blocks, to, calibrate_batches, progress)
     token_sites.report_paths(target, report.actions)
     _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
@@ -264,29 +267,29 @@ def validate(to, groups, ffn_bn, position, init, progressive=None, pn_warmup_ste
     """Refuse a bad combination of options before any work (the CLI calls this too)."""
     if progressive is not None:
         if to != "bn":
-            raise NormSurgeonError(f"--progressive only goes with --to bn (got --to {to})")
+            raise NormSurgeonError(f"`progressive` only goes with `to='bn'` (got `to={to!r}`)")
         if isinstance(progressive, bool) or not isinstance(progressive, int) or progressive < 0:
-            raise NormSurgeonError(f"--progressive must be a number of training steps >= 0, got {progressive!r}")
+            raise NormSurgeonError(f"`progressive` must be a number of training steps >= 0, got {progressive!r}")
     if to != "pn" and (pn_warmup_steps != 4000 or pn_groups is not None):
-        raise NormSurgeonError(f"--pn-warmup/--pn-groups only go with --to pn (got --to {to})")
+        raise NormSurgeonError(f"`pn_warmup_steps`/`pn_groups` only go with `to='pn'` (got `to={to!r}`)")
     if isinstance(pn_warmup_steps, bool) or not isinstance(pn_warmup_steps, int) or pn_warmup_steps < 0:
-        raise NormSurgeonError(f"--pn-warmup must be a number of training steps >= 0, got {pn_warmup_steps!r}")
+        raise NormSurgeonError(f"`pn_warmup_steps` must be a number of training steps >= 0, got {pn_warmup_steps!r}")
     if pn_groups is not None and (isinstance(pn_groups, bool) or not isinstance(pn_groups, int) or pn_groups < 1):
-        raise NormSurgeonError(f"--pn-groups must be a positive integer, got {pn_groups!r}")
+        raise NormSurgeonError(f"`pn_groups` must be a positive integer, got {pn_groups!r}")
     if to is None:
         if not ffn_bn:
-            raise NormSurgeonError("nothing to do: give a target (--to bn|pn|ln|gn|frozen) or --ffn-bn")
+            raise NormSurgeonError(f"nothing to do: give a target (`to`: {'|'.join(TARGETS)}) or `ffn_bn=True`")
     elif to not in TARGETS:
-        raise NormSurgeonError(f"unknown --to {to!r}: use one of {', '.join(TARGETS)}")
+        raise NormSurgeonError(f"unknown `to={to!r}`: use one of {', '.join(TARGETS)}")
     if groups is not None:
         if to != "gn":
-            raise NormSurgeonError(f"--groups only goes with --to gn (got --to {to})")
+            raise NormSurgeonError(f"`groups` only goes with `to='gn'` (got `to={to!r}`)")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
-            raise NormSurgeonError(f"--groups must be a positive integer, got {groups!r}")
+            raise NormSurgeonError(f"`groups` must be a positive integer, got {groups!r}")
     if position not in _ffn.POSITIONS:
-        raise NormSurgeonError(f"unknown --ffn-bn-position {position!r}: use {' or '.join(_ffn.POSITIONS)}")
+        raise NormSurgeonError(f"unknown `ffn_bn_position={position!r}`: use {' or '.join(_ffn.POSITIONS)}")
     if init not in _ffn.INITS:
-        raise NormSurgeonError(f"unknown --ffn-bn-init {init!r}: use {' or '.join(_ffn.INITS)}")
+        raise NormSurgeonError(f"unknown `ffn_bn_init={init!r}`: use {' or '.join(_ffn.INITS)}")
 
 
 def _rule(to, groups, progressive=None, pn_warmup_steps=4000, pn_groups=None) -> SwapRule | None:
@@ -371,12 +374,14 @@ class _Conversion:
     spill: bool = False
     extra: list[CallArgs] = field(default_factory=list)
     padding_kwarg: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
     swapped: dict[str, tuple[Plan, UndoLog]] = field(default_factory=dict)
     inserted: list[_Inserted] = field(default_factory=list)
     site_errors: list[float] = field(default_factory=list)
 
     def run(self, blocks: list[FFNBlock], to: str | None, calibrate_batches, progress) -> ConvertReport:
-        self.tol = tolerance_for(self.target)
+        self.tol = tolerance_for(self.target, self.rtol, self.atol)
         exact_plans = [p for p in self.plans if p.exact]
         self.refs = References.record(self.target, self.ci, extra=self.extra, eval_mode=True)
         recorded = record_io(self.target, [p.path for p in exact_plans], self.ci) if exact_plans else {}

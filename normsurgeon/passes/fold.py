@@ -29,7 +29,7 @@ from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, Tolerance, UndoLog, UndoStore, tolerance_for, tolerance_for_dtypes
+from ..verify import References, Tolerance, UndoLog, UndoStore, run_clean, tolerance_for, tolerance_for_dtypes
 from . import fold_bn_program as program_rule
 from . import token_sites
 from .base import Applied, apply_verified
@@ -50,6 +50,8 @@ class FoldReport:
     tolerance: float | None = None
     passed: bool | None = None
     verify_error: str | None = None
+    output: str | None = None  # what api.fold wrote (None: nothing)
+    dry_run: bool | None = None  # api.fold without an output (None: not asked)
     verified_shapes: list[list[list[int]]] = field(default_factory=list)  # per input set checked, its shapes
 
     def shapes_note(self) -> str | None:
@@ -119,6 +121,7 @@ class FoldReport:
             "summary": {"batchnorms": self.num_norms, "folded": len(self.folded),
                         "skipped": len(self.skipped) - len(self.rolled_back),
                         "rolled_back": len(self.rolled_back)},
+            **({} if self.dry_run is None else {"output": self.output, "dry_run": self.dry_run}),
         }
 
     def tables(self) -> list[Table]:
@@ -181,6 +184,7 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
     # An in-place fold owns the model: spill replaced weights to disk instead of holding a copy.
     with UndoStore(spill=inplace) as store:
         actions, applied = _fold_all(work, graph, ctx, store)
+        applied = _drop_still_running(work, ci, applied, actions, store)
         if refs is not None:
             verdict = apply_verified(work, applied, refs, tol, store, done="folded")
             actions.update(verdict.actions)
@@ -245,6 +249,8 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
                                          f"rewrite failed: {one_line(e, typed=True)}")
             continue
         actions[entry.norm] = action
+        if entry.module is not None:  # the object the forward must no longer call (_drop_still_running)
+            chosen.module = entry.module
         applied.append(Applied(entry.norm, chosen, action, undo, redo=lambda u, s=chosen: rewrite(s, ctx, u),
                                rolled_back=lambda why, s=chosen: _rolled_back(s, why),
                                describe=f"folding into {', '.join(chosen.into)}"))
@@ -265,6 +271,49 @@ def _bad_var(var: Any) -> str | None:
         return None
     return (f"running_var negative/NaN in {bad} of {var.numel()} channels: this BatchNorm itself outputs NaN "
             "there (recalibrate it: normsurgeon calibrate)")
+
+
+def _drop_still_running(work: nn.Module, ci: CallArgs, applied: list[Applied], actions: dict[str, Action],
+                        store: UndoStore) -> list[Applied]:
+    """Every "folded" must be true of the model returned: run it once with a hook on each folded BN
+    module object; a BN the forward still calls (reached through a plain tuple/list attribute or a
+    closure, which replacing its registered child by Identity cannot reach) has its site taken back.
+    The others are re-applied on the restored model, in order, as ``apply_verified`` does."""
+    watched = [a for a in applied if getattr(a.site, "module", None) is not None]
+    if not watched:
+        return applied
+    ran: set[int] = set()
+    hooks = [a.site.module.register_forward_pre_hook(lambda m, _args: ran.add(id(m))) for a in watched]
+    try:
+        run_clean(work, ci)  # no grad, fixed RNG, training-mode BN statistics restored
+    except Exception:  # noqa: BLE001 - a model that no longer runs is the verification's to report
+        return applied
+    finally:
+        for h in hooks:
+            h.remove()
+    still = [a for a in watched if id(a.site.module) in ran]
+    if not still:
+        return applied
+    for a in reversed(applied):
+        a.undo.restore()
+    kept = []
+    for a in applied:
+        if a in still:
+            actions[a.key] = a.rolled_back(
+                "rolled back: the model still calls this BatchNorm after it was replaced by Identity (the forward "
+                "reaches it through a reference the fold cannot replace, e.g. a plain tuple or list attribute), "
+                "so its effect would be applied twice")
+            continue
+        undo = store.log()
+        try:
+            a.action = actions[a.key] = a.redo(undo)
+        except Exception as e:  # noqa: BLE001 - a failed rewrite is a rolled-back site, never a half-edit
+            undo.restore()
+            actions[a.key] = a.rolled_back(f"rolled back: rewrite failed: {one_line(e, typed=True)}")
+            continue
+        a.undo = undo
+        kept.append(a)
+    return kept
 
 
 def _rolled_back(site: Any, why: str) -> Action:

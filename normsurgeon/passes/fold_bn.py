@@ -1,9 +1,16 @@
-"""Fold an inference-mode BatchNorm into an adjacent Linear/Conv: the rule (match, check, rewrite).
+"""Fold an inference-mode BatchNorm into an adjacent Linear/Conv: the ``nn.Module`` editor (match, check, rewrite).
 
-- **match** (read-only): for every BatchNorm call in the graph, walk *backwards* through ops that
-  only move data (``graph.ops``: view/reshape/flatten/permute/transpose/contiguous/clone/unflatten,
-  eval Dropout, Identity) to a producer (Linear, Conv, ConvTranspose, transformers Conv1D), and
-  *forwards* to the consumers (Linear, Conv, ConvTranspose). Returns ``NormEntry`` objects with
+What folds is decided by the shared table and matcher (``passes.fold_targets``: the rows, the walk
+through data-movement ops and max-pools, the layout and exactness checks, the math), which the
+``ExportedProgram`` and ONNX editors read too. This editor adds what belongs to modules: who owns a
+weight (the module running the op, an MHA's packed projection), sharing, ties, hooks, and how to
+replace a BN module and undo it.
+
+- **match** (read-only): for every BatchNorm call in the graph, ``fold_targets.match_after`` walks
+  *backwards* through ops that only move data (``graph.ops``: view/reshape/flatten/permute/transpose/
+  contiguous/clone/unflatten, eval Dropout, Identity; max-pools) to a producer whose table row has a
+  module owner (Linear, Conv, ConvTranspose, transformers Conv1D), ``match_before`` *forwards* to the
+  consumers. Returns ``NormEntry`` objects with
   candidate ``Site``s, preferred direction first; functional ``batch_norm`` calls get entries too.
   ``nn.MultiheadAttention`` runs ``F.linear`` on its own parameters: a ``Target`` records where they
   live (``in_proj_weight``/``in_proj_bias`` of the attention, or its ``out_proj``).
@@ -21,7 +28,6 @@ The pass that runs this rule with verification and rollback is ``passes.fold``.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,49 +39,15 @@ from .. import fold_math
 from ..graph import GNode, ModelGraph
 from ..graph.node import paths_by_module
 from ..graph import ops
-from ..graph.ops import batch_norm_args, data_users as _data_users, is_nonlinear as _is_nonlinear, track_axis as _track
+from ..graph.ops import batch_norm_args
 from ..report import Action
 from ..verify import UndoLog
 from . import bn_like
+from . import fold_targets as ft
 
 __all__ = ["Site", "Target", "NormEntry", "FoldContext", "match", "check", "rewrite", "entry_reason", "combine"]
 
 _BN = nn.modules.batchnorm._BatchNorm
-
-# canonical op name -> (kind, module class it must belong to, number of spatial dims)
-_WEIGHTED_OPS: dict[str, tuple[str, type, int]] = {
-    "linear": ("linear", nn.Linear, 0),
-    "conv1d": ("conv", nn.Conv1d, 1), "conv2d": ("conv", nn.Conv2d, 2), "conv3d": ("conv", nn.Conv3d, 3),
-    "conv_transpose1d": ("conv_transpose", nn.ConvTranspose1d, 1),
-    "conv_transpose2d": ("conv_transpose", nn.ConvTranspose2d, 2),
-    "conv_transpose3d": ("conv_transpose", nn.ConvTranspose3d, 3),
-    # transformers' Conv1D (GPT-2): a Linear with a (in, out) weight, ``addmm(bias, x2d, weight)``
-    "addmm": ("linear_t", nn.Module, 0),
-}
-
-# Where each weighted op reads its input, weight and bias: (input, weight, bias) as (index, name).
-_OP_ARGS: dict[str, tuple[tuple[int, str], tuple[int, str], tuple[int, str]]] = {
-    "addmm": ((1, "mat1"), (2, "mat2"), (0, "input")),
-}
-_DEFAULT_OP_ARGS = ((0, "input"), (1, "weight"), (2, "bias"))
-
-
-def _op_args(node: GNode) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
-    return _OP_ARGS.get(node.op, _DEFAULT_OP_ARGS)
-
-
-def _op_input(node: GNode) -> Any:
-    """The activation a weighted op reads (``args[1]`` for ``addmm``, ``args[0]`` otherwise)."""
-    i, name = _op_args(node)[0]
-    return node.arg(i, name)
-
-
-def _conv1d_class() -> type | None:
-    """transformers' ``Conv1D``, if transformers is loaded (a model holding one has imported it)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None) if mod is not None else None
-
-
 
 # --- data model ----------------------------------------------------------------------------------
 
@@ -85,7 +57,7 @@ class Target:
 
     path: str
     node: GNode
-    kind: str  # linear | linear_t (transformers Conv1D: weight (in, out)) | conv | conv_transpose
+    read: ft.TargetRead  # its table row and operands
     chain: list[GNode]  # data-movement nodes, in dataflow order (producer→BN or BN→consumer)
     # Where the parameters live, when not in the module at ``path`` under weight/bias:
     # nn.MultiheadAttention reads its packed in-projection (in_proj_weight/in_proj_bias) and its
@@ -99,6 +71,17 @@ class Target:
     def params_at(self) -> str:
         return self.path if self.owner is None else self.owner
 
+    @property
+    def kind(self) -> str:  # linear | linear_t (transformers Conv1D: weight (in, out)) | conv | conv_transpose
+        return self.read.kind
+
+    @property
+    def row(self) -> ft.FoldTarget:
+        """The table row: an MHA's packed in-projection / out_proj are rows of their own."""
+        if self.role in ("in_proj", "out_proj"):
+            return ft.row(f"mha_{self.role}")
+        return self.read.row
+
 
 @dataclass
 class Site:
@@ -109,6 +92,7 @@ class Site:
     position: str  # "after" (BN after its producer) | "before" (BN before its consumers)
     targets: list[Target]
     functional: bool = False  # a functional batch_norm call, not an nn.BatchNorm module
+    module: nn.Module | None = None  # the BN module object a rewrite replaces (set by the pass once rewritten)
 
     @property
     def into(self) -> list[str]:
@@ -166,21 +150,8 @@ class FoldContext:
 
 # --- graph helpers -------------------------------------------------------------------------------
 
-def _where(node: GNode) -> str:
-    op = type(node.target).__name__ if node.op == "module" and isinstance(node.target, nn.Module) else node.op
-    return f"{op} ({node.module_path})" if node.module_path else op
-
-
 def _is_data_movement(node: GNode, ctx: FoldContext) -> bool:
     return ops.is_data_movement(node, ctx.module(node.module_path))
-
-
-def _channel_axis(kind: str, spatial: int, shape: tuple | None) -> int | None:
-    if shape is None:
-        return None
-    if kind in ("linear", "linear_t"):
-        return len(shape) - 1
-    return 1 if len(shape) == spatial + 2 else 0 if len(shape) == spatial + 1 else None
 
 
 # --- match ---------------------------------------------------------------------------------------
@@ -234,15 +205,23 @@ def _collapse_bn_like(model: nn.Module, graph: ModelGraph, ctx: FoldContext) -> 
     return problems, nested
 
 
-def _target(node: GNode, chain: list[GNode], ctx: FoldContext) -> Target:
-    """The Linear/Conv ``node`` runs, with where its parameters live."""
+def _read(node: GNode) -> ft.TargetRead | None:
+    """A weighted op whose table row a module can own (the program-only forms are not this editor's)."""
+    r = ft.read_torch(node)
+    return r if r is not None and r.row.module is not None else None
+
+
+def _target(reach: ft.Reach, ctx: FoldContext) -> Target:
+    """The Linear/Conv ``reach`` runs, with where its parameters live."""
+    node = reach.node
     path = node.module_path or ""
-    t = Target(path, node, _WEIGHTED_OPS[node.op][0], chain)
+    t = Target(path, node, reach.read, reach.chain)
     if node.op == "linear" and isinstance(ctx.module(node.module_path), nn.MultiheadAttention):
         w = node.arg(1, "weight")
         name = w.param if isinstance(w, GNode) and w.op == "param" else None
         if name == _join(path, "in_proj_weight"):  # q = k = v: one packed projection
-            t.owner, t.weight, t.bias, t.role = path, "in_proj_weight", "in_proj_bias", "in_proj"
+            t.owner, t.role = path, "in_proj"
+            t.weight, t.bias = ft.row("mha_in_proj").params
         elif name == _join(path, "out_proj.weight"):
             t.path = t.owner = _join(path, "out_proj")
             t.role = "out_proj"
@@ -252,52 +231,15 @@ def _target(node: GNode, chain: list[GNode], ctx: FoldContext) -> Target:
 
 
 def _match_after(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
-    chain: list[GNode] = []
-    x = bn_node.args[0] if bn_node.args else None
-    while isinstance(x, GNode) and _is_data_movement(x, ctx):
-        chain.append(x)
-        x = x.args[0]
-    if not isinstance(x, GNode):
-        return None, "no input node"
-    chain.reverse()
-    if x.op in _WEIGHTED_OPS:
-        return Site(norm_path, bn_node, "after", [_target(x, chain, ctx)]), ""
-    if x.op in ("input", "param"):
-        return None, "its input is a graph input, not a Linear/Conv output"
-    if _is_nonlinear(x):
-        src = x.args[0] if x.args else None
-        while isinstance(src, GNode) and _is_data_movement(src, ctx):
-            src = src.args[0]
-        if isinstance(src, GNode) and src.op in _WEIGHTED_OPS:
-            return None, f"a nonlinearity ({_where(x)}) sits between {src.op} {src.module_path} and the BN"
-    return None, f"its input comes from {_where(x)}, not from a Linear/Conv"
+    reach, why = ft.match_after(bn_node, moves=lambda n: _is_data_movement(n, ctx), read=_read)
+    return (Site(norm_path, bn_node, "after", [_target(reach, ctx)]), "") if reach is not None else (None, why)
 
 
 def _match_before(bn_node: GNode, norm_path: str, ctx: FoldContext) -> tuple[Site | None, str]:
-    targets: list[Target] = []
-    stack: list[tuple[GNode, list[GNode]]] = [(bn_node, [])]
-    while stack:
-        node, chain = stack.pop()
-        users = _data_users(node)
-        if not users:
-            return None, "its output is not used"
-        for u in users:
-            if u.op == "output":
-                return None, "its output is a model output"
-            if u.op in _WEIGHTED_OPS and _op_input(u) is node:
-                i_in, name_in = _op_args(u)[0]
-                if (any(a is node for i, a in enumerate(u.args) if i != i_in)
-                        or any(v is node for k, v in u.kwargs.items() if k != name_in)):
-                    return None, f"its output is also a weight of {_where(u)}"
-                targets.append(_target(u, chain, ctx))
-            elif u.args and u.args[0] is node and _is_data_movement(u, ctx):
-                stack.append((u, chain + [u]))
-            elif _is_nonlinear(u):
-                return None, f"its output feeds a nonlinearity ({_where(u)})"
-            else:
-                return None, f"its output feeds {_where(u)}, not only Linear/Conv layers"
-    targets.sort(key=lambda t: t.node.name)
-    return Site(norm_path, bn_node, "before", targets), ""
+    reaches, why = ft.match_before(bn_node, moves=lambda n: _is_data_movement(n, ctx), read=_read)
+    if reaches is None:
+        return None, why
+    return Site(norm_path, bn_node, "before", [_target(r, ctx) for r in reaches]), ""
 
 
 # --- check ---------------------------------------------------------------------------------------
@@ -471,7 +413,7 @@ def _check_region(node: GNode, ctx: FoldContext) -> str | None:
 
 def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str | None:
     node, position = t.node, site.position
-    kind, cls, spatial = _WEIGHTED_OPS[node.op]
+    kind, cls = t.kind, t.read.row.owner_class()
     caller_path = node.module_path or ""
     caller = ctx.module(node.module_path)  # the module whose forward runs the op
     path = t.path
@@ -482,9 +424,8 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
             return why
         mod = ctx.module(t.params_at)
     elif kind == "linear_t":
-        conv1d = _conv1d_class()
         mod = caller
-        if conv1d is None or not isinstance(mod, conv1d):
+        if cls is None or not isinstance(mod, cls):
             owner = type(mod).__name__ if mod is not None else "the model"
             return (f"addmm in {path or '<root>'} ({owner}) is not a transformers Conv1D's forward: no "
                     "module owns its weight as a Linear")
@@ -523,9 +464,7 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
         if not p.is_floating_point():
             return f"{role} {path}.{pname} is not floating point"
     if not node.leaf_module:
-        _, (i_w, n_w), (i_b, n_b) = _op_args(node)
-        for i, aname, pname in ((i_w, n_w, t.weight), (i_b, n_b, t.bias)):
-            v = node.arg(i, aname)
+        for v, pname in ((t.read.weight, t.weight), (t.read.bias, t.bias)):
             own = getattr(mod, pname)
             if v is None and own is None:
                 continue
@@ -545,21 +484,21 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
         if getattr(mod, pname, None) is not None and uses > 0:
             return f"{role} {_join(t.params_at, pname)} is also read outside {caller_path or '<root>'} (shared)"
     n = stats.num_features
+    scale, shift = fold_math.bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight,
+                                            stats.bias)
+    why = ft.commute_reason(t.chain, scale)  # a max-pool between: every scale >= 0
+    if why:
+        return why
     n_in, n_out = _in_out(t, mod)
     if position == "after":
-        # one channel (n == 1): a scalar affine map, whatever axis it sits on
-        return producer_layout(path, node, t.chain, site.node, kind, spatial, n_out, n, any_axis=n == 1)
-    if kind == "conv_transpose":
-        why = _check_conv_transpose_consumer(mod, path, stats)
+        return ft.producer_reason(path, ft.Reach(node, t.read, t.chain), site.node, n_out, n)
+    if kind in ("conv", "conv_transpose"):
+        why = ft.before_reason(t.row, path, shift, padding=mod.padding, dilation=mod.dilation,
+                               kernel=mod.kernel_size, stride=mod.stride,
+                               output_padding=getattr(mod, "output_padding", None), padding_mode=mod.padding_mode)
         if why:
             return why
-    if kind == "conv" and mod.padding_mode == "zeros" and reads_padding(mod.padding, mod.dilation, mod.kernel_size):
-        return (f"consumer {path} zero-pads its input (padding={_fmt_padding(mod.padding)}): the BN "
-                "shift would not reach the padded border, so the fold would not be exact")
-    if n == 1:
-        return None
-    ch, why = _consumer_channels(t, n)
-    return why
+    return _consumer_channels(t, n)[1]
 
 
 def _in_out(t: Target, mod: nn.Module) -> tuple[int, int]:
@@ -574,37 +513,7 @@ def _in_out(t: Target, mod: nn.Module) -> tuple[int, int]:
 
 def _consumer_channels(t: Target, n: int) -> tuple[ops.Channels | None, str | None]:
     """Where the BN's ``n`` channels sit in the consumer's input (possibly merged with other axes)."""
-    kind, _, spatial = _WEIGHTED_OPS[t.node.op]
-    ch, why = ops.track_channels(t.chain, ops.Channels(1), n)
-    if ch is None:
-        return None, f"between the BN and {t.path}: {why}"
-    src = _op_input(t.node)
-    want = _channel_axis(kind, spatial, src.shape)
-    if want is None:
-        return None, f"no shape information for {t.path}'s input (the captured graph has no shapes)"
-    if ch.axis != want:
-        return None, (f"the BN's channels arrive on axis {ch.axis} of {t.path}'s input, which reads channels "
-                      f"on axis {want}")
-    n_in = src.shape[want]
-    if n_in % (n * ch.stride):
-        return None, f"{t.path}'s {n_in} input channels are not whole blocks of the BN's {n} channels"
-    return ch, None
-
-
-def _check_conv_transpose_consumer(mod: nn.Module, path: str, stats: _Stats) -> str | None:
-    """A BN before a ConvTranspose: the scale always folds (input channels, axis 0 of the weight); the
-    shift adds ``Σ W·t`` over the kernel taps that reach an output position, one bias only where every
-    position receives every tap."""
-    if fold_math.conv_transpose_taps_uniform(mod.stride, mod.padding, mod.dilation, mod.kernel_size,
-                                             mod.output_padding):
-        return None
-    _, shift = fold_math.bn_scale_shift(stats.running_mean, stats.running_var, stats.eps, stats.weight, stats.bias)
-    if bool((shift == 0).all()):
-        return None
-    return (f"consumer {path} is a ConvTranspose (stride={tuple(mod.stride)}, padding={tuple(mod.padding)}, "
-            f"kernel={tuple(mod.kernel_size)}): its output positions receive different numbers of kernel taps "
-            "(borders, stride phases), so the BN's shift is not one bias there; it folds only with stride 1 and "
-            "padding ≥ dilation·(kernel − 1) + output_padding, or for a BN without shift")
+    return ft.consumer_channels(t.path, ft.Reach(t.node, t.read, t.chain), n)
 
 
 def _check_attention(t: Target, role: str, mha: nn.Module) -> str | None:
@@ -625,77 +534,6 @@ def _check_attention(t: Target, role: str, mha: nn.Module) -> str | None:
     return None
 
 
-# --- checks the module fold and the program fold share (passes.fold_bn_program) ---------------------
-
-where = _where
-channel_axis = _channel_axis
-WEIGHTED_OPS = _WEIGHTED_OPS
-
-
-def reads_padding(padding: Any, dilation: Any, kernel_size: Any) -> bool:
-    """A conv with this padding reads padded values (``"same"`` pads unless every kernel is 1)."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return False
-        return any(d * (k - 1) > 0 for d, k in zip(dilation, kernel_size))
-    pads = padding if isinstance(padding, (list, tuple)) else [padding]
-    return any(p != 0 for p in pads)
-
-
-def producer_layout(path: str, node: GNode, chain: list[GNode], bn_node: GNode, kind: str, spatial: int,
-                    n_out: int | None, n_bn: int | None, *, any_axis: bool = False) -> str | None:
-    """Why a BN after producer ``node`` (through ``chain``) does not fold into it: the producer's output
-    read elsewhere, its channels merged, moved off axis 1 or of another count (``any_axis``: a
-    one-channel BN, a scalar map, folds wherever its axis sits); None when it folds."""
-    for n, expected in zip([node, *chain], [*chain, bn_node]):
-        others = [u for u in _data_users(n) if u is not expected]
-        if others:
-            what = "output" if n is node else f"output (after {n.op})"
-            return f"producer {path} {what} is also used by {_where(others[0])}"
-    if any_axis:
-        return None
-    axis = _channel_axis(kind, spatial, node.shape)
-    if axis is None:
-        return f"no shape information for {path} (the captured graph has no shapes)"
-    axis, why = _track(chain, axis)
-    if axis is None:
-        return f"between {path} and the BN: {why}"
-    if axis != 1:
-        return f"the BN normalizes axis 1 but {path}'s channels arrive on axis {axis}"
-    if n_out != n_bn:
-        return f"{path} has {n_out} output channels, the BN {n_bn}"
-    return None
-
-
-def consumer_layout(path: str, src: Any, chain: list[GNode], kind: str, spatial: int, n_in: int | None,
-                    n_bn: int | None, *, padding: str | None = None) -> str | None:
-    """Why a BN before consumer ``path`` (reading ``src`` at the end of ``chain``) does not fold into it
-    in a program: a ConvTranspose, a conv that zero-pads (``padding``: its padding, shown), the BN's
-    channels not arriving on the axis the consumer reads, or in another count. (The module fold also
-    folds merged channels and exact ConvTranspose cases: ``_consumer_channels``,
-    ``_check_conv_transpose_consumer``.)"""
-    if kind == "conv_transpose":
-        return f"consumer {path} is a ConvTranspose: a BN shift before it does not fold exactly"
-    if padding is not None:
-        return (f"consumer {path} zero-pads its input (padding={padding}): the BN shift would not reach the "
-                "padded border, so the fold would not be exact")
-    axis, why = _track(chain, 1)
-    if axis is None:
-        return f"between the BN and {path}: {why}"
-    want = _channel_axis(kind, spatial, src.shape if isinstance(src, GNode) else None)
-    if want is None:
-        return f"no shape information for {path}'s input (the captured graph has no shapes)"
-    if axis != want:
-        return f"the BN's channels arrive on axis {axis} of {path}'s input, which reads channels on axis {want}"
-    if n_in != n_bn:
-        return f"{path} has {n_in} input channels, the BN {n_bn}"
-    return None
-
-
-def _fmt_padding(p: Any) -> str:
-    return repr(p) if isinstance(p, str) else str(tuple(p))
-
-
 def _join(prefix: str | None, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -710,27 +548,8 @@ def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
     for t in site.targets:
         mod = ctx.module(t.params_at)
         w, b = getattr(mod, t.weight), getattr(mod, t.bias)
-        n_in, n_out = _in_out(t, mod)
-        if site.position == "after":
-            s, sh = _expanded(scale, shift, 1, n_out)  # one channel: a scalar for every output channel
-            if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_after_linear(w, b, s, sh)
-            elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_after_transposed_linear(w, b, s, sh)
-            else:
-                nw, nb = fold_math.fold_bn_after_conv(w, b, s, sh, groups=mod.groups,
-                                                      transposed=t.kind == "conv_transpose")
-        else:
-            ch = ops.Channels(1) if stats.num_features == 1 else _consumer_channels(t, stats.num_features)[0]
-            s, sh = _expanded(scale, shift, ch.stride, n_in)
-            if t.kind == "linear":
-                nw, nb = fold_math.fold_bn_before_linear(w, b, s, sh)
-            elif t.kind == "linear_t":
-                nw, nb = fold_math.fold_bn_before_transposed_linear(w, b, s, sh)
-            elif t.kind == "conv_transpose":
-                nw, nb = fold_math.fold_bn_before_conv_transpose(w, b, s, sh, groups=mod.groups)
-            else:
-                nw, nb = fold_math.fold_bn_before_conv(w, b, s, sh, groups=mod.groups)
+        ch = _consumer_channels(t, stats.num_features)[0] if site.position == "before" else None
+        nw, nb = ft.fold(t.row, site.position, w, b, scale, shift, groups=getattr(mod, "groups", 1), channels=ch)
         undo.save_param(mod, t.weight)
         undo.save_param(mod, t.bias)
         if b is None:
@@ -757,13 +576,6 @@ def rewrite(site: Site, ctx: FoldContext, undo: UndoLog) -> Action:
         _make_identity(site, stats, ctx, undo)
         detail["functional"] = True
     return Action("folded", site.norm, detail)
-
-
-def _expanded(scale: torch.Tensor, shift: torch.Tensor, stride: int, length: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    if stride == 1 and scale.shape[0] == length:
-        return scale, shift
-    return fold_math.expand_channels(scale, stride, length), fold_math.expand_channels(shift, stride, length)
 
 
 def _make_identity(site: Site, stats: _Stats, ctx: FoldContext, undo: UndoLog) -> None:

@@ -1,20 +1,24 @@
-"""Fold an inference-mode BatchNorm inside a ``torch.export`` program: the rule (match, check, rewrite).
+"""Fold an inference-mode BatchNorm inside a ``torch.export`` program: the ExportedProgram editor.
 
 ``fold_bn`` edits the user's ``nn.Module``; a ``.pt2`` archive has no module to edit, only a graph over
-lifted state. This rule rewrites that graph itself, with the same rules:
+lifted state. This editor rewrites that graph itself. What to fold is decided by the shared table and
+matcher (``passes.fold_targets``), the same rows the module and ONNX editors read:
 
 - **match** (read-only): every batch-norm node, in whatever form the program holds it
-  (``graph.ops.BATCH_NORM_FORMS``), walked backwards through data-movement ops (``graph.ops``) to a
-  producer (linear, conv, conv_transpose, convolution, addmm, mm) and forwards to consumers (linear,
-  unpadded conv). Sites name nodes, not objects, so the same site can be applied to a fresh copy.
-- **check**: a reason to skip, or None. The layout checks are ``fold_bn``'s own (``producer_layout``,
-  ``consumer_layout``: the channel axis tracked through every view/reshape/permute, never guessed); a
-  weight read by two nodes, a producer output used elsewhere, a nonlinearity between, a padded conv
-  consumer, a training-mode batch norm are refused.
+  (``graph.ops.BATCH_NORM_FORMS``); ``fold_targets.match_after``/``match_before`` walk through
+  data-movement ops (and max-pools) to the producer and the consumers, ``read_torch`` recognizing every
+  row's forms (``linear``, ``convNd``/``convolution`` incl. ConvTranspose and groups, ``addmm``/``mm``/
+  ``bmm`` over a transposed weight after ``run_decompositions()``, transformers' Conv1D, ``x @ W``).
+  Sites name nodes, not objects, so the same site can be applied to a fresh copy.
+- **check** (done in match: the program holds the numbers): a weight or bias read by two nodes or
+  computed in the program, a training-mode batch norm, and the table's shared checks
+  (``producer_reason``, ``consumer_channels``: merged channels and one-channel BNs included,
+  ``before_reason``: padded convs and the ConvTranspose rule, ``commute_reason``: max-pool signs).
 - **rewrite**: on a ``ProgramEdit`` (a fresh copy of the graph, signature and state), the
-  producer's/consumer's tensors are replaced by the folded ones (``fold_math``, float64), a bias the
-  fold creates becomes a new placeholder + ``InputSpec`` + state entry of its weight's kind (parameter,
-  buffer or constant), the batch-norm node is removed and its now unread state dropped.
+  producer's/consumer's tensors are replaced by the folded ones (``fold_targets.fold``: ``fold_math``,
+  float64), a bias the fold creates becomes a new placeholder + ``InputSpec`` + state entry of its
+  weight's kind (parameter, buffer or constant; ``mm`` becomes ``addmm``, a ``bmm``/``matmul`` gets an
+  ``add``), the batch-norm node is removed and its now unread state dropped.
 
 ``ProgramEdit.finish()`` rebuilds an ``ExportedProgram`` with its own constructor (its verifier runs),
 keeping the range constraints: dynamic dimensions stay dynamic. The pass that runs this rule with
@@ -38,7 +42,8 @@ from .. import fold_math
 from ..graph import GNode, ops
 from ..graph.capture import program_nodes
 from ..report import Action
-from .fold_bn import WEIGHTED_OPS, consumer_layout, producer_layout, reads_padding, where
+from . import fold_targets as ft
+from .fold_targets import where
 
 __all__ = ["ProgramSite", "ProgramEntry", "ProgramEdit", "match", "rewrite", "count_batch_norms"]
 
@@ -54,31 +59,17 @@ def count_batch_norms(ep: ExportedProgram) -> int:
 # --- data model ----------------------------------------------------------------------------------------
 
 @dataclass
-class _Weighted:
-    """What a weighted op reads: activation, weight (a state placeholder or not), bias, conv details."""
-
-    kind: str  # linear | linear_t | conv | conv_transpose
-    input: Any
-    weight: Any  # the GNode holding the (out, in)/(in, out)/conv weight
-    bias: Any
-    bias_index: int
-    view: GNode | None = None  # the transpose between a decomposed linear's weight and its addmm
-    spatial: int = 0
-    groups: int = 1
-    padding: Any = 0
-    dilation: Any = 1
-
-
-@dataclass
 class ProgramTarget:
     path: str
     node: str  # the weighted op's node name
     kind: str
     weight: str  # placeholder names
     bias: str | None
-    bias_index: int
+    bias_index: int | None  # None: the op takes no bias (mm, bmm, matmul): the fold adds one
     groups: int
     via: list[str] = field(default_factory=list)
+    row: str = "linear"  # the fold_targets row
+    stride: int = 1  # channels merged with the axes after them (before-folds: ops.Channels.stride)
 
 
 @dataclass
@@ -110,47 +101,12 @@ def _owner(target: str) -> str:
     return target.rpartition(".")[0]
 
 
-def _weighted(node: GNode) -> _Weighted | None:
-    op = node.op
-    if op == "linear":
-        return _Weighted("linear", node.arg(0, "input"), node.arg(1, "weight"), node.arg(2, "bias"), 2)
-    spec = WEIGHTED_OPS.get(op)
-    if op == "convolution" or (spec is not None and spec[0] in ("conv", "conv_transpose")):
-        transposed = bool(node.arg(6, "transposed")) if op == "convolution" else spec[0] == "conv_transpose"
-        # convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups);
-        # conv_transposeNd(x, w, b, stride, padding, output_padding, groups, dilation);
-        # convNd(x, w, b, stride, padding, dilation, groups)
-        if op == "convolution":
-            pad, dil, groups = node.arg(4, "padding", 0), node.arg(5, "dilation", 1), node.arg(8, "groups", 1)
-        elif transposed:
-            pad, dil, groups = node.arg(4, "padding", 0), node.arg(7, "dilation", 1), node.arg(6, "groups", 1)
-        else:
-            pad, dil, groups = node.arg(4, "padding", 0), node.arg(5, "dilation", 1), node.arg(6, "groups", 1)
-        w = node.arg(1, "weight")
-        spatial = len(w.shape) - 2 if isinstance(w, GNode) and w.shape is not None else (spec[2] if spec else 0)
-        return _Weighted("conv_transpose" if transposed else "conv", node.arg(0, "input"), w,
-                         node.arg(2, "bias"), 2, None, spatial, groups if isinstance(groups, int) else -1, pad, dil)
-    if op in ("addmm", "mm"):  # mm: a decomposed bias-free linear; a created bias turns it into addmm
-        x, w, b = (node.arg(1, "mat1"), node.arg(2, "mat2"), node.arg(0, "input")) if op == "addmm" else (
-            node.arg(0, "self"), node.arg(1, "mat2"), None)
-        if _transposed_param(w):  # addmm(b, x, w.t()): a decomposed linear over its (out, in) weight
-            return _Weighted("linear", x, w.args[0], b, 0, view=w)
-        return _Weighted("linear_t", x, w, b, 0)
-    return None
-
-
-def _transposed_param(w: Any) -> bool:
-    """``w`` is a 2-D state tensor with its two axes swapped (``t``/``transpose``/``permute``)."""
-    return (isinstance(w, GNode) and w.op in ops.PERMUTE | ops.TRANSPOSE and ops.is_data_movement(w)
-            and w.args[0].op == "param" and w.shape is not None and len(w.shape) == 2
-            and ops.map_axis(w, 0)[0] == 1)
-
-
 # --- match -----------------------------------------------------------------------------------------------
 
 def match(ep: ExportedProgram) -> list[ProgramEntry]:
-    """Every batch-norm node of the program with the sites it could fold at (read-only)."""
+    """Every batch-norm node of the program with the sites it folds at (checked: see the module docstring)."""
     entries: list[ProgramEntry] = []
+    state = _state_by_placeholder(ep)
     for node in program_nodes(ep):
         if node.op not in ops.BATCH_NORM_FORMS or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -172,14 +128,26 @@ def match(ep: ExportedProgram) -> list[ProgramEntry]:
             continue
         eps = float(args.get("eps", 1e-5))
         names = {k: (v.name if isinstance(v, GNode) else None) for k, v in stats.items()}
-        for position, find in (("after", _match_after), ("before", _match_before)):
-            targets, why = find(node if position == "after" else out)
-            if targets is None:
-                entry.reasons[position] = why
-            else:
-                entry.sites.append(ProgramSite(entry.norm, node.name, [e.name for e in extra], position,
-                                               targets, names, eps))
+        tensors = {k: state.get(v) for k, v in names.items()}
+        scale, shift = fold_math.bn_scale_shift(tensors["running_mean"], tensors["running_var"], eps,
+                                                tensors["weight"], tensors["bias"])
+        n_bn = rm.shape[0] if rm.shape else None
+        sites, entry.reasons = ft.plan(node, out, n_bn, scale, shift, own=_own, name=_path)
+        for site in sites:
+            targets = [_target(r, ch) for r, ch in zip(site.reaches, site.channels)]
+            entry.sites.append(ProgramSite(entry.norm, node.name, [e.name for e in extra], site.position,
+                                           targets, names, eps))
     return entries
+
+
+def _state_by_placeholder(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    out = {}
+    for spec in ep.graph_signature.input_specs:
+        if isinstance(spec.arg, TensorArgument) and spec.target is not None:
+            t = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
+            if isinstance(t, torch.Tensor):
+                out[spec.arg.name] = t
+    return out
 
 
 def _check_norm(node: GNode, args: dict, stats: dict) -> str | None:
@@ -219,76 +187,19 @@ def _norm_output(node: GNode) -> tuple[GNode | None, list[GNode], str]:
     return out, extra, ""
 
 
-def _match_after(bn: GNode) -> tuple[list[ProgramTarget] | None, str]:
-    chain: list[GNode] = []
-    x = bn.args[0] if bn.args else None
-    while isinstance(x, GNode) and ops.is_data_movement(x):
-        chain.append(x)
-        x = x.args[0]
-    if not isinstance(x, GNode):
-        return None, "no input node"
-    chain.reverse()
-    w = _weighted(x)
-    if w is not None:
-        t = _target(x, w, "producer", chain)
-        if isinstance(t, str):
-            return None, t
-        why = _check_producer(x, w, t, chain, bn)
-        return (None, why) if why else ([t], "")
-    if x.op in ("input", "param"):
-        return None, "its input is a graph input, not a Linear/Conv output"
-    if ops.is_nonlinear(x):
-        src = x.args[0] if x.args else None
-        while isinstance(src, GNode) and ops.is_data_movement(src):
-            src = src.args[0]
-        if isinstance(src, GNode) and _weighted(src) is not None:
-            return None, f"a nonlinearity ({where(x)}) sits between {src.op} {src.module_path} and the BN"
-    return None, f"its input comes from {where(x)}, not from a Linear/Conv"
+def _path(reach: ft.Reach) -> str:
+    w = reach.read.weight
+    return _owner(w.param) if isinstance(w, GNode) and w.op == "param" else (reach.node.module_path or "<root>")
 
 
-def _match_before(out: GNode) -> tuple[list[ProgramTarget] | None, str]:
-    found: list[tuple[GNode, _Weighted, list[GNode]]] = []
-    stack: list[tuple[GNode, list[GNode]]] = [(out, [])]
-    while stack:
-        node, chain = stack.pop()
-        users = ops.data_users(node)
-        if not users:
-            return None, "its output is not used"
-        for u in users:
-            w = _weighted(u) if u.op != "output" else None
-            if u.op == "output":
-                return None, "its output is a model output"
-            if w is not None and w.input is node:
-                if any(a is node for a in (w.weight, w.bias, w.view)):
-                    return None, f"its output is also a weight of {where(u)}"
-                found.append((u, w, chain))
-            elif u.args and u.args[0] is node and ops.is_data_movement(u):
-                stack.append((u, chain + [u]))
-            elif ops.is_nonlinear(u):
-                return None, f"its output feeds a nonlinearity ({where(u)})"
-            else:
-                return None, f"its output feeds {where(u)}, not only Linear/Conv layers"
-    targets = []
-    for u, w, chain in sorted(found, key=lambda f: f[0].name):
-        t = _target(u, w, "consumer", chain)
-        if isinstance(t, str):
-            return None, t
-        why = _check_consumer(u, w, t, chain, out)
-        if why:
-            return None, why
-        targets.append(t)
-    return targets, ""
-
-
-# --- check ------------------------------------------------------------------------------------------------
-
-def _target(node: GNode, w: _Weighted, role: str, chain: list[GNode]) -> ProgramTarget | str:
-    """The target's placeholders, or why its weight/bias cannot be rewritten in the program's state."""
-    where = node.module_path or "<root>"
+def _own(reach: ft.Reach, role: str) -> str | None:
+    """Why the target's weight/bias cannot be rewritten in the program's state (read elsewhere, computed)."""
+    node, w = reach.node, reach.read
     if not (isinstance(w.weight, GNode) and w.weight.op == "param"):
-        return f"{role} {node.op} in {where}: its weight is computed in the program, not read from its state"
-    path = _owner(w.weight.param)
-    readers = len(w.weight.users) + (len(w.view.users) - 1 if w.view is not None else 0)
+        return (f"{role} {node.op} in {node.module_path or '<root>'}: its weight is computed in the program, not "
+                "read from its state")
+    path = _path(reach)
+    readers = max([len(w.weight.users), *(len(n.users) for n in w.weight_chain)])
     if readers > 1:
         return f"{role} {path}.weight is read by {readers} nodes (shared)"
     if w.weight.dtype is not None and not w.weight.dtype.is_floating_point:
@@ -298,46 +209,16 @@ def _target(node: GNode, w: _Weighted, role: str, chain: list[GNode]) -> Program
             return f"{role} {path}: its bias is computed in the program, not read from its state"
         if len(w.bias.users) > 1:
             return f"{role} {path}'s bias is read by {len(w.bias.users)} nodes (shared)"
-    if w.kind == "linear_t" and (w.weight.shape is None or len(w.weight.shape) != 2):
-        return f"{role} {path}: addmm with a weight that is not 2-D"
-    if node.op == "addmm" and (node.arg(3, "beta", 1) != 1 or node.arg(4, "alpha", 1) != 1):
-        return f"{role} {path}: its addmm scales with beta/alpha"
-    if w.groups < 1:
+    if w.groups is None or w.groups < 1:
         return f"{role} {path}: cannot read its groups"
-    return ProgramTarget(path, node.name, w.kind, w.weight.name, w.bias.name if w.bias is not None else None,
-                         w.bias_index, w.groups, [n.op for n in chain])
+    return None
 
 
-def _out_channels(w: _Weighted) -> int | None:
-    s = w.weight.shape
-    if s is None:
-        return None
-    return {"linear": s[0], "linear_t": s[-1], "conv": s[0], "conv_transpose": s[1] * w.groups}[w.kind]
-
-
-def _in_channels(w: _Weighted) -> int | None:
-    s = w.weight.shape
-    if s is None:
-        return None
-    return {"linear": s[1], "linear_t": s[0], "conv": s[1] * w.groups, "conv_transpose": s[0]}[w.kind]
-
-
-def _bn_channels(bn: GNode) -> int | None:
-    rm = ops.batch_norm_args(bn).get("running_mean")
-    return rm.shape[0] if isinstance(rm, GNode) and rm.shape else None
-
-
-def _check_producer(node: GNode, w: _Weighted, t: ProgramTarget, chain: list[GNode], bn: GNode) -> str | None:
-    return producer_layout(t.path, node, chain, bn, w.kind, w.spatial, _out_channels(w), _bn_channels(bn))
-
-
-def _check_consumer(node: GNode, w: _Weighted, t: ProgramTarget, chain: list[GNode], out: GNode) -> str | None:
-    kernel = w.weight.shape[2:] if w.weight.shape is not None else [2] * w.spatial
-    dilation = w.dilation if isinstance(w.dilation, (list, tuple)) else [w.dilation] * w.spatial
-    zero_padded = w.kind == "conv" and reads_padding(w.padding, dilation, kernel)
-    bn = out if out.op in ops.BATCH_NORM_FORMS else out.args[0]
-    return consumer_layout(t.path, w.input, chain, w.kind, w.spatial, _in_channels(w), _bn_channels(bn),
-                           padding=str(w.padding) if zero_padded else None)
+def _target(reach: ft.Reach, ch: ops.Channels) -> ProgramTarget:
+    w = reach.read
+    return ProgramTarget(_path(reach), reach.node.name, w.kind, w.weight.name,
+                         w.bias.name if w.bias is not None else None, w.bias_index, w.groups,
+                         [n.op for n in reach.chain], w.row.name, ch.stride)
 
 
 # --- rewrite ------------------------------------------------------------------------------------------------
@@ -363,6 +244,7 @@ class ProgramEdit:
         self.constants = dict(ep.constants)
         self.renames: dict[str, str] = {}
         self.folded_norms: list[str] = []
+        self.added_bias: dict[str, str] = {}  # bmm/matmul node -> the bias placeholder its new ``add`` reads
 
     def _spec(self, name: str) -> InputSpec:
         return next(s for s in self.input_specs if isinstance(s.arg, TensorArgument) and s.arg.name == name)
@@ -458,13 +340,14 @@ def rewrite(site: ProgramSite, work: ProgramEdit) -> Action:
     scale, shift = fold_math.bn_scale_shift(s["running_mean"], s["running_var"], site.eps, s["weight"], s["bias"])
     for t in site.targets:
         op = work.nodes[t.node]
-        bias_node = _bias_arg(op, t.bias_index)  # an earlier site may have given it one
+        bias_node = _bias_arg(work, op, t.bias_index)  # an earlier site may have given it one
         w, b = work.tensor(t.weight), work.tensor(bias_node.name if bias_node is not None else None)
-        nw, nb = fold_math.fold_bn_into(t.kind, site.position, w, b, scale, shift, groups=t.groups)
+        nw, nb = ft.fold(ft.row(t.row), site.position, w, b, scale, shift, groups=t.groups,
+                         channels=ops.Channels(1, t.stride))
         work.set_tensor(t.weight, nw)
         if bias_node is None:
             target = _owner(work._spec(t.weight).target)
-            _set_bias_arg(op, t.bias_index, work.add_like(t.weight, f"{target}.bias" if target else "bias", nb))
+            _set_bias_arg(work, op, t.bias_index, work.add_like(t.weight, f"{target}.bias" if target else "bias", nb))
         else:
             work.set_tensor(bias_node.name, nb)
     work.remove_norm(site)
@@ -472,16 +355,30 @@ def rewrite(site: ProgramSite, work: ProgramEdit) -> Action:
     return Action("folded", site.norm, {"into": site.into, "position": site.position, "via": via})
 
 
-def _bias_arg(op: torch.fx.Node, index: int) -> torch.fx.Node | None:
-    if op.target is torch.ops.aten.mm.default:
+def _bias_arg(work: ProgramEdit, op: torch.fx.Node, index: int | None) -> torch.fx.Node | None:
+    if op.name in work.added_bias:  # a bmm/matmul an earlier site gave an ``add``
+        return work.nodes[work.added_bias[op.name]]
+    if op.target is torch.ops.aten.addmm.default:
+        index = 0
+    if index is None:
         return None
     b = op.args[index] if index < len(op.args) else op.kwargs.get("bias")
     return b if isinstance(b, torch.fx.Node) else None
 
 
-def _set_bias_arg(op: torch.fx.Node, index: int, value: torch.fx.Node) -> None:
+def _set_bias_arg(work: ProgramEdit, op: torch.fx.Node, index: int | None, value: torch.fx.Node) -> None:
     if op.target is torch.ops.aten.mm.default:  # mm(x, w) + b is addmm(b, x, w)
         op.target, op.args = torch.ops.aten.addmm.default, (value, *op.args)
+        return
+    if index is None:  # bmm / matmul: no bias argument, add one after it (broadcast over the last axis)
+        with work.gm.graph.inserting_after(op):
+            add = work.gm.graph.call_function(torch.ops.aten.add.Tensor, (op, value))
+        op.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        add.meta.update({k: v for k, v in op.meta.items() if k in ("val", "nn_module_stack", "stack_trace",
+                                                                   "source_fn_stack", "tensor_meta")})
+        work.nodes[add.name] = add
+        work.added_bias[op.name] = value.name
+        work.renames[op.name] = add.name
         return
     if index < len(op.args):
         op.update_arg(index, value)
@@ -489,5 +386,3 @@ def _set_bias_arg(op: torch.fx.Node, index: int, value: torch.fx.Node) -> None:
         op.update_kwarg("bias", value)
     else:
         op.args = (*op.args, value)
-
-

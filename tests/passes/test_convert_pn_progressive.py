@@ -170,9 +170,9 @@ def test_cli_pn_and_progressive(tmp_path):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(NormSurgeonError, match="--progressive must be"):
+    with pytest.raises(NormSurgeonError, match="progressive must be"):
         normsurgeon.convert(zoo.gpt2(), to="bn", progressive=-1)
-    with pytest.raises(NormSurgeonError, match="only go with --to pn"):
+    with pytest.raises(NormSurgeonError, match="only go with to='pn'"):
         normsurgeon.convert(zoo.gpt2(), to="bn", pn_groups=2)
 
 

@@ -756,7 +756,7 @@ def test_cli_levit_json_and_saved_model(tmp_path, zoo_model):
 
 def test_cli_dry_run_without_output(zoo_model):
     code, stdout, stderr = _run(["fold", "normsurgeon.zoo:resnet"])
-    assert code == 0 and "folded 8 of 8" in stdout and "dry run: no output written" in stderr
+    assert code == 0 and "folded 8 of 8" in stdout and "dry run: nothing written" in stderr
     code, stdout, _ = _run(["fold", "normsurgeon.zoo:resnet", "--json"])
     assert code == 0 and json.loads(stdout)["dry_run"] is True and json.loads(stdout)["output"] is None
 
@@ -976,3 +976,97 @@ def test_a_bn_module_whose_forward_moves_data_folds_only_if_the_moves_cancel():
         if not folds:
             assert "rearranges the data" in report.skipped[0].reason
         assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+class TupleCalled(nn.Module):
+    """Issue 19 item 7: conv and BN registered in a ModuleList, called through a plain tuple attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)])
+        self.pair = (self.layers[0], self.layers[1])  # a plain attribute: replacing layers[1] cannot reach it
+
+    def forward(self, x):
+        conv, bn = self.pair
+        return self.layers[3](self.layers[2](torch.relu(bn(conv(x)))))
+
+
+def test_a_bn_the_forward_still_calls_is_not_reported_folded():
+    model = TupleCalled().eval()  # fresh statistics: nearly the identity, so outputs alone would not tell
+    folded, report = fold(model, CallArgs((torch.randn(2, 3, 8, 8),)))
+    kinds = {a.path: a.kind for a in report.actions}
+    assert kinds == {"layers.1": "rolled_back", "layers.3": "folded"}, report.summary()
+    assert "still calls this BatchNorm" in report.rolled_back[0].reason
+    assert isinstance(folded.layers[1], nn.BatchNorm2d) and isinstance(folded.layers[3], nn.Identity)
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(folded.pair[0].weight, model.pair[0].weight)  # the conv it would have folded into: restored
+    assert torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6) and report.passed
+
+
+class PitchTracker(nn.Module):
+    """Issue 19 item 10, a CREPE-like pitch tracker: (conv → ReLU → BN → max-pool) × 3, then
+    permute → reshape → Linear. The last BN reaches the classifier through the max-pool."""
+
+    def __init__(self, channels=(1, 8, 8, 6), length=32):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(a, b, 5, padding=2), nn.ReLU(), nn.BatchNorm1d(b), nn.MaxPool1d(2))
+            for a, b in zip(channels, channels[1:]))
+        self.fc = nn.Linear(channels[-1] * length // 8, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.permute(0, 2, 1).reshape(x.shape[0], -1))
+
+
+def test_a_bn_folds_through_max_pool_where_every_scale_is_positive():
+    model = randomize(PitchTracker())  # γ in [0.5, 1.5): every scale γ/σ is positive
+    x = CallArgs((torch.randn(2, 1, 32),))
+    folded, report = fold(model, x)
+    kinds = {a.path: a.kind for a in report.actions}
+    assert kinds == {"blocks.0.2": "skipped", "blocks.1.2": "skipped", "blocks.2.2": "folded"}, report.summary()
+    (done,) = report.folded
+    assert done.detail["into"] == ["fc"] and done.detail["via"] == ["max_pool1d", "permute", "reshape"]
+    for a in report.skipped:  # the others sit before zero-padded convs (and after a ReLU): refused, rightly
+        assert "zero-pads its input" in a.reason and "a nonlinearity" in a.reason
+    assert report.passed and isinstance(folded.blocks[2][2], nn.Identity)
+    y = torch.randn(5, 1, 32)
+    assert torch.allclose(folded(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_scale_does_not_commute_with_max_pool():
+    model = randomize(PitchTracker())
+    with torch.no_grad():
+        model.blocks[2][2].weight[3] = -0.7  # one channel's scale negative: max(s·x) is s·min(x) there
+    folded, report = fold(model, CallArgs((torch.randn(2, 1, 32),)))
+    (last,) = [a for a in report.actions if a.path == "blocks.2.2"]
+    assert last.kind == "skipped" and "negative on 1 of 6 channels (channel 3 first)" in last.reason
+    assert "max_pool1d" in last.reason and not report.folded
+
+
+@pytest.mark.parametrize("pool,position,via", [
+    (nn.AdaptiveMaxPool2d(2), "before", ["adaptive_max_pool2d", "getitem", "flatten"]),  # (values, indices)
+    (nn.MaxPool2d(2, padding=1), "before", ["max_pool2d", "flatten"]),  # the −∞ padding commutes too
+])
+def test_max_pool_forms_fold_in_module_and_program(pool, position, via):
+    from normsurgeon.passes.fold import fold_program
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), pool, nn.Flatten(),
+                                    nn.LazyLinear(3)))
+    x = CallArgs((torch.randn(2, 3, 9, 9),))
+    model(*x.args)  # materialize the lazy Linear
+    folded, report = fold(model, x)
+    (done,) = report.folded
+    assert done.detail["position"] == position and done.detail["via"] == via and report.passed
+    ep = torch.export.export(model, x.args, strict=False)
+    for program in (ep, ep.run_decompositions()):
+        _, preport = fold_program(program)
+        assert [a.path for a in preport.folded] == ["2"] and preport.passed
+
+
+def test_a_bn_after_max_pool_folds_into_the_conv_before_it():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU()))
+    folded, report = fold(model, CallArgs((torch.randn(2, 3, 9, 9),)))
+    (done,) = report.folded
+    assert done.detail == {"into": ["0"], "position": "after", "via": ["max_pool2d"]} and report.passed

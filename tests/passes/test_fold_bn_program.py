@@ -20,7 +20,7 @@ from normsurgeon.inputs import CallArgs
 from normsurgeon.outputs import compare_outputs
 from normsurgeon.passes.fold_bn_program import count_batch_norms
 
-from test_fold import Consumer, NonLin, UsedTwice, WeightReadTwice, randomize
+from test_fold import Consumer, NonLin, PitchTracker, UsedTwice, WeightReadTwice, randomize
 
 img = torch.randn(2, 3, 8, 8)
 
@@ -94,6 +94,21 @@ def test_zoo_pt2_folds_like_the_module_and_exports_without_batchnorm(zoo_model, 
         exported = json.loads(stdout)
         assert exported["fold"]["summary"]["folded"] == len(module_report.folded)
         assert exported["verify"]["passed"] and "BatchNormalization" not in exported["norm_ops"]
+
+
+@pytest.mark.parametrize("name", ZOO_BN)
+def test_decomposed_zoo_program_folds_as_many_as_the_module(zoo_model, name):
+    """After run_decompositions() (native batch norms, convolution, addmm/mm, expand + bmm) the program
+    fold still matches the module fold's count, verified: the decomposed LeViT folds 27 of 27."""
+    model, ci = zoo_model(name)
+    _, module_report = fold(model, ci, verify=False)
+    ep = torch.export.export(model, ci.args, ci.kwargs, strict=False).run_decompositions()
+    folded, report = fold_program(ep)
+    assert report.passed, report.summary()
+    assert sorted(a.path for a in report.folded) == sorted(a.path for a in module_report.folded)
+    assert count_batch_norms(folded) == count_batch_norms(ep) - len(module_report.folded) == 0
+    if name == "levit":
+        assert len(report.folded) == 27
 
 
 # --- patterns -------------------------------------------------------------------------------------------
@@ -175,13 +190,60 @@ class ConvT(nn.Module):
         return self.bn(self.convt(x))
 
 
+class FlattenHead(nn.Module):
+    """BN → flatten → Linear: the BN's channels merged with H·W in the Linear's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(3), nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(torch.relu(x)).flatten(1))
+
+
+class OneFeature(nn.Module):
+    """A one-channel BN on (B, 1, L) before a Linear over L: a scalar map on any axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(1), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(torch.relu(x)))
+
+
+class BNThenConvT(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.bn, self.convt = nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3, **kw)
+
+    def forward(self, x):
+        return self.convt(self.bn(torch.relu(x)))
+
+
+class PoolHead(nn.Module):
+    """conv → ReLU → BN → max-pool → flatten → Linear: the BN folds through the pool (positive scales)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(self.bn(torch.relu(self.conv(x))), 2).flatten(1))
+
+
 @pytest.mark.parametrize("model,x,position,into,via", [
+    (FlattenHead, img, "before", ["fc"], ["flatten"]),
+    (OneFeature, torch.randn(2, 1, 7), "before", ["fc"], []),
+    (lambda: BNThenConvT(padding=2, groups=1), img, "before", ["convt"], []),
+    (PoolHead, img, "before", ["fc"], ["max_pool2d", "flatten"]),
     (QKV, torch.randn(2, 3, 16), "before", ["k", "q", "v"], []),
     (TokenBN, torch.randn(2, 5, 6), "after", ["fc"], ["flatten"]),
     (ChannelsLast, torch.randn(2, 3, 3, 3), "after", ["fc"], ["permute"]),
     (BNThenConv, img, "before", ["conv"], []),
     (ConvT, img, "after", ["convt"], []),
-], ids=["qkv-fan-out", "token-bn", "permute", "unpadded-conv-consumer", "conv-transpose-affine-free"])
+], ids=["flatten-head", "one-feature", "conv-transpose-consumer", "max-pool", "qkv-fan-out", "token-bn", "permute",
+        "unpadded-conv-consumer", "conv-transpose-affine-free"])
 def test_patterns_fold_exactly(model, x, position, into, via):
     ep, folded, report, action = fold_one(model(), x, dynamic=True)
     assert action.kind == "folded" and action.detail["position"] == position
@@ -231,12 +293,22 @@ def test_a_bias_free_linear_takes_folds_from_both_sides():
     (WeightReadTwice, torch.randn(4, 8), "producer fc.weight is read by 2 nodes (shared)"),
     (UsedTwice, img, "producer conv output is also used by add"),
     (NonLin, img, "a nonlinearity (relu) sits between conv2d conv and the BN"),
-    (lambda: Consumer(padding=1), img, "consumer conv zero-pads its input (padding=[1, 1])"),
-], ids=["weight-read-twice", "output-used-twice", "nonlinearity", "padded-consumer"])
+    (lambda: Consumer(padding=1), img, "consumer conv zero-pads its input (padding=(1, 1))"),
+    (lambda: BNThenConvT(stride=2), img, "receive different numbers of kernel taps"),
+], ids=["weight-read-twice", "output-used-twice", "nonlinearity", "padded-consumer", "conv-transpose-stride"])
 def test_refusals_give_the_module_folds_reasons(model, x, reason):
     ep, folded, report, action = fold_one(model(), x)
     assert action.kind == "skipped" and reason in action.reason
     assert count_batch_norms(folded) == 1 and report.verify.max_rel_error == 0
+
+
+def test_pitch_tracker_program_folds_its_last_bn_through_max_pool_like_the_module():
+    model, x = randomize(PitchTracker()), torch.randn(2, 1, 32)
+    ep = export(model, x).run_decompositions()  # max_pool1d decomposes to max_pool2d_with_indices + getitem
+    folded, report = fold_program(ep)
+    assert [a.path for a in report.folded] == ["blocks.2.2"] and report.passed
+    assert all("zero-pads its input" in a.reason for a in report.skipped) and len(report.skipped) == 2
+    assert rel(ep, folded, CallArgs((torch.randn(2, 1, 32),))) <= 1e-5  # a static batch: reshape(x.shape[0])
 
 
 def test_training_mode_batch_norm_is_refused():

@@ -310,3 +310,18 @@ def test_bn_before_conv_transpose(kw):
                                   dilation=ct.dilation, groups=ct.groups)
     _set(ct, *fm.fold_bn_before_conv_transpose(w, b, scale, torch.zeros_like(shift), groups=ct.groups))
     assert _rel(expected, ct(x)) < 1e-6
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fold_bn_into_sends_each_kind_and_side_to_its_own_formula(groups):
+    """(ConvTranspose, before) is the ConvTranspose formula (input channels on axis 0), not the Conv one."""
+    torch.manual_seed(0)
+    ct = nn.ConvTranspose2d(4, 6, 3, padding=2, groups=groups).eval()
+    bn = _bn(nn.BatchNorm2d, 4)
+    x = _input(2, 4)
+    expected = ct(bn(x))
+    _set(ct, *fm.fold_bn_into("conv_transpose", "before", ct.weight.detach().clone(), ct.bias.detach().clone(),
+                              *_scale_shift(bn), groups=groups))
+    assert _rel(expected, ct(x)) < 1e-6
+    with pytest.raises(ValueError, match="no fold of a BN before a 'pool'"):
+        fm.fold_bn_into("pool", "before", ct.weight, None, *_scale_shift(bn))
