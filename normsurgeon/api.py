@@ -116,11 +116,12 @@ def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
-         input_path: str | os.PathLike | None = None) -> Path:
+         input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
     """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
     if is_dir_output(path):
-        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path)
-    return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path)
+        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
+                           inputs=inputs)
+    return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
 
 
 def _resolve(model: Any, example_inputs: Any, load_options: dict, *, need_inputs: bool = True):
@@ -176,7 +177,9 @@ def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, exam
         raise NormSurgeonError("`batch_size` goes with `calibrate_file`")
     if (calibrate_file is not None or calibrate_synthetic is not None) and kwargs.get("calibrate_batches") is not None:
         raise NormSurgeonError("give either `calibrate_batches` or `calibrate_file`/`calibrate_synthetic`, not both")
-    out = check_output(output, force=force, inputs=[_spec_path(model)]) if output is not None else None
+    # every file this call reads: `output` never replaces or deletes one of them (saving.guard_inputs)
+    read = [_spec_path(model), weights, inputs_file, calibrate_file]
+    out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                                     input_dtypes=input_dtypes))
@@ -200,7 +203,7 @@ def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, exam
     failed = report.verify is not None and report.verify.get("passed") is False
     if out is not None and not failed:
         report.output = str(save(converted, output, example_inputs=example_inputs, force=force,
-                                 input_path=input_path))
+                                 input_path=input_path, inputs=read))
     return converted, report
 
 
@@ -224,7 +227,8 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
                                             example_inputs=example_inputs))
         return _onnx_fold.fold_file(model, output=output, force=force, inputs_file=inputs_file,
                                     extra_inputs=extra_inputs, input_shapes=input_shapes, **kwargs)
-    out = check_output(output, force=force, inputs=[_spec_path(model)]) if output is not None else None
+    read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
+    out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                                     input_dtypes=input_dtypes))
@@ -243,7 +247,8 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
     report.dry_run = out is None
     if out is not None and report.passed:
-        report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path))
+        report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
+                                 inputs=read))
     return folded, report
 
 
@@ -369,7 +374,8 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
     from .distributed import process_group
 
     model_path = Path(model) if Path(model).exists() else None
-    out = check_output(output, force=force, inputs=[model_path])  # every rank: fail before any work
+    read = [model_path, weights, *([data] if isinstance(data, (str, os.PathLike)) else data)]
+    out = check_output(output, force=force, inputs=read)  # every rank: fail before any work
     with process_group(device) as ranks:
         loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                       input_dtypes=input_dtypes)  # without example inputs, the data's own
@@ -380,7 +386,7 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
             loaded.model.to("cpu")
             # a recipe directory (-o DIR/) keeps the recipe the model carries; its weights are the new statistics
             out = save(loaded.model, output, example_inputs=report.example_inputs, force=force,
-                       input_path=loaded.path)
+                       input_path=loaded.path, inputs=read)
             report.output = str(out)
             report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
     return report, ranks.rank
@@ -404,8 +410,8 @@ def export(model: nn.Module | ExportedProgram | str | os.PathLike, example_input
     folded in place (it is ours).
     """
     if isinstance(model, (str, os.PathLike)):
-        check_output_path(path, force=export_kwargs.get("force", False), inputs=[_spec_path(model)],
-                          suffixes=(".onnx",))  # before loading
+        check_output_path(path, force=export_kwargs.get("force", False),
+                          inputs=[_spec_path(model), weights, inputs_file], suffixes=(".onnx",))  # before loading
         if progress is not None:
             progress(f"loading {model}")
     model, example_inputs, input_path, owned = _resolve(

@@ -153,11 +153,11 @@ class RunningStats:
         return s
 
 
-def as_positions(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+def as_positions(bn: _BatchNorm, x: torch.Tensor, token: bool = False) -> torch.Tensor:
     """The BN input as (positions, C): channels last for TokenBatchNorm, dim 1 for every other BN.
-    A TokenBatchNorm under an active padding mask (see ``normsurgeon.nn.padding_mask``) counts its
-    real tokens only, as its own batch statistics do."""
-    if isinstance(bn, TokenBatchNorm):
+    A TokenBatchNorm (or its ``bn`` child: ``token``) under an active padding mask (see
+    ``normsurgeon.nn.padding_mask``) counts its real tokens only, as its own batch statistics do."""
+    if token or isinstance(bn, TokenBatchNorm):
         rows = real_rows(x, bn.num_features)
         x2d = x.reshape(-1, bn.num_features)
         return x2d if rows is None else x2d[rows]
@@ -227,8 +227,9 @@ class _Target:
     """One norm to calibrate: a ``_BatchNorm`` with running statistics (mean, unbiased variance) or a
     PowerNorm (running quadratic mean), with what ``calibrate`` saves to restore it."""
 
-    def __init__(self, path: str, module: nn.Module) -> None:
+    def __init__(self, path: str, module: nn.Module, token: bool = False) -> None:
         self.path, self.module = path, module
+        self.token = token  # a TokenBatchNorm's BatchNorm1d child: its input is the flattened tokens
         self.power = isinstance(module, PowerNorm)
         self.channels = module.num_features
         names = ("running_phi", "num_batches_tracked") if self.power else \
@@ -240,7 +241,7 @@ class _Target:
     def positions(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if not self.power:
-            return as_positions(m, x)
+            return as_positions(m, x, token=self.token)
         rows = real_rows(x, self.channels)
         if m.group_scaling is not None:  # PowerNorm's statistic is taken after its group scaling
             x = m.group_scaling(x)
@@ -263,8 +264,11 @@ class _Target:
 
 def _targets(model: nn.Module, report: CalibrationReport) -> list[_Target]:
     out = []
+    # a TokenBatchNorm's statistics live in its BatchNorm1d child, which sees the flattened tokens;
+    # reported under the TokenBatchNorm's path
+    token_children = {id(m.bn): name for name, m in model.named_modules() if isinstance(m, TokenBatchNorm)}
     for name, m in model.named_modules():
-        path = name or "<root>"
+        path = token_children.get(id(m), name) or "<root>"
         if isinstance(m, PowerNorm):
             out.append(_Target(path, m))
         elif not isinstance(m, _BatchNorm):
@@ -275,7 +279,7 @@ def _targets(model: nn.Module, report: CalibrationReport) -> list[_Target]:
         elif isinstance(m.running_mean, nn.parameter.UninitializedBuffer):
             report.skipped.append({"path": path, "reason": "lazy BatchNorm not initialized yet"})
         else:
-            out.append(_Target(path, m))
+            out.append(_Target(path, m, token=id(m) in token_children))
     return out
 
 

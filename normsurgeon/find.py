@@ -138,7 +138,9 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, graph: ModelGraph |
     if graph is None:
         ci = as_call_args(example_inputs) if example_inputs is not None else None
         graph = capture(model, ci)
-    return InspectReport(graph.describe(), find_norms(graph), list(graph.attempts),
+    sites = find_norms(graph)
+    _name_token_sites(graph, sites)
+    return InspectReport(graph.describe(), sites, list(graph.attempts),
                          [(p.path, p.error or "") for p in graph.failed_parts()],
                          weight_standardization=weight_standardization(graph))
 
@@ -155,6 +157,24 @@ def normalizes_parameter(node: GNode) -> bool:
     while isinstance(x, GNode) and (x.op in DATA_MOVEMENT or x.op in _CASTS) and x.inputs:
         x = x.inputs[0]
     return isinstance(x, GNode) and x.op == "param"
+
+
+def _name_token_sites(graph: ModelGraph, sites: list[NormSite]) -> None:
+    """Show a TokenBatchNorm's site (its BatchNorm1d child ``bn`` on the flattened tokens) as the
+    TokenBatchNorm: its path, its (B, T, C) input and channel axis."""
+    from .nn import TokenBatchNorm
+
+    for s in sites:
+        parent = s.path[:-3] if s.path.endswith(".bn") else None
+        if parent is None or not isinstance(graph.module(parent), TokenBatchNorm):
+            continue
+        s.path, s.module_type = parent, type(graph.module(parent)).__name__
+        x = s.node.arg(0) if s.node is not None else None
+        if isinstance(x, GNode):
+            src, axis = _module_input_channel_axis(x, parent)
+            if src is not x and axis is not None and src.shape is not None:
+                s.input_shape, s.dims = list(src.shape), [d for d in range(len(src.shape)) if d != axis]
+                s.producer = _describe(_producer(src))
 
 
 def find_norms(graph: ModelGraph) -> list[NormSite]:

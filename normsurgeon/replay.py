@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +32,7 @@ from .inputs import CallArgs, as_call_args
 from .loading import LoadedModel, getattr_inputs, load_model, prepare_hf_model
 from .passes import convert as _convert
 from .passes import fold as _fold
+from .saving import guard_inputs, place_dir, temp_dir
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
 from .verify import run_clean
@@ -63,9 +63,7 @@ def is_dir_output(path: str | os.PathLike) -> bool:
 def check_dir_output(path: str | os.PathLike, *, force: bool = False, inputs=()) -> Path:
     """Validate a recipe directory output before any work is done."""
     out = Path(path)
-    for src in inputs:
-        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise NormSurgeonError(f"`output` {out} is the input; normsurgeon never overwrites its input")
+    guard_inputs(out, inputs)
     if out.exists():
         if not out.is_dir():
             raise NormSurgeonError(f"`output` {path}: {out} is a file, not a directory")
@@ -274,18 +272,21 @@ def _check_sizes(model: nn.Module, action: dict, i: int) -> None:
 # --- saving ----------------------------------------------------------------------------------------
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
-         input_path: str | os.PathLike | None = None, base: str | dict | None = None, check: bool = True) -> Path:
+         input_path: str | os.PathLike | None = None, base: str | dict | None = None, check: bool = True,
+         inputs=()) -> Path:
     """Write ``model`` as a recipe directory (see the module docstring), atomically.
 
     ``model`` is one the tool converted or loaded (it carries its recipe), or any transformers model.
     ``base`` (``"package.module:factory"`` or a base dict) says how to build a model the tool cannot
     describe. With ``check`` the directory is loaded back and its outputs compared with ``model``'s,
-    bit for bit, before it is moved into place.
+    bit for bit, before it is moved into place (``saving.place_dir``: without ``force`` a directory
+    another run created meanwhile is not replaced). ``input_path`` and ``inputs`` (files the caller
+    read) are never deleted.
     """
     if not is_dir_output(path):
         raise NormSurgeonError(f"{path}: a recipe is a directory (end the path with /); .pt and .pt2 files are "
                                "written by normsurgeon.save_model")
-    out = check_dir_output(path, force=force, inputs=[input_path])
+    out = check_dir_output(path, force=force, inputs=[input_path, *inputs])
     recipe = recipe_of(model) or Recipe()
     if base is not None:
         recipe = Recipe(factory_base(base) if isinstance(base, str) else dict(base), list(recipe.actions),
@@ -302,7 +303,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     doc = Recipe(base_desc, list(recipe.actions), dtype=dtype).to_json(weights=WEIGHTS_FILE, inputs=names)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    tmp = temp_dir(out.resolve())
     try:
         from safetensors.torch import save_file, save_model
 
@@ -316,7 +317,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
                       str(tmp / INPUTS_FILE))
         if check:
             _check_round_trip(model, tmp, ci, path)
-        _move_into_place(tmp, out)
+        place_dir(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -336,21 +337,6 @@ def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) 
     if len(want) != len(got) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(want, got)):
         raise NormSurgeonError(f"`output` {path}: the rebuilt model's outputs differ from the model's (the recipe does "
                                "not describe this model; save as .pt instead); nothing written")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _input_keys(ci: CallArgs) -> list[str]:

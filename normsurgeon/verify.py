@@ -28,7 +28,7 @@ import torch.nn as nn
 from .errors import NormSurgeonError, one_line
 from .files import read_tensors
 from .graph.capture import rejected
-from .inputs import CallArgs, as_call_args, rename_inputs
+from .inputs import CallArgs, as_call_args, random_like, rename_inputs
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
 
 # The one tolerance table: (rtol, atol) a function-preserving rewrite must meet, by the dtype the
@@ -75,29 +75,99 @@ def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, at
 # --- inputs and reference outputs ----------------------------------------------------------------
 
 def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[list[CallArgs]]:
-    """The example, two random inputs like it and one at another batch size, then ``extra``; each
-    entry lists alternatives, the first the original model accepts is used.
+    """The example, a random input like it, one at another batch size and one at other sizes, then
+    ``extra``; each entry lists alternatives, the first the original model accepts is used.
 
     The other batch size is one fewer (batch 1 is where batch-dependent code most often branches, and
     a smaller batch halves what the two forward passes of a large model's check cost), or one more
-    where the example has batch 1 or the model rejects the smaller one.
+    where the example has batch 1 or the model rejects the smaller one. The "other sizes" input
+    covers code the example never runs (a branch taken only for a large batch, or only above some
+    image size or sequence length, around a folded layer): a larger batch (``larger_batch``) with
+    the spatial/sequence dims grown by a quarter (``other_sizes``), else shrunk, else the larger batch
+    alone, else those sizes alone; only where the model rejects all of them is it a second random
+    input of the example's shape (``References.shapes`` says which shapes were checked).
     """
     device = next((t.device for t in ci.tensors()), None)
     batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
     out = [[ci]]
-    wanted = [[{}], [{}]]
+    wanted: list[list[dict]] = [[{}]]
     if batch:
         wanted.append([{"batch": b} for b in ([batch - 1] if batch > 1 else []) + [batch + 1]])
+    big = larger_batch(batch) if batch else None
+    grown, shrunk = other_sizes(ci, 1.25), other_sizes(ci, 0.75)
+    sized = [{"batch": big, "sizes": s} for s in (grown, shrunk) if big and s] + \
+        ([{"batch": big}] if big else []) + [{"sizes": s} for s in (grown, shrunk) if s]
+    wanted.append(sized + [{}])
     for seed, kws in enumerate(wanted, start=1):
         alternatives = []
         for kw in kws:
             try:
-                alternatives.append(ci.like(torch.Generator().manual_seed(seed), **kw).to(device=device))
+                alternatives.append(_resized(ci, torch.Generator().manual_seed(seed), **kw).to(device=device))
             except Exception:  # noqa: BLE001 - a random input is a bonus
                 pass
         if alternatives:
             out.append(alternatives)
     return out + [[e] for e in extra]
+
+
+def larger_batch(batch: int) -> int:
+    """A batch above the example's, up to 4 times it (a forward pass at most 4x the example's):
+    8 for the usual examples of batch 2 to 7, batch + 1 from 8 on."""
+    return max(batch + 1, min(8, 4 * batch))
+
+
+def other_sizes(ci: CallArgs, factor: float) -> dict[int, int]:
+    """``{size: new size}`` for the spatial/sequence dims of ``ci``: dims 2.. of floating inputs with 3
+    or more dims (images, audio frames, volumes) and dim 1 of 2-d integer inputs (token ids and their
+    masks); every dim of one size gets the same new size, so ids and masks stay aligned."""
+    sizes = set()
+    for t in ci.tensors():
+        if t.is_floating_point() and t.dim() >= 3:
+            sizes.update(t.shape[2:])
+        elif not t.is_floating_point() and t.dim() == 2:
+            sizes.add(t.shape[1])
+    new = {s: max(1, round(s * factor)) for s in sizes if s > 1}
+    return {s: n for s, n in new.items() if n != s}
+
+
+def _resized(ci: CallArgs, generator: torch.Generator, batch: int | None = None,
+             sizes: Mapping[int, int] | None = None) -> CallArgs:
+    """Fresh random inputs like ``ci``, at ``batch`` and with the dims ``other_sizes`` names resized."""
+    if not sizes:
+        return ci.like(generator, batch=batch)
+    values = []
+    for name, t in zip(ci.names(), [*ci.args, *ci.kwargs.values()]):
+        if not isinstance(t, torch.Tensor):
+            values.append(t)
+            continue
+        shape = list(t.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if t.is_floating_point() and t.dim() >= 3:
+            shape[2:] = [sizes.get(s, s) for s in shape[2:]]
+        elif not t.is_floating_point() and t.dim() == 2:
+            shape[1] = sizes.get(shape[1], shape[1])
+        values.append(random_like(t, shape, generator))
+    n = len(ci.args)
+    return CallArgs(tuple(values[:n]), dict(zip(ci.names()[n:], values[n:])))
+
+
+def check_input_values(ci: CallArgs, what: str) -> None:
+    """Refuse verification inputs that cannot check anything: an empty tensor (batch 0) compares
+    nothing, and NaN/inf in an input gives NaN/inf outputs before and after any rewrite, which would
+    read as a rewrite that changed the outputs."""
+    for name, t in named_tensors(ci).items():
+        if t.numel() == 0:
+            raise NormSurgeonError(f"{what}: input {name!r} is empty (shape {list(t.shape)}); a verification on "
+                                   "it would check nothing")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NormSurgeonError(f"{what}: input {name!r} holds {bad} NaN/inf value(s); outputs computed from "
+                                   "them cannot verify anything")
+
+
+def _finite_outputs(outputs: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(o).all()) for o in outputs if o.is_floating_point())
 
 
 def run_clean(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
@@ -130,6 +200,20 @@ class References:
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     eval_mode: bool = False
     user_inputs: int = 0  # how many of ``inputs`` are the user's own (they come last)
+    nonfinite: int = 0  # how many kept inputs the original model maps to NaN/inf outputs
+
+    @property
+    def shapes(self) -> list[list[list[int]]]:
+        """The shapes of every input set checked (per set, its tensors' shapes): what a verdict covers."""
+        return [[list(t.shape) for t in ci.tensors()] for ci in self.inputs]
+
+    @property
+    def why_unverifiable(self) -> str | None:
+        """Why a comparison fails even with nothing changed, when the model itself is the cause."""
+        if not self.nonfinite:
+            return None
+        return (f"the original model's outputs are NaN/inf on {self.nonfinite} of {len(self.inputs)} verification "
+                "inputs before any change (a BatchNorm with negative/NaN running_var?), so nothing can be verified")
 
     @classmethod
     def record(cls, model: nn.Module, ci: CallArgs, *, extra: Sequence[CallArgs] = (),
@@ -137,6 +221,9 @@ class References:
         """Run ``model`` on the candidate inputs; the example and ``extra`` (the user's) must run, the
         random ones are kept if they do."""
         refs = cls(eval_mode=eval_mode)
+        check_input_values(ci, "the example inputs")
+        for k, e in enumerate(extra):
+            check_input_values(e, f"--inputs set {k + 1}")
         candidates = candidate_inputs(ci)
         for i, alternatives in enumerate([*candidates, *[[e] for e in extra]]):
             for c in alternatives:
@@ -149,6 +236,10 @@ class References:
                         raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it "
                                                f"before any change ({one_line(e, typed=True, limit=200)})") from e
                     continue
+                if not _finite_outputs(out):
+                    if 0 < i < len(candidates):
+                        continue  # a random input the model maps to NaN/inf checks nothing: dropped
+                    refs.nonfinite += 1
                 refs.inputs.append(c)
                 refs.outputs.append(out)
                 break
@@ -187,8 +278,13 @@ def load_inputs_file(path: str | os.PathLike, example_inputs: Any) -> list[CallA
     ci = as_call_args(example_inputs)
     obj = read_tensors(path, "--inputs")
     if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj):
-        return [_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})") for i, o in enumerate(obj)]
-    return [_fit_inputs(obj, ci, f"--inputs {path}")]
+        sets = [(_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})"), f"--inputs {path} (set {i + 1})")
+                for i, o in enumerate(obj)]
+    else:
+        sets = [(_fit_inputs(obj, ci, f"--inputs {path}"), f"--inputs {path}")]
+    for s, what in sets:
+        check_input_values(s, what)  # before any work: NaN/inf or empty inputs verify nothing
+    return [s for s, _ in sets]
 
 
 def named_tensors(ci: CallArgs) -> dict[str, torch.Tensor]:

@@ -21,7 +21,10 @@ from normsurgeon.nn import TokenBatchNorm, ffn_batchnorm, make_identity
 
 
 def _bns(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    """Every BN by the path calibrate reports: a TokenBatchNorm, not its BatchNorm1d child."""
+    children = {id(m.bn) for m in model.modules() if isinstance(m, TokenBatchNorm)}
+    return [(n, m) for n, m in model.named_modules()
+            if (isinstance(m, _BatchNorm) and id(m) not in children) or isinstance(m, TokenBatchNorm)]
 
 
 def expected_stats(model, batches):

@@ -8,6 +8,9 @@ assertion in a worker fails the test through spawn.
 import copy
 import datetime
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,7 +78,7 @@ SPLIT = (3, 2)
 def _exact_worker(rank):
     ref = _small_model()
     model = convert_sync_batchnorm(copy.deepcopy(ref))
-    assert [type(m) for m in model if isinstance(m, _BatchNorm)] == [SyncTokenBatchNorm] * 2
+    assert [type(m) for m in model if isinstance(m, TokenBatchNorm)] == [SyncTokenBatchNorm] * 2
     assert model[4].bias is None  # bias=False kept
     lo = sum(SPLIT[:rank])
     hi = lo + SPLIT[rank]
@@ -182,20 +185,47 @@ def converted_vit():
     return _vit_bn()
 
 
-def test_torch_idiom_refuses_a_token_batch_norm_before_changing_anything(converted_vit):
-    bn_vit = copy.deepcopy(converted_vit)
-    before = {k: v.clone() for k, v in bn_vit.state_dict().items()}
-    types = [type(m) for m in bn_vit.modules()]
-    with pytest.raises(NormSurgeonError, match=r"normsurgeon\.nn\.convert_sync_batchnorm") as info:
-        nn.SyncBatchNorm.convert_sync_batchnorm(bn_vit)
-    assert "7 TokenBatchNorm" in str(info.value)
-    assert [type(m) for m in bn_vit.modules()] == types
-    assert all(torch.equal(before[k], v) for k, v in bn_vit.state_dict().items())
-    # the module itself, and one already synchronized by normsurgeon, too
-    with pytest.raises(NormSurgeonError, match="token axis"):
-        nn.SyncBatchNorm.convert_sync_batchnorm(TokenBatchNorm(4))
-    with pytest.raises(NormSurgeonError, match="token axis"):
-        nn.SyncBatchNorm.convert_sync_batchnorm(SyncTokenBatchNorm(4))
+def test_torch_idiom_synchronizes_a_token_batch_norm_correctly(converted_vit):
+    """issue 16 row 12: no import-time patch of torch; its own converter turns each TokenBatchNorm's
+    BatchNorm1d child (which sees (N, C)) into a SyncBatchNorm, and the model computes what it did."""
+    bn_vit = copy.deepcopy(converted_vit).eval()
+    x = zoo.vit().example_inputs()
+    with torch.no_grad():
+        expected = x.call(bn_vit).logits
+    out = nn.SyncBatchNorm.convert_sync_batchnorm(bn_vit)
+    assert out is bn_vit
+    tokens = [m for m in bn_vit.modules() if isinstance(m, TokenBatchNorm)]
+    assert len(tokens) == 7 and all(type(m.bn) is nn.SyncBatchNorm for m in tokens)
+    with torch.no_grad():
+        assert torch.equal(x.call(bn_vit).logits, expected)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_idiom_keeps_the_token_axis_when_tokens_equal_channels(train):
+    """T == C is where a SyncBatchNorm in place of the token BN would silently normalize the token axis."""
+    torch.manual_seed(0)
+    for cls in (TokenBatchNorm, SyncTokenBatchNorm):
+        model = nn.Sequential(nn.Linear(6, 6), cls(6))
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-1, 1)
+            model[1].running_var.uniform_(0.5, 2)
+        model.train(train)
+        ref = copy.deepcopy(model)
+        x = torch.randn(4, 6, 6)
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        assert type(model[1]) is cls and type(model[1].bn) is nn.SyncBatchNorm
+        assert torch.equal(model(x), ref(x))
+        assert torch.equal(model[1].running_var, ref[1].running_var)
+
+
+def test_import_leaves_torch_and_sys_path_alone():
+    code = ("import sys, torch; before = (torch.nn.SyncBatchNorm.__dict__['convert_sync_batchnorm'], list(sys.path));"
+            "import normsurgeon, normsurgeon.api, normsurgeon.nn;"
+            "after = (torch.nn.SyncBatchNorm.__dict__['convert_sync_batchnorm'], list(sys.path));"
+            "assert before[0] is after[0], 'torch patched'; assert before[1] == after[1], 'sys.path changed'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_torch_idiom_unchanged_for_plain_batch_norms():
@@ -203,7 +233,7 @@ def test_torch_idiom_unchanged_for_plain_batch_norms():
     out = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert out is model
     assert type(model[1]) is nn.SyncBatchNorm and type(model[2][0]) is nn.SyncBatchNorm
-    assert isinstance(TokenBatchNorm(4), _BatchNorm)  # fold/calibrate/quantization still see a BN
+    assert isinstance(TokenBatchNorm(4).bn, _BatchNorm)  # fold/calibrate/quantization see its BN child
 
 
 def test_convert_sync_batchnorm_shares_state_and_keeps_the_eval_function():

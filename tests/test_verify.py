@@ -89,11 +89,13 @@ def test_the_other_batch_size_is_one_fewer_else_one_more():
             return x * 2
 
     batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(2, 3),))).inputs]
-    assert batches == [2, 2, 2, 1]  # batch 1: where batch-dependent code branches, and the cheapest check
+    # batch 1: where batch-dependent code branches, and the cheapest check; then a larger batch
+    # (issue 16 row 11: code taken only for big batches)
+    assert batches == [2, 2, 1, 8]
     batches = [c.args[0].shape[0] for c in References.record(NoSingleBatch(), CallArgs((torch.randn(2, 3),))).inputs]
-    assert batches == [2, 2, 2, 3]  # the model rejects batch 1: still another batch size
+    assert batches == [2, 2, 3, 8]  # the model rejects batch 1: still another batch size
     batches = [c.args[0].shape[0] for c in References.record(nn.Identity(), CallArgs((torch.randn(1, 3),))).inputs]
-    assert batches == [1, 1, 1, 2]
+    assert batches == [1, 1, 2, 4]
 
 
 def test_a_check_told_its_tolerance_stops_at_the_first_failing_input_and_only_then():

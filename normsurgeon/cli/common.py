@@ -65,14 +65,15 @@ def guarded(fn: Callable) -> Callable:
         except NormSurgeonError as e:
             if debug:
                 traceback.print_exc()
-            stderr.print(f"[bold red]error:[/] {e.cli_message}", markup=True, soft_wrap=True)  # flags, not keywords
+            # messages hold user paths: "ckpt[best].pt" must print as it is, not as markup
+            stderr.print(f"[bold red]error:[/] {escape(e.cli_message)}", markup=True, soft_wrap=True)  # flags
             sys.exit(e.exit_code)
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - a bug, but the user still gets one line
             if debug:
                 traceback.print_exc()
-            stderr.print(f"[bold red]error:[/] unexpected {one_line(e, typed=True)} "
+            stderr.print(f"[bold red]error:[/] unexpected {escape(one_line(e, typed=True))} "
                          "(rerun with --debug for the traceback)", markup=True, soft_wrap=True)
             sys.exit(2)
 
@@ -90,7 +91,7 @@ def emit(report: Any, as_json: bool, console: Console | None = None) -> None:
 
 
 def render_table(table, console: Console) -> None:
-    rt = RichTable(title=table.title, title_justify="left", title_style="bold")
+    rt = RichTable(title=escape(table.title), title_justify="left", title_style="bold")
     for col in table.columns:
         rt.add_column(col, overflow="fold")
     for row in table.rows:
@@ -99,9 +100,9 @@ def render_table(table, console: Console) -> None:
     if table.rows:
         console.print(rt)
     else:
-        console.print(f"[bold]{table.title}[/]: none")
-    for note in table.notes:
-        console.print(note, soft_wrap=True)
+        console.print(f"[bold]{escape(table.title)}[/]: none")
+    for note in table.notes:  # notes name user paths ("wrote exp[/1]/out.pt"): text, not markup
+        console.print(escape(str(note)), soft_wrap=True)
 
 
 def _json_default(o: Any):
@@ -115,6 +116,11 @@ def _json_default(o: Any):
 def stdout_console() -> Console:
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def say(console: Console, text: str) -> None:
+    """Print ``text`` literally (paths like ``run[/final].pt`` are not rich markup)."""
+    console.print(escape(text), soft_wrap=True, highlight=False)
 
 
 def progress_console() -> Console:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import click
+from rich.markup import escape
 
 from ..errors import VerificationError
 from .common import (PlainProgress, emit, force_option, guarded, model_options, output_options, progress_console,
@@ -23,7 +24,7 @@ def _status(enabled: bool = True):
         yield PlainProgress()
         return
     with console.status("starting") as status:
-        yield lambda message: status.update(message)
+        yield lambda message: status.update(escape(message))  # "loading run[/final].pt": text, not markup
 
 
 @click.command("export")

@@ -46,7 +46,7 @@ def make_identity(bns: _BatchNorm | Iterable[_BatchNorm]) -> None:
     """
     items = [bns] if isinstance(bns, nn.Module) else list(bns)
     for bn in items:
-        _check_batchnorm(bn, "make_identity")
+        _check_batchnorm(bn.bn if isinstance(bn, TokenBatchNorm) else bn, "make_identity")
         if bn.weight is None or bn.bias is None:
             raise NormSurgeonError(f"make_identity needs a BatchNorm with weight and bias (affine=True, bias=True); "
                                    f"{type(bn).__name__}({bn.num_features}) has none")

@@ -2,9 +2,11 @@
 
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` rebuilds every ``_BatchNorm`` as a SyncBatchNorm,
 which normalizes dim 1. A :class:`TokenBatchNorm` normalizes the *last* dim of (B, T, C), so that
-idiom gives a module that normalizes the token axis (an error, or silently wrong when T == C); see
-``_sync_guard`` for how it is refused. :func:`convert_sync_batchnorm` is the replacement: token BNs
-become :class:`SyncTokenBatchNorm`, every other BN becomes torch's ``SyncBatchNorm``.
+idiom would give a module that normalizes the token axis (an error, or silently wrong when T == C)
+if a TokenBatchNorm were a BatchNorm; it holds one instead (its ``bn`` child sees (N, C)), so torch's
+idiom synchronizes that child correctly. :func:`convert_sync_batchnorm` is the padding-aware version:
+token BNs become :class:`SyncTokenBatchNorm` (statistics over the real tokens of every rank), every
+other BN becomes torch's ``SyncBatchNorm``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NormSurgeonError
-from ._sync_guard import torch_convert_sync_batchnorm
 from .padding_mask import real_rows
 from .token_batch_norm import TokenBatchNorm
 
@@ -77,6 +78,8 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self._modules["bn"], _BatchNorm):  # folded or swapped: TokenBatchNorm's forward
+            return super().forward(input)
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         if not bn_training or _group_size(self.process_group) <= 1:
@@ -127,9 +130,7 @@ class SyncTokenBatchNorm(TokenBatchNorm):
         takes its train/eval mode and ``qconfig``."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   process_group=process_group, device="meta", bias=bn.bias is not None)
-        new.weight, new.bias = bn.weight, bn.bias
-        new.running_mean, new.running_var = bn.running_mean, bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
+        new.bn = bn.bn  # the same child: the same parameters and buffers
         new.training = bn.training
         if hasattr(bn, "qconfig"):
             new.qconfig = bn.qconfig
@@ -148,8 +149,8 @@ def _refuse_custom_forward(path: str, m: _BatchNorm, base) -> None:
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Synchronize every BatchNorm of a (converted) model for distributed training.
 
-    The normsurgeon counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (which refuses
-    models with a TokenBatchNorm, see docs/convert.md): each :class:`TokenBatchNorm` (converted LN,
+    The padding-aware counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (which
+    synchronizes a TokenBatchNorm's ``bn`` child, ignoring padding masks; see docs/convert.md): each :class:`TokenBatchNorm` (converted LN,
     FFN BN) becomes a :class:`SyncTokenBatchNorm` (token layout kept), each other ``_BatchNorm``
     becomes ``torch.nn.SyncBatchNorm`` via torch's own function. Parameters and buffers are shared
     with the old modules, submodules are replaced in place, and, as in torch, the returned module is
@@ -173,7 +174,7 @@ def _convert(module: nn.Module, process_group) -> nn.Module:
     if isinstance(module, TokenBatchNorm):
         return SyncTokenBatchNorm.from_token_batch_norm(module, process_group)
     if isinstance(module, _BatchNorm):
-        return torch_convert_sync_batchnorm(module, process_group)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     for name, child in module.named_children():
         new = _convert(child, process_group)
         if new is not child:

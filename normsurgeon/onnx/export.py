@@ -27,7 +27,7 @@ import torch
 from ..errors import NormSurgeonError, one_line
 from ..graph import eval_modes, restore_modes
 from ..inputs import CallArgs, as_call_args
-from ..loading import check_output_path
+from ..saving import check_output_path, place_file, temp_dir
 from ..outputs import flatten_outputs
 from ..report import Table
 from .counting import count_norm_ops, load_structure
@@ -482,7 +482,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
     logs: dict[str, str] = {}
     caught: list[str] = []
     modes = eval_modes(model)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmpdir = temp_dir(out)  # removed by the next run if this one is killed; the umask applies
     t0 = time.perf_counter()
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -587,8 +587,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str | os.Path
             data_out = out.parent / data_name
             if data_out.exists() and not force:
                 raise NormSurgeonError(f"{data_out} exists; pass `force=True` to replace it")
-            os.replace(tmpdir / data_name, data_out)
-        os.replace(dest, out)
+            place_file(tmpdir / data_name, data_out, force=force)
+        place_file(dest, out, force=force)  # without force: another run's file is not replaced
         return report
     finally:
         restore_modes(modes)

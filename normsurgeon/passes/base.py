@@ -66,16 +66,18 @@ def apply_verified(model: nn.Module, applied: list[Applied], refs: References, t
     actions = {a.key: a.action for a in applied}
     stats, err = refs.compare(model)
     if tol.ok(stats, err) or not applied:
-        return Verdict(stats, err, tol.ok(stats, err), actions)
+        ok = tol.ok(stats, err)
+        return Verdict(stats, err or (None if ok else refs.why_unverifiable), ok, actions)
     first = stats
     for a in reversed(applied):
         a.undo.restore()
     stats, err = refs.compare(model)
     if not tol.ok(stats, err):
+        why = refs.why_unverifiable or (f"the outputs differ even with nothing {done} "
+                                         "(the model is not deterministic?)")
         for a in applied:
-            actions[a.key] = a.rolled_back(f"rolled back: the outputs differ even with nothing {done} "
-                                           "(the model is not deterministic?)")
-        return Verdict(stats, err, False, actions, first)
+            actions[a.key] = a.rolled_back(f"rolled back: {why}")
+        return Verdict(stats, err or refs.why_unverifiable, False, actions, first)
     state = {"stats": stats, "err": err}
 
     def settle(group: list[Applied]) -> None:

@@ -49,6 +49,7 @@ from ..report import Action, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, record_io, run_clean, set_module, site_error, \
     tolerance_for
 from . import ffn_bn as _ffn
+from . import token_sites
 from .base import Applied, apply_verified
 from .bn_to_frozen import BnToFrozen
 from .bn_to_gn import BnToGn
@@ -238,6 +239,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
                       padding_kwarg=padding_mask if to in ("bn", "pn") else None, rtol=rtol, atol=atol)
     with without_kv_cache(target):  # a user's decoder: its cache object would fail the checks' captures
         run.run(blocks, to, calibrate_batches, progress)
+    token_sites.report_paths(target, report.actions)
     _record(target, report, to, groups, ffn_bn_position, ffn_bn_init, ci,
             {"progressive": progressive, "pn_warmup_steps": pn_warmup_steps, "pn_groups": pn_groups})
     return target, report
@@ -644,7 +646,7 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         by_path: dict[str, list[NormSite]] = {}
         for s in find_norms(graph):
             by_path.setdefault(s.path, []).append(s)
-        for path in swapped:
+        for path in map(lambda p: token_sites.site_path(model, p), swapped):
             if path not in by_path:
                 raise NormSurgeonError(f"recipe: convert --to {to}: the rebuilt model has no norm at {path}")
             reason, plan = rule.plan(graph, path, by_path[path])
@@ -655,6 +657,7 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     for site in sites:
         _ffn.wrap_linear(model, site["linear"], int(site["hidden"]), ffn["position"], identity=ffn["init"] == "identity",
                          bn=site.get("bn", "token"))
+    token_sites.unwrap(model)
     paths = list(swapped) + [site["linear"] for site in sites]
     _disable_fastpath(model, paths, ConvertReport(to, "replay"))
     if action.get("padding_mask"):

@@ -33,6 +33,7 @@ from ..recipe import record
 from ..report import Action, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, run_clean, tolerance_for, tolerance_for_dtypes
 from . import fold_bn_program as program_rule
+from . import token_sites
 from .base import Applied, apply_verified
 from .fold_bn import FoldContext, check, combine, entry_reason, match, rewrite
 
@@ -53,6 +54,14 @@ class FoldReport:
     verify_error: str | None = None
     output: str | None = None  # what api.fold wrote (None: nothing)
     dry_run: bool | None = None  # api.fold without an output (None: not asked)
+    verified_shapes: list[list[list[int]]] = field(default_factory=list)  # per input set checked, its shapes
+
+    def shapes_note(self) -> str | None:
+        """Which input sizes the verdict covers: a fold is proved for these, not for sizes never run."""
+        if not self.verified_shapes:
+            return None
+        sets = ["+".join("x".join(map(str, s)) or "scalar" for s in shapes) for shapes in self.verified_shapes]
+        return f"checked at input shapes {', '.join(dict.fromkeys(sets))}; other sizes are not proved"
 
     @property
     def folded(self) -> list[Action]:
@@ -100,7 +109,8 @@ class FoldReport:
         if self.verify is not None:
             verify.update(max_abs_error=_finite(self.verify.max_abs_error),
                           max_rel_error=_finite(self.verify.max_rel_error))
-        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs)
+        verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs,
+                      shapes=self.verified_shapes)
         if self.verify_error:
             verify["error"] = self.verify_error
         return {
@@ -128,6 +138,8 @@ class FoldReport:
         table = Table(f"BatchNorm folding (capture: {self.capture})",
                       ["BatchNorm", "result", "position", "into / reason"], rows)
         table.notes.append(self.summary())
+        if self.actions and self.shapes_note():
+            table.notes.append(self.shapes_note())
         return [table]
 
 
@@ -175,6 +187,7 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
     report.tolerance = tol.rtol
     if refs is not None:
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
+        report.verified_shapes = refs.shapes
 
     # An in-place fold owns the model: spill replaced weights to disk instead of holding a copy.
     with UndoStore(spill=inplace) as store:
@@ -185,6 +198,7 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
             actions.update(verdict.actions)
             report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
     report.actions = list(actions.values())
+    token_sites.report_paths(work, report.actions)
     if report.folded:
         record(work, {"op": "fold", "folded": [{"norm": a.path, "into": a.detail["into"],
                                                 "position": a.detail["position"]} for a in report.folded],
@@ -195,7 +209,7 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
 def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     """Redo a recorded fold on ``model`` (a rebuilt base): the same match and rewrite, at exactly the
     recorded sites, without verification (the weights that matter are loaded afterwards)."""
-    want = {f["norm"]: f for f in action.get("folded") or []}
+    want = {token_sites.site_path(model, f["norm"]): f for f in action.get("folded") or []}
     # the recipe's own inputs, which this architecture ran on when it was folded: no separate
     # forward first (on a large model it costs as much as the capture)
     graph = capture(model, ci, checked=True)
@@ -211,6 +225,7 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         rewrite(site, ctx, UndoLog())
     if want:
         raise NormSurgeonError(f"recipe: the rebuilt model has no BatchNorm at {', '.join(want)} to fold")
+    token_sites.unwrap(model)
 
 
 def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoStore
@@ -221,7 +236,7 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
     applied: list[Applied] = []
     actions: dict[str, Action] = {}
     for entry in match(work, graph, ctx):
-        reason = entry.reason or entry_reason(entry, ctx, failed_paths)
+        reason = entry.reason or entry_reason(entry, ctx, failed_paths) or bad_running_var(entry.module)
         if entry.module is None and len(entry.nodes) == 1 and normalizes_parameter(entry.nodes[0]):
             reason = ("weight standardization (batch_norm over a weight, in the forward of "
                       f"{entry.nodes[0].module_path or 'the model'}): not a normalization layer, nothing to fold")
@@ -254,6 +269,22 @@ def _fold_all(work: nn.Module, graph: ModelGraph, ctx: FoldContext, store: UndoS
                                rolled_back=lambda why, s=chosen: _rolled_back(s, why),
                                describe=f"folding into {', '.join(chosen.into)}"))
     return actions, applied
+
+
+def bad_running_var(module: nn.Module | None) -> str | None:
+    """The skip reason of a BatchNorm whose running_var is negative or NaN in some channel: it computes
+    NaN there itself, so no fold of it (or comparison through it) means anything."""
+    return _bad_var(getattr(module, "running_var", None))
+
+
+def _bad_var(var: Any) -> str | None:
+    if not isinstance(var, torch.Tensor) or not var.is_floating_point():
+        return None
+    bad = int(((var < 0) | torch.isnan(var)).sum())
+    if not bad:
+        return None
+    return (f"running_var negative/NaN in {bad} of {var.numel()} channels: this BatchNorm itself outputs NaN "
+            "there (recalibrate it: normsurgeon calibrate)")
 
 
 def _drop_still_running(work: nn.Module, ci: CallArgs, applied: list[Applied], actions: dict[str, Action],
@@ -326,6 +357,7 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
     refs = References.record(program_module(ep), ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
     if refs is not None:
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
+        report.verified_shapes = refs.shapes
 
     actions: dict[str, Action] = {}
     chosen: list[program_rule.ProgramSite] = []
@@ -335,6 +367,10 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
             actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.functional}, reason)
             continue
         site = entry.sites[0]  # "after" first, as in the module fold
+        why = _bad_var(_program_tensor(ep, site.stats.get("running_var")))
+        if why is not None:
+            actions[entry.norm] = Action("skipped", entry.norm, {"functional": entry.functional}, why)
+            continue
         chosen.append(site)
         actions[entry.norm] = Action("folded", site.norm)
 
@@ -346,6 +382,16 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
         report.verify, report.passed, report.verify_error = stats, tol.ok(stats, err), err
     report.actions = list(actions.values())
     return folded, report
+
+
+def _program_tensor(ep: ExportedProgram, placeholder: str | None) -> torch.Tensor | None:
+    """The parameter, buffer or constant a placeholder of ``ep`` stands for."""
+    sig = ep.graph_signature
+    target = sig.inputs_to_buffers.get(placeholder) or sig.inputs_to_parameters.get(placeholder) \
+        or sig.inputs_to_lifted_tensor_constants.get(placeholder)
+    if target is None:
+        return None
+    return ep.state_dict.get(target, ep.constants.get(target))
 
 
 def _build(ep: ExportedProgram, sites: list, actions: dict[str, Action]) -> tuple[ExportedProgram, list]:
@@ -375,8 +421,9 @@ def _keep_verified(ep: ExportedProgram, applied: list, actions: dict[str, Action
     stats, err = _compare_program(ep, refs)
     if not tol.ok(stats, err):
         for site in applied:
-            actions[site.norm] = _rolled_back(site, "rolled back: the outputs differ even with nothing folded "
-                                                    "(the program is not deterministic?)")
+            actions[site.norm] = _rolled_back(site, "rolled back: " + (
+                refs.why_unverifiable or "the outputs differ even with nothing folded (the program is not "
+                                         "deterministic?)"))
         return ep, stats, err
     for site in applied:
         trial, done = _build(ep, [*kept, site], actions)

@@ -38,7 +38,12 @@ def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def bns(model: nn.Module) -> list[str]:
-    return [p for p, m in model.named_modules() if isinstance(m, _BN)]
+    """BatchNorm paths, a TokenBatchNorm by its own path (not its BatchNorm1d child's)."""
+    from normsurgeon.nn import TokenBatchNorm
+
+    tokens = {p for p, m in model.named_modules() if isinstance(m, TokenBatchNorm)}
+    return [p[:-3] if p.endswith(".bn") and p[:-3] in tokens else p
+            for p, m in model.named_modules() if isinstance(m, _BN)]
 
 
 def rel_error(a: nn.Module, b: nn.Module, ci: CallArgs) -> float:
