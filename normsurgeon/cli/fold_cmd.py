@@ -22,10 +22,15 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
                    "that exceeds it is rolled back. Default: the tolerance table by dtype (1e-4 float32, "
                    "5e-3 float16, 1.5e-2 bfloat16); a smaller value is raised to those for float16/bfloat16.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--affine", is_flag=True,
+              help="Also fold every pre-norm LayerNorm/RMSNorm's scale and shift into the linear layers that read "
+                   "it (q/k/v, gate/up, lm_head...), leaving norms without an affine (docs/llm.md).")
+@click.option("--untie", is_flag=True,
+              help="With --affine: give a tied lm_head its own copy of the embedding so the final norm folds into it.")
 @output_options
 @guarded
-def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, force, as_json,
-         debug):
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, force, affine, untie,
+         as_json, debug):
     """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
@@ -36,6 +41,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     """
     if rtol is not None and rtol <= 0:
         raise NormSurgeonError("--rtol must be positive")
+    if untie and not affine:
+        raise NormSurgeonError("--untie goes with --affine")
     out_path = None
     if output is not None:
         out_path = api.check_output(output, force=force, inputs=[model])
@@ -47,7 +54,10 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     extra = api.load_inputs_file(inputs_file, loaded.example_inputs) if inputs_file else []
     # a .pt2 folds in its own graph (a new program, saved as .pt2); a module in place (the CLI owns it)
     target = loaded.program if loaded.program is not None else loaded.model
-    folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra)
+    if affine and loaded.program is not None:
+        raise NormSurgeonError("--affine folds the norms of a module, not of a .pt2 program")
+    more = {"affine": True, "untie": untie} if affine else {}
+    folded, report = api.fold(target, loaded.example_inputs, inplace=True, rtol=rtol, extra_inputs=extra, **more)
     if report.passed and out_path is not None:
         api.save(folded, output, example_inputs=loaded.example_inputs, force=force, input_path=loaded.path)
     if as_json:

@@ -1,0 +1,67 @@
+"""The norm surgery through the CLI: a transformers directory in, a directory plain transformers loads out."""
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from normsurgeon import zoo_llm
+from normsurgeon.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fold_affine_llama_dir_reloads_in_plain_transformers(tmp_path):
+    import transformers
+
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    r = run("fold", src, "--affine", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert {f["kind"] for f in payload["folded"]} == {"rmsnorm"} and len(payload["folded"]) == 5
+    assert (tmp_path / "out" / "config.json").is_file()
+    before = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.all(after.model.norm.weight == 1)  # the folded weights, not the original ones
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(before, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    # the recipe directory still loads in normsurgeon (and replays the affine fold's structure)
+    r = run("inspect", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_untie_needs_affine(tmp_path):
+    src = tmp_path / "gpt2"
+    zoo_llm.gpt2().save_pretrained(src)
+    r = run("fold", src, "--untie")
+    assert r.exit_code == 2 and "--untie goes with --affine" in r.output
+
+
+def test_tied_gpt2_untie_dir(tmp_path):
+    """ln_f's β needs a bias on lm_head that GPT-2's config cannot describe: the recipe directory
+    carries it (and rebuilds it), no config.json is written for plain transformers."""
+    from normsurgeon import api
+
+    src = tmp_path / "gpt2"
+    model = zoo_llm.gpt2()
+    model.save_pretrained(src)
+    r = run("fold", src, "--affine", "--untie", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    (ln_f,) = [f for f in payload["folded"] if f["norm"] == "transformer.ln_f"]
+    assert ln_f["untied"] == ["lm_head"] and ln_f["created_bias"] == ["lm_head"]
+    assert not (tmp_path / "out" / "config.json").exists()
+    after = api.load(f"{tmp_path / 'out'}/").model
+    assert after.lm_head.weight is not after.transformer.wte.weight and after.lm_head.bias is not None
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(model, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
