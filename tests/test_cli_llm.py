@@ -65,3 +65,19 @@ def test_tied_gpt2_untie_dir(tmp_path):
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
     a, b = _logits(model, ids), _logits(after, ids)
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_convert_to_rms_cli(tmp_path):
+    r = run("convert", "--help")
+    assert "rms" in r.output and "--untie" in r.output
+    src = tmp_path / "neox"
+    model = zoo_llm.gpt_neox()
+    model.save_pretrained(src)
+    r = run("convert", src, "--to", "rms", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert len(payload["converted"]) == 5 and payload["verify"]["passed"]
+    assert {c["to"] for c in payload["converted"]} == {"RMSNorm"}
+    assert not (tmp_path / "out" / "config.json").exists()  # RMSNorm is not GPT-NeoX's class: recipe only
+    r = run("convert", src, "--to", "bn", "--untie")
+    assert r.exit_code == 2 and "--untie goes with --to rms" in r.output

@@ -11,10 +11,14 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 
 @click.command("convert")
 @model_options
-@click.option("--to", "to", default=None, metavar="bn|pn|ln|gn|frozen",
+@click.option("--to", "to", default=None, metavar="bn|pn|ln|gn|frozen|rms",
               help="Target: bn (LayerNorm/RMSNorm -> BatchNorm), pn (LayerNorm/RMSNorm -> PowerNorm), "
                    "ln (BatchNorm -> LayerNorm), "
-                   "gn (BatchNorm -> GroupNorm), frozen (BatchNorm -> FrozenBatchNorm, exact).")
+                   "gn (BatchNorm -> GroupNorm), frozen (BatchNorm -> FrozenBatchNorm, exact), "
+                   "rms (LayerNorm -> RMSNorm, exact: affines folded, residual stream centred).")
+@click.option("--untie", is_flag=True,
+              help="With --to rms: give a tied lm_head its own copy of the embedding (the final norm folds into "
+                   "it and the embedding can be centred).")
 @click.option("--groups", type=int, default=None, metavar="G",
               help="Groups for --to gn (default 1); must divide every BatchNorm's channels.")
 @click.option("--progressive", type=int, default=None, metavar="STEPS",
@@ -46,7 +50,7 @@ from .common import emit, guarded, load_from_options, model_options, output_opti
 @guarded
 def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, progressive, pn_warmup,
             pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic,
-            batch_size, inputs_file, output, force, as_json, debug):
+            batch_size, inputs_file, output, force, untie, as_json, debug):
     """Convert the normalization layers of MODEL.
 
     \b
@@ -59,6 +63,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
     --to ln      BatchNorm -> LayerNorm on (N, C), ChannelLayerNorm (LN over dim 1) otherwise
     --to gn      BatchNorm -> GroupNorm(G, C)
     --to frozen  BatchNorm -> FrozenBatchNorm: exact in eval, verified, deviating sites rolled back
+    --to rms     LayerNorm -> RMSNorm, exact: norm affines folded into the linears that read them,
+                 every writer of the residual stream mean-centred (docs/llm.md); verified
     --ffn-bn     also put a BatchNorm inside every transformer FFN block
 
     Only frozen BNs and --ffn-bn-init identity preserve the function; every other swap needs
@@ -70,7 +76,9 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
 
     # options first: nothing is loaded or computed for a bad command line
     if to is None and not ffn_bn:
-        raise NormSurgeonError("give --to bn|pn|ln|gn|frozen (and/or --ffn-bn)")
+        raise NormSurgeonError("give --to bn|pn|ln|gn|frozen|rms (and/or --ffn-bn)")
+    if untie and to != "rms":
+        raise NormSurgeonError("--untie goes with --to rms")
     api.validate_convert(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup, pn_groups)
     if not ffn_bn and (ffn_bn_position != "after-first" or ffn_bn_init != "fresh"):
         raise NormSurgeonError("--ffn-bn-position/--ffn-bn-init go with --ffn-bn")
@@ -99,7 +107,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
                                           calibrate_batches=batches, inplace=True, progress=progress,
                                           extra_inputs=extra,
                                           progressive=progressive, pn_warmup_steps=pn_warmup, pn_groups=pn_groups,
-                                          padding_mask=None if no_padding_mask else "attention_mask")
+                                          padding_mask=None if no_padding_mask else "attention_mask",
+                                          **({"untie": True} if untie else {}))
     if report.verify is not None and report.verify.get("passed") is False:
         emit(report, as_json)
         raise VerificationError("verification failed even after rolling back the exact swaps; nothing written")

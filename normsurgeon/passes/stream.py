@@ -293,7 +293,7 @@ def writers_of(x: GNode, width: int, stream: Stream) -> str | None:
         n = stack.pop()
         if id(n) in stream.nodes:
             continue
-        if n.op == "add":
+        if n.op in ("add", "add_"):
             stream.nodes.add(id(n))
             stack.extend(a for a in n.args if isinstance(a, GNode))
             continue
@@ -322,7 +322,11 @@ def writers_of(x: GNode, width: int, stream: Stream) -> str | None:
             w = _conv_writer(n, width)
             if w is not None:
                 stream.writers.append(w)
-                stream.nodes.add(id(n))
+                cur = n
+                while cur is not w.node:  # the flatten/transpose between the conv and the stream
+                    stream.nodes.add(id(cur))
+                    cur = cur.inputs[0]
+                stream.nodes.add(id(w.node))
                 continue
         w = _writer(n)
         if w is None:

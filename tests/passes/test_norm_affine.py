@@ -9,28 +9,14 @@ import torch.nn as nn
 from normsurgeon import zoo_llm
 from normsurgeon.passes.fold import fold
 
+from _llm_helpers import fresh_inputs, logits, rel_err
+
 # model -> the norms expected to stay (and a word of the reason)
 PRE_NORM = {
     "llama": {}, "mistral": {}, "qwen2": {}, "phi3": {}, "gpt2_untied": {}, "opt": {}, "falcon": {},
     "gpt_neox": {}, "phi": {}, "stablelm": {}, "starcoder2": {}, "granite": {}, "vit": {},
     "gpt2": {"transformer.ln_f": "tied"}, "gemma": {"model.norm": "tied"},
 }
-
-
-def fresh_inputs(name):
-    g = torch.Generator().manual_seed(123)
-    if name == "vit":
-        return {"pixel_values": torch.randn(3, 3, 32, 32, generator=g)}
-    return {"input_ids": torch.randint(0, 96, (3, 7), generator=g)}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def logits(model, kw):
-    with torch.no_grad():
-        return model(**kw)[0]
 
 
 def norm_weights(model):
