@@ -23,6 +23,7 @@ from .graph import capture  # noqa: E402
 from .find import inspect, find_norms  # noqa: E402
 from .fold import fold  # noqa: E402 - after the module of that name: binds the function
 from .passes.convert import convert, insert_ffn_bn  # noqa: E402
+from .passes.rotate import rotate  # noqa: E402
 from .calibrate import calibrate, load_calibration_data, synthetic_batches  # noqa: E402
 from .nn import ChannelLayerNorm, FrozenBatchNorm, TokenBatchNorm  # noqa: E402
 from .onnx import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
@@ -32,7 +33,7 @@ from .replay import apply_recipe, load, save  # noqa: E402
 __all__ = [
     "__version__", "NormSurgeonError", "VerificationError", "CallArgs",
     "load_model", "save_model", "compare_outputs", "flatten_outputs", "capture",
-    "inspect", "find_norms", "fold", "convert", "insert_ffn_bn",
+    "inspect", "find_norms", "fold", "convert", "insert_ffn_bn", "rotate",
     "calibrate", "load_calibration_data", "synthetic_batches",
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
     "export_onnx", "verify_onnx", "count_norm_ops", "measure_latency", "load", "save", "apply_recipe",

@@ -36,7 +36,7 @@ from . import replay
 from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file
 
-__all__ = ["load", "inspect", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
+__all__ = ["load", "inspect", "fold", "convert", "rotate", "insert_ffn_bn", "calibrate", "load_calibration_data",
            "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
            "export", "bench", "demo", "save_model", "save", "check_output", "check_recipe_base", "apply_recipe",
            "load_inputs_file"]
@@ -137,6 +137,18 @@ def fold(model: nn.Module, example_inputs: Any, *, inputs_file: str | os.PathLik
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, example_inputs)
     return _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+
+
+def rotate(model: nn.Module, example_inputs: Any, *, seed: int = 0, inputs_file: str | os.PathLike | None = None,
+           extra_inputs: Iterable | None = None, **kwargs: Any):
+    """``passes.rotate.rotate``: the residual stream rotated by a seeded orthogonal matrix, verified
+    (keyword arguments go there); the user's inputs from ``inputs_file`` join the check."""
+    from .passes.rotate import rotate as _rotate
+
+    extra = list(extra_inputs or [])
+    if inputs_file is not None:
+        extra += load_inputs_file(inputs_file, example_inputs)
+    return _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
 
 
 def inspect(model: nn.Module, example_inputs: Any = None):

@@ -33,6 +33,7 @@ from .passes import convert as _convert
 from .passes import fold as _fold
 from .passes import ln_to_rms as _ln_to_rms
 from .passes import norm_affine as _norm_affine
+from .passes import rotate as _rotate
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .verify import run_clean
 
@@ -47,6 +48,7 @@ INPUTS_FILE = "inputs.safetensors"
 _REPLAY = {"convert": _convert.replay, "fold": _fold.replay}
 _REPLAY["norm_affine"] = _norm_affine.replay
 _REPLAY["ln_to_rms"] = _ln_to_rms.replay
+_REPLAY["rotate"] = _rotate.replay
 
 
 def is_recipe_dir(path: str | os.PathLike) -> bool:

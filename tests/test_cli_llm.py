@@ -81,3 +81,29 @@ def test_convert_to_rms_cli(tmp_path):
     assert not (tmp_path / "out" / "config.json").exists()  # RMSNorm is not GPT-NeoX's class: recipe only
     r = run("convert", src, "--to", "bn", "--untie")
     assert r.exit_code == 2 and "--untie goes with --to rms" in r.output
+
+
+def test_fold_then_rotate_llama_dir_reloads(tmp_path):
+    import transformers
+
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    assert run("fold", src, "--affine", "-o", f"{tmp_path / 'folded'}/").exit_code == 0
+    r = run("rotate", f"{tmp_path / 'folded'}/", "--seed", "3", "-o", f"{tmp_path / 'rot'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["rotated"] and payload["seed"] == 3 and payload["verify"]["max_rel_error"] < 1e-4
+    before = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rot").eval()
+    assert not torch.allclose(before.model.embed_tokens.weight, after.model.embed_tokens.weight, atol=1e-3)
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(before, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+
+
+def test_rotate_refuses_unprepared_model(tmp_path):
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    r = run("rotate", src, "-o", f"{tmp_path / 'rot'}/")
+    assert r.exit_code == 1 and "fold --affine first" in r.output
+    assert not (tmp_path / "rot").exists()

@@ -48,8 +48,9 @@ def _register() -> None:
     from .export_cmd import export
     from .fold_cmd import fold
     from .inspect_cmd import inspect
+    from .rotate_cmd import rotate
 
-    for cmd in (inspect, fold, convert, calibrate, export, bench, demo):
+    for cmd in (inspect, fold, convert, rotate, calibrate, export, bench, demo):
         main.add_command(cmd)
 
 
