@@ -126,11 +126,9 @@ class FoldReport:
         return {
             "capture": self.capture,
             "folded": [{"norm": a.path, "into": a.detail["into"], "position": a.detail["position"],
-                        "via": a.detail.get("via", []), "kind": a.detail.get("kind", "batchnorm"),
-                        **{k: a.detail[k] for k in ("untied", "created_bias") if k in a.detail}}
-                       for a in self.folded],
+                        "via": a.detail.get("via", []), **_affine_json(a)} for a in self.folded],
             "skipped": [{"norm": a.path, "reason": a.reason, "rolled_back": a.kind == "rolled_back",
-                         "kind": a.detail.get("kind", "batchnorm")} for a in self.skipped],
+                         **_affine_json(a)} for a in self.skipped],
             "verify": verify,
             "summary": {"batchnorms": self.num_norms, "norm_affines": len(self.affine_actions),
                         "folded": len(self.folded),
@@ -152,6 +150,13 @@ class FoldReport:
                       ["norm" if self.affine_actions else "BatchNorm", "result", "position", "into / reason"], rows)
         table.notes.append(self.summary())
         return [table]
+
+
+def _affine_json(a: Action) -> dict:
+    """A norm-affine fold's extra keys: its kind (layernorm/rmsnorm), untied weights, created biases."""
+    if not a.detail.get("affine"):
+        return {}
+    return {"kind": a.detail["kind"], **{k: a.detail[k] for k in ("untied", "created_bias") if k in a.detail}}
 
 
 def _finite(x: float) -> float | None:
