@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ..errors import one_line
 from ..find import find_norms
-from ..graph import GNode, ModelGraph, capture
+from ..graph import ModelGraph, capture
 from ..graph.ops import data_users
 from ..inputs import as_call_args
 from ..norm_math import centre_output

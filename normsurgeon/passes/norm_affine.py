@@ -19,7 +19,8 @@ from ..graph import ModelGraph
 from ..norm_math import fold_into_reader
 from ..report import Action
 from ..verify import UndoLog
-from .stream import Affine, Reader, Tensor, affine_of, output_of, own_tensor, readers_of, tensor_aliases, uses
+from .stream import (Affine, Reader, Tensor, affine_of, hand_written_inputs, norm_input, output_of, own_tensor,
+                     per_head, readers_of, tensor_aliases, uses)
 
 KINDS = ("layernorm", "rmsnorm")
 
@@ -41,6 +42,7 @@ class AffineSite:
 
 def match(model: nn.Module, graph: ModelGraph, sites: list[NormSite] | None = None) -> list[AffineSite]:
     out = []
+    inputs = hand_written_inputs(graph)
     for s in sites if sites is not None else find_norms(graph):
         if s.kind not in KINDS or s.node is None:
             continue
@@ -56,12 +58,12 @@ def match(model: nn.Module, graph: ModelGraph, sites: list[NormSite] | None = No
             site.reason = "no affine to fold"
             continue
         width = s.channels
-        if s.input_shape is not None and len(s.input_shape) >= 4:
-            site.reason = ("a per-head norm (q/k norm before RoPE): its output goes to the rotary embedding "
-                           "and attention, not to a linear layer")
-            continue
         out_node = output_of(s)
         readers, why = readers_of(out_node, width) if out_node is not None and width else ([], "unknown width")
+        if why is not None and s.input_shape is not None and len(s.input_shape) >= 4 \
+                and per_head(inputs.get(id(s.node)) or norm_input(s), width):
+            why = ("a per-head norm (q/k norm before RoPE): its output goes to the rotary embedding and "
+                   f"attention, not to a linear layer ({why})")
         for r in readers:
             r.weight = own_tensor(graph, r.node, r.weight)
             if r.bias is not None:

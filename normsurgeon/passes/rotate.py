@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import NormSurgeonError, one_line
-from ..find import NormSite, _match_normalizer, _match_second_moment, find_norms
+from ..find import NormSite, find_norms
 from ..graph import GNode, ModelGraph, capture
-from ..graph.ops import CASTS, data_users
+from ..graph.ops import data_users
 from ..inputs import as_call_args
 from ..norm_math import orthogonal, rotate_reader, rotate_writer
 from ..outputs import ErrorStats
@@ -34,8 +34,8 @@ from ..recipe import record
 from ..report import Action, Table, fmt_float
 from ..verify import References, UndoLog, UndoStore, tolerance_for
 from .base import Applied, apply_verified
-from .stream import Reader, Stream, Writer, affine_of, output_of, own_tensor, readers_of, tensor_aliases, uses, \
-    writers_of
+from .stream import (Reader, Stream, Writer, affine_of, hand_written_inputs, output_of, own_tensor, per_head,
+                     readers_of, tensor_aliases, uses, writers_of)
 
 
 @dataclass
@@ -156,24 +156,6 @@ def replay(model: nn.Module, action: dict, ci: Any) -> None:
     """A rotation changes values only, never structure: the weights loaded afterwards carry it."""
 
 
-def _norm_inputs(graph: ModelGraph) -> dict[int, GNode]:
-    """id(norm output node) -> the tensor a hand-written norm normalizes (its input, before casts)."""
-    out = {}
-    for node in graph.nodes:
-        found = _match_second_moment(node)
-        if found is None:
-            continue
-        base, centered, _, differs = found
-        res = _match_normalizer(node, base, centered, list(differs))
-        if res is None:
-            continue
-        src = base
-        while src.op in CASTS and isinstance(src.arg(0), GNode):
-            src = src.arg(0)
-        out[id(res[0])] = src
-    return out
-
-
 def _affine_reason(site: NormSite, model: nn.Module) -> str | None:
     aff = affine_of(site)
     if aff is None:
@@ -190,13 +172,16 @@ def _affine_reason(site: NormSite, model: nn.Module) -> str | None:
 
 
 def _plan(model: nn.Module, graph: ModelGraph, report: RotateReport) -> _Plan | None:
-    inputs = _norm_inputs(graph)
+    inputs = hand_written_inputs(graph)
     stream = Stream()
     norms, readers, widths, entries = [], [], set(), set()
     for site in find_norms(graph):
         if site.kind not in ("layernorm", "rmsnorm"):
             continue
-        if site.input_shape is not None and len(site.input_shape) >= 4:
+        x = site.node.arg(0) if site.node is not None and site.node.op in ("layer_norm", "rms_norm",
+                                                                         "native_layer_norm") \
+            else inputs.get(id(site.node))
+        if site.channels and per_head(x, site.channels):
             continue  # per-head q/k norms live inside attention, not on the stream
         if site.node is None:
             report.refused.append(Action("skipped", site.path, {}, site.note or "not captured"))

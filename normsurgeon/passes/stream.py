@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..find import NormSite, _site_output
+from ..find import NormSite, _match_normalizer, _match_second_moment, _site_output
 from ..graph import GNode, ModelGraph
 from ..graph.ops import CASTS, DROPOUT, IDENTITY, PERMUTE, RESHAPE, TRANSPOSE, data_users
 
@@ -149,6 +149,48 @@ def affine_of(site: NormSite) -> Affine | None:
             aff.bias = t
         cur = cur.inputs[1 - i]
     return aff
+
+
+def per_head(x: object, width: int) -> bool:
+    """``x`` (a norm's input) is a linear's output split into heads: a reshape took its last dim from a
+    multiple of ``width`` down to ``width`` (Qwen3's q/k norms: (B, T, H·D) → (B, T, H, D))."""
+    seen = 0
+    while isinstance(x, GNode) and seen < 8 and x.inputs:
+        src = x.inputs[0]
+        if x.op in RESHAPE and x.shape and src.shape and x.shape[-1] == width and src.shape[-1] > width \
+                and src.shape[-1] % width == 0:
+            return True
+        if x.op not in RESHAPE | TRANSPOSE | PERMUTE | _NOOP:
+            return False
+        x, seen = src, seen + 1
+    return False
+
+
+def norm_input(site: NormSite) -> GNode | None:
+    """The tensor an op norm normalizes (hand-written norms: see ``rotate._norm_inputs``)."""
+    node = site.node
+    if node is not None and node.op in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"):
+        x = node.arg(0)
+        return x if isinstance(x, GNode) else None
+    return None
+
+
+def hand_written_inputs(graph: ModelGraph) -> dict[int, GNode]:
+    """id(norm output node) -> the tensor a hand-written norm normalizes (its input, before casts)."""
+    out = {}
+    for node in graph.nodes:
+        found = _match_second_moment(node)
+        if found is None:
+            continue
+        base, centered, _, differs = found
+        res = _match_normalizer(node, base, centered, list(differs))
+        if res is None:
+            continue
+        src = base
+        while src.op in CASTS and isinstance(src.arg(0), GNode):
+            src = src.arg(0)
+        out[id(res[0])] = src
+    return out
 
 
 def output_of(site: NormSite) -> GNode | None:

@@ -124,3 +124,22 @@ def test_refused_small_models(cls, why):
     (a,) = report.affine_actions
     assert a.kind == "skipped" and why in a.reason
     assert torch.equal(folded(x), model(x))
+
+
+def test_rank4_layernorm_is_not_mistaken_for_a_qk_norm():
+    """ConvNeXt's channels-last LN sees (B, H, W, C) and feeds pwconv1 (a Linear): it folds; the
+    channels-first LNs before convs are refused as non-linear readers, not as q/k norms."""
+    from normsurgeon import zoo
+
+    model = zoo.convnext()
+    zoo_llm.randomize_norms(model)
+    x = model.example_inputs()
+    folded, report = fold(model, x, affine=True)
+    actions = {a.path: a for a in report.affine_actions}
+    layer = actions["convnext.encoder.stages.0.layers.0.layernorm"]
+    assert layer.kind == "folded" and layer.detail["into"] == ["convnext.encoder.stages.0.layers.0.pwconv1"]
+    assert all("q/k" not in (a.reason or "") for a in actions.values())
+    assert report.passed
+    with torch.no_grad():
+        a, b = model(**x.kwargs)[0], folded(**x.kwargs)[0]
+    assert rel_err(a, b) < 1e-5
