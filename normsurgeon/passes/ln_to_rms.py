@@ -44,7 +44,6 @@ def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = Fal
     """LayerNorm → RMSNorm, exactly; returns ``(model, ConvertReport)`` (see the module docstring)."""
     from ..errors import NormSurgeonError
     from .convert import ConvertReport, _inputs
-    from .fold import fold
 
     ci = _inputs(model, example_inputs)
     if ci is None:
@@ -53,7 +52,7 @@ def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = Fal
     extra = [as_call_args(e) for e in extra_inputs]
     refs = References.record(work, ci, extra=extra)
     tol = tolerance_for(work, rtol, atol)
-    work, folded = fold(work, ci, inplace=True, affine=True, untie=untie, rtol=rtol, atol=atol, extra_inputs=extra)
+    folded = _fold_affines(work, ci, refs, tol, untie, spill=inplace)
     graph = capture(work, ci)
     report = ConvertReport("rms", graph.describe())
     report.notes.append(f"affines folded first: {folded.summary()}")
@@ -90,6 +89,23 @@ def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = Fal
         record(work, {"op": "ln_to_rms", "converted": [p for p in plan["lns"]],
                       "centred": [w.path for w in plan["writers"]]}, ci)
     return work, report
+
+
+def _fold_affines(work: nn.Module, ci, refs: References, tol, untie: bool, spill: bool):
+    """Step 1: every norm's affine into its readers (``norm_affine``), verified; BatchNorms untouched."""
+    from .fold import FoldReport
+    from .norm_affine import fold_all, record_action
+
+    graph = capture(work, ci, checked=True)
+    report = FoldReport(graph.describe(), tolerance=tol.rtol, verified_inputs=len(refs))
+    with UndoStore(spill=spill) as store:
+        actions, applied = fold_all(work, graph, store, untie=untie)
+        verdict = apply_verified(work, applied, refs, tol, store, done="folded")
+    actions.update(verdict.actions)
+    report.actions = list(actions.values())
+    report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
+    record_action(work, report, ci)
+    return report
 
 
 def _plan(model: nn.Module, graph: ModelGraph, refused: dict[str, str | None]) -> tuple[dict[str, Action], dict]:
