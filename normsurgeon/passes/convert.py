@@ -212,7 +212,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     ci = _inputs(model, example_inputs)
     if to in EXACT_PASSES:
         if ffn_bn or calibrate_batches is not None:
-            raise NormSurgeonError(f"--to {to} is an exact rewrite: it goes without --ffn-bn and calibration")
+            raise NormSurgeonError(f"to={to!r} is an exact rewrite: it takes no ffn_bn and no calibrate_batches")
         from . import ln_to_rms
 
         return ln_to_rms.convert(model, ci, inplace=inplace, untie=untie, extra_inputs=extra_inputs)
