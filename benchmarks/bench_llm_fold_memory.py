@@ -7,7 +7,8 @@ saved as a bf16 safetensors directory (``--layers N`` keeps the width with fewer
 a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS from ``os.wait4``):
 
 - baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs;
-- fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 4 inputs);
+- fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 4 inputs;
+  ``--skip-plain-fold`` leaves it out);
 - fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer reloads
   the directory to check it rebuilds bit-exactly, which holds a second copy while it checks);
 - rotate:   ``normsurgeon rotate OUT/ --json`` on the folded directory.
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=None, help="TinyLlama's width with this many layers")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-plain-fold", action="store_true", help="time only fold -o (and rotate on its output)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the built model here (reused)")
     args = ap.parse_args()
     config = dict(QUICK if args.quick else TINYLLAMA)
@@ -74,14 +76,24 @@ def main() -> None:
         where = args.workdir or Path(tmp)
         model = where / f"llama_{config['hidden_size']}x{config['num_hidden_layers']}"
         t0 = time.perf_counter()
-        params = build(model, config) if not (model / "config.json").exists() else None
+        params = None
+        if not (model / "config.json").exists():
+            # built in a child: a child's peak RSS starts from its parent's, so the parent stays small
+            build_cmd = [sys.executable, "-c", f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'benchmarks')]!r}; "
+                         f"from bench_llm_fold_memory import build; from pathlib import Path; "
+                         f"print(build(Path({str(model)!r}), {config!r}))"]
+            _, _, _, code, stdout = run(build_cmd)
+            if code != 0:
+                raise SystemExit("building the model failed")
+            params = int(stdout.strip().splitlines()[-1])
         size = sum(f.stat().st_size for f in model.iterdir()) / 2 ** 20
         print(f"model: {model.name}, {params and f'{params / 1e6:.0f}M parameters, '}{size:.0f} MiB on disk "
               f"(ready in {time.perf_counter() - t0:.0f} s)", flush=True)
         out = Path(tmp) / "folded"
         py = sys.executable
         kinds = {"baseline": [py, "-c", BASELINE, str(model)],
-                 "fold": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json"],
+                 **({} if args.skip_plain_fold else
+                    {"fold": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json"]}),
                  "fold -o": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json", "-o", f"{out}/"],
                  "rotate": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json"]}
         result = {"config": config, "size_mib": size, "runs": {}}
