@@ -30,12 +30,12 @@ from .onnx import count_norm_ops, export_onnx, verify_onnx  # noqa: E402
 from .bench import measure_latency  # noqa: E402
 from .replay import apply_recipe, load, save  # noqa: E402
 # one signature per verb, the CLI's own: a model object or a path/spec, output=, inputs_file=, force=...
-from .api import convert, export, fold, inspect, write_inputs  # noqa: E402
+from .api import convert, export, fold, inspect, rotate, write_inputs  # noqa: E402
 
 __all__ = [
     "__version__", "NormSurgeonError", "VerificationError", "CallArgs",
     "load_model", "save_model", "compare_outputs", "flatten_outputs", "capture",
-    "inspect", "find_norms", "fold", "convert", "insert_ffn_bn", "export", "write_inputs",
+    "inspect", "find_norms", "fold", "convert", "insert_ffn_bn", "export", "write_inputs", "rotate",
     "calibrate", "load_calibration_data", "synthetic_batches",
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm",
     "export_onnx", "verify_onnx", "count_norm_ops", "measure_latency", "load", "save", "apply_recipe",

@@ -39,7 +39,7 @@ from . import replay
 from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file, tolerance_for
 
-__all__ = ["load", "inspect", "write_inputs", "fold", "convert", "insert_ffn_bn", "calibrate", "load_calibration_data",
+__all__ = ["load", "inspect", "write_inputs", "fold", "convert", "rotate", "insert_ffn_bn", "calibrate", "load_calibration_data",
            "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
            "export", "bench", "demo", "save_model", "save", "check_output", "check_recipe_base", "apply_recipe",
            "load_inputs_file"]
@@ -119,8 +119,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
          input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
     """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
     if is_dir_output(path):
-        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
-                           inputs=inputs)
+        out = replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
+                          inputs=inputs)
+        # a transformers model whose classes survived: plain from_pretrained loads the directory too
+        from .hf_dir import write_config
+
+        write_config(model, out)
+        return out
     return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
 
 
@@ -169,6 +174,8 @@ def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, exam
     if not ffn_bn and (kwargs.get("ffn_bn_position", "after-first") != "after-first"
                        or kwargs.get("ffn_bn_init", "fresh") != "fresh"):
         raise NormSurgeonError("`ffn_bn_position`/`ffn_bn_init` go with `ffn_bn=True`")
+    if kwargs.get("untie") and to != "rms":
+        raise NormSurgeonError("`untie=True` goes with `to='rms'` (or fold's `affine=True`)")
     if calibrate_file is not None and calibrate_synthetic is not None:
         raise NormSurgeonError("give either `calibrate_file` or `calibrate_synthetic`, not both")
     if calibrate_synthetic is not None and calibrate_synthetic < 1:
@@ -222,7 +229,11 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
 
     An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
     (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
+    if kwargs.get("untie") and not kwargs.get("affine"):
+        raise NormSurgeonError("`untie=True` goes with `affine=True`")
     if _onnx_fold.is_onnx(model):
+        if kwargs.pop("affine", False) or kwargs.pop("untie", False):
+            raise NormSurgeonError("`affine=True` folds the norms of a PyTorch module, not of an .onnx graph")
         _onnx_fold.refuse_load_options(dict(imports=imports, weights=weights, input_dtypes=input_dtypes,
                                             example_inputs=example_inputs))
         return _onnx_fold.fold_file(model, output=output, force=force, inputs_file=inputs_file,
@@ -233,6 +244,8 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                                     input_dtypes=input_dtypes))
     program = isinstance(model, ExportedProgram)
+    if program and kwargs.get("affine"):
+        raise NormSurgeonError("`affine=True` folds the norms of a module, not of a .pt2 program")
     if owned and not program:
         kwargs.setdefault("inplace", True)
     if out is not None:
@@ -292,6 +305,43 @@ def write_inputs(model: nn.Module | str | os.PathLike, output: str | os.PathLike
         example_inputs = example_inputs if example_inputs is not None else program_inputs(model)
     return save_random_inputs(as_call_args(example_inputs), output, batch=batch, shards=shards, seed=seed, force=force,
                         input_path=input_path)
+
+
+def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, seed: int = 0,
+           output: str | os.PathLike | None = None, force: bool = False,
+           inputs_file: str | os.PathLike | None = None, extra_inputs: Iterable | None = None,
+           trust: bool = False, imports: Sequence[str] = (), weights: str | os.PathLike | None = None,
+           input_shapes: Sequence[str] = (), input_dtypes: Sequence[str] = (), **kwargs: Any):
+    """``passes.rotate.rotate`` (its keyword arguments go there): the residual stream rotated by a
+    seeded orthogonal matrix, verified, with what the ``rotate`` command adds: ``model`` may be a path
+    or spec (loaded as ``load`` does, rotated in place: it is ours), the user's inputs from
+    ``inputs_file`` join the check, and a rotated model is saved to ``output`` (checked before any work,
+    never the input, an existing one only with ``force``; a recipe directory of a transformers model
+    also gets its ``config.json``). ``report.output`` says what was written (None: nothing)."""
+    from .passes.rotate import rotate as _rotate
+
+    if seed < 0:
+        raise NormSurgeonError(f"`seed` must be >= 0, got {seed}")
+    read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
+    out = check_output(output, force=force, inputs=read) if output is not None else None
+    model, example_inputs, input_path, owned = _resolve(
+        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                    input_dtypes=input_dtypes))
+    if isinstance(model, ExportedProgram):
+        raise NormSurgeonError("rotate works on a module, not on a .pt2 program")
+    if owned:
+        kwargs.setdefault("inplace", True)
+    if out is not None:
+        check_recipe_base(model, output)
+    extra = list(extra_inputs or [])
+    if inputs_file is not None:
+        extra += load_inputs_file(inputs_file, example_inputs)
+    rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
+    report.output = None
+    if out is not None and report.rotated:
+        report.output = str(save(rotated, output, example_inputs=example_inputs, force=force, input_path=input_path,
+                                 inputs=read))
+    return rotated, report
 
 
 def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> None:

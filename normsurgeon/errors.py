@@ -21,6 +21,7 @@ FLAGS = {
     "rtol": "--rtol", "atol": "--atol", "data": "--data", "device": "--device", "keep_failed": "--keep-failed",
     "max_batches": "--max-batches", "fold": "--fold", "static": "--static",
     "dynamic_batch": "--dynamic-batch", "dynamic_seq": "--dynamic-seq", "num_random": "--random-inputs",
+    "affine": "--affine", "untie": "--untie", "seed": "--seed",
 }
 
 _QUOTES = "[]'\""

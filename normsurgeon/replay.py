@@ -32,6 +32,9 @@ from .inputs import CallArgs, as_call_args
 from .loading import LoadedModel, getattr_inputs, load_model, prepare_hf_model
 from .passes import convert as _convert
 from .passes import fold as _fold
+from .passes import ln_to_rms as _ln_to_rms
+from .passes import norm_affine as _norm_affine
+from .passes import rotate as _rotate
 from .saving import guard_inputs, place_dir, temp_dir
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
@@ -46,6 +49,9 @@ INPUTS_FILE = "inputs.safetensors"
 
 # action "op" -> the pass function that redoes it on a rebuilt model
 _REPLAY = {"convert": _convert.replay, "fold": _fold.replay}
+_REPLAY["norm_affine"] = _norm_affine.replay
+_REPLAY["ln_to_rms"] = _ln_to_rms.replay
+_REPLAY["rotate"] = _rotate.replay
 
 
 def is_recipe_dir(path: str | os.PathLike) -> bool:

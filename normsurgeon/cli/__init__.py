@@ -53,8 +53,9 @@ def _register() -> None:
     from .fold_cmd import fold
     from .inputs_cmd import inputs
     from .inspect_cmd import inspect
+    from .rotate_cmd import rotate
 
-    for cmd in (inspect, inputs, fold, convert, calibrate, export, bench, demo):
+    for cmd in (inspect, inputs, fold, convert, rotate, calibrate, export, bench, demo):
         main.add_command(cmd)
 
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 import click
 
 from ..errors import VerificationError
-from ..passes.convert import RULES
+from ..passes.convert import EXACT_PASSES, RULES, TARGETS
 from ..passes.swap import kind_name
 from .common import (PlainProgress, emit, force_option, guarded, model_options, output_options, progress_console,
                      tolerance_options)
 
 # --to: the swap registry, one entry per rule (as --exporter lists its choices)
-_TARGETS = ", ".join(f"{t} ({'/'.join(kind_name(k) for k in r.sources)} -> {r.target_name})" for t, r in RULES.items())
+_TARGETS = ", ".join([f"{t} ({'/'.join(kind_name(k) for k in r.sources)} -> {r.target_name})" for t, r in RULES.items()]
+                     + [f"{t} ({EXACT_PASSES[t].split('.')[0].replace('_to_', ' -> ').upper()}, exact: affines folded, "
+                        "residual stream centred)" for t in EXACT_PASSES])
 
 
 @click.command("convert")
 @model_options
-@click.option("--to", "to", type=click.Choice(list(RULES)), default=None, help=f"Target: {_TARGETS}.")
+@click.option("--to", "to", type=click.Choice(list(TARGETS)), default=None, help=f"Target: {_TARGETS}.")
+@click.option("--untie", is_flag=True,
+              help="With --to rms: give a tied lm_head its own copy of the embedding (the final norm folds into "
+                   "it and the embedding can be centred).")
 @click.option("--groups", type=int, default=None, metavar="G",
               help="Groups for --to gn (default 1); must divide every BatchNorm's channels.")
 @click.option("--progressive", type=int, default=None, metavar="STEPS",
@@ -50,7 +55,7 @@ _TARGETS = ", ".join(f"{t} ({'/'.join(kind_name(k) for k in r.sources)} -> {r.ta
 @guarded
 def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, groups, progressive, pn_warmup,
             pn_groups, no_padding_mask, ffn_bn, ffn_bn_position, ffn_bn_init, calibrate_file, calibrate_synthetic,
-            batch_size, inputs_file, output, rtol, atol, force, as_json, debug):
+            batch_size, inputs_file, output, rtol, atol, force, untie, as_json, debug):
     """Convert the normalization layers of MODEL.
 
     \b
@@ -63,6 +68,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
     --to ln      BatchNorm -> LayerNorm on (N, C), ChannelLayerNorm (LN over dim 1) otherwise
     --to gn      BatchNorm -> GroupNorm(G, C)
     --to frozen  BatchNorm -> FrozenBatchNorm: exact in eval, verified, deviating sites rolled back
+    --to rms     LayerNorm -> RMSNorm, exact: norm affines folded into the linears that read them,
+                 every writer of the residual stream mean-centred (docs/llm.md); verified
     --ffn-bn     also put a BatchNorm inside every transformer FFN block
 
     Only frozen BNs and --ffn-bn-init identity preserve the function; every other swap needs
@@ -79,7 +86,8 @@ def convert(model, trust, imports, weights, input_shapes, input_dtypes, to, grou
             weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes, groups=groups, ffn_bn=ffn_bn,
             ffn_bn_position=ffn_bn_position, ffn_bn_init=ffn_bn_init, progress=progress, progressive=progressive,
             pn_warmup_steps=pn_warmup, pn_groups=pn_groups, rtol=rtol, atol=atol,
-            padding_mask=None if no_padding_mask else "attention_mask")
+            padding_mask=None if no_padding_mask else "attention_mask",
+            **({"untie": True} if untie else {}))
     failed = report.verify is not None and report.verify.get("passed") is False
     if not failed:
         report.notes.append(f"wrote {report.output}" if report.output else

@@ -18,12 +18,17 @@ from .common import emit, force_option, guarded, model_options, output_options, 
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
                    "'normsurgeon inputs' writes the layout).")
+@click.option("--affine", is_flag=True,
+              help="Also fold every pre-norm LayerNorm/RMSNorm's scale and shift into the linear layers that read "
+                   "it (q/k/v, gate/up, lm_head...), leaving norms without an affine (docs/llm.md).")
+@click.option("--untie", is_flag=True,
+              help="With --affine: give a tied lm_head its own copy of the embedding so the final norm folds into it.")
 @tolerance_options
 @force_option
 @output_options
 @guarded
-def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, rtol, atol, force, as_json,
-         debug):
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, affine, untie, rtol, atol,
+         force, as_json, debug):
     """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
@@ -36,7 +41,8 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     """
     folded, report = api.fold(model, output=output, force=force, inputs_file=inputs_file, rtol=rtol, atol=atol,
                               trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                              input_dtypes=input_dtypes)
+                              input_dtypes=input_dtypes,
+                              **({"affine": True} if affine else {}), **({"untie": True} if untie else {}))
     emit(report, as_json)
     if not as_json and (report.passed or report.dry_run):  # a failure is said once, by the error below
         what = "program" if _is_program(folded) else "model"

@@ -18,6 +18,7 @@ MODULES: dict[str, type[nn.Module]] = {
     "token_bn": TokenBatchNorm,  # BN over the last dim of (B, [T, ...,] C)
     "bn1d": nn.BatchNorm1d, "bn2d": nn.BatchNorm2d, "bn3d": nn.BatchNorm3d,  # channels-first BN by rank
     "ln": nn.LayerNorm,  # LN over the last dim
+    "rms": nn.RMSNorm,  # exact LN -> RMSNorm once the residual stream is centred (passes/ln_to_rms.py)
     "channel_ln": ChannelLayerNorm,  # LN over dim 1 at each position
     "gn": nn.GroupNorm,
     "frozen_bn": FrozenBatchNorm,  # BN as a fixed scale/shift

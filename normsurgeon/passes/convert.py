@@ -64,7 +64,9 @@ __all__ = ["convert", "insert_ffn_bn", "replay", "ConvertReport", "RULES", "TARG
 
 # --to value -> the rule that implements it (one file each)
 RULES: dict[str, type[SwapRule]] = {r.target: r for r in (LnToBn, LnToPn, BnToLn, BnToGn, BnToFrozen)}
-TARGETS = tuple(RULES)
+# exact swaps that rewrite more than the norm (their own pass): --to value -> "module.function"
+EXACT_PASSES: dict[str, str] = {"rms": "ln_to_rms.convert"}  # LayerNorm -> RMSNorm, writers centred
+TARGETS = tuple(RULES) + tuple(EXACT_PASSES)
 _NEW_BN_CLASSES = ("TokenBatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "PowerNorm")
 
 
@@ -162,7 +164,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
             progress: Callable[[int, int | None], None] | None = None,
             extra_inputs: Sequence[Any] = (), progressive: int | None = None, pn_warmup_steps: int = 4000,
             pn_groups: int | None = None, padding_mask: str | None = "attention_mask",
-            rtol: float | None = None, atol: float | None = None) -> tuple[nn.Module, ConvertReport]:
+            rtol: float | None = None, atol: float | None = None, untie: bool = False
+            ) -> tuple[nn.Module, ConvertReport]:
     """Convert the normalization layers of ``model``; returns (converted model, ConvertReport).
 
     to:
@@ -185,6 +188,9 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     carries the (B, T) attention mask; when the forward has it, ``nn.capture_padding_mask`` is installed
     on the returned model so token BN / PowerNorm batch statistics count real tokens only (the report's
     ``statistics`` says which). ``None``: never.
+      ``"rms"``     LayerNorm -> ``nn.RMSNorm``, exactly: the affines fold into their readers and every
+                    writer of the residual stream is mean-centred (``passes.ln_to_rms``; ``untie`` gives a
+                    tied lm_head its own weight). Verified, rolled back as a whole if it deviates.
       ``None``      only with ``ffn_bn=True``: insert FFN BNs, convert nothing.
 
     ffn_bn: also insert a TokenBatchNorm into every FFN block (see :mod:`normsurgeon.passes.ffn_bn`), at
@@ -209,6 +215,15 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
                                "a conversion changes what the model trains, and a torch.export program (.pt2) "
                                "holds a frozen inference graph (fold and export work on it)")
     ci = _inputs(model, example_inputs)
+    if to in EXACT_PASSES:
+        if ffn_bn or calibrate_batches is not None:
+            raise NormSurgeonError(f"to={to!r} is an exact rewrite: it takes no ffn_bn and no calibrate_batches")
+        from . import ln_to_rms
+
+        return ln_to_rms.convert(model, ci, inplace=inplace, untie=untie, rtol=rtol, atol=atol,
+                                 extra_inputs=extra_inputs)
+    if untie:
+        raise NormSurgeonError("untie goes with to='rms' (or fold(affine=True))")
     if graph is None:
         graph = capture(model, ci)
     sites = find_norms(graph)

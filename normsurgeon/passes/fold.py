@@ -77,11 +77,18 @@ class FoldReport:
 
     @property
     def num_norms(self) -> int:
-        return sum(1 for a in self.actions if not a.detail.get("functional"))
+        return sum(1 for a in self.actions if not a.detail.get("functional") and not a.detail.get("affine"))
+
+    @property
+    def affine_actions(self) -> list[Action]:
+        """The LayerNorm/RMSNorm affine folds (``affine=True``; ``passes.norm_affine``)."""
+        return [a for a in self.actions if a.detail.get("affine")]
 
     def summary(self) -> str:
         if not self.actions:
             return "no BatchNorm in this model: nothing to fold"
+        if self.affine_actions:
+            return self._summary_affine()
         functional = [a for a in self.actions if a.detail.get("functional")]
         folded_functional = sum(1 for a in functional if a.kind == "folded")
         text = f"folded {len(self.folded) - folded_functional} of {self.num_norms} BatchNorms"
@@ -104,6 +111,23 @@ class FoldReport:
             text += f". {training} BatchNorm(s) are in training mode: call model.eval() before folding"
         return text
 
+    def _summary_affine(self) -> str:
+        aff = self.affine_actions
+        done = sum(a.kind == "folded" for a in aff)
+        text = f"folded the affine of {done} of {len(aff)} LayerNorm/RMSNorm sites"
+        if self.num_norms:
+            text += f", {len(self.folded) - done} of {self.num_norms} BatchNorms"
+        untied = sorted({p for a in aff for p in a.detail.get("untied", [])})
+        if untied:
+            text += f"; untied {', '.join(untied)} (its own copy of the tied weight)"
+        if self.rolled_back:
+            text += f"; {len(self.rolled_back)} rolled back"
+        if self.passed is None:
+            return text + "; not verified"
+        err = self.verify.max_rel_error if self.verify else None
+        return text + (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
+                       f"{self.verified_inputs} inputs): {'passed' if self.passed else 'FAILED'}")
+
     def to_json(self) -> dict:
         verify: dict[str, Any] = {"max_abs_error": None, "max_rel_error": None, "passed": self.passed}
         if self.verify is not None:
@@ -116,11 +140,12 @@ class FoldReport:
         return {
             "capture": self.capture,
             "folded": [{"norm": a.path, "into": a.detail["into"], "position": a.detail["position"],
-                        "via": a.detail.get("via", [])} for a in self.folded],
-            "skipped": [{"norm": a.path, "reason": a.reason, "rolled_back": a.kind == "rolled_back"}
-                        for a in self.skipped],
+                        "via": a.detail.get("via", []), **_affine_json(a)} for a in self.folded],
+            "skipped": [{"norm": a.path, "reason": a.reason, "rolled_back": a.kind == "rolled_back",
+                         **_affine_json(a)} for a in self.skipped],
             "verify": verify,
-            "summary": {"batchnorms": self.num_norms, "folded": len(self.folded),
+            "summary": {"batchnorms": self.num_norms, "norm_affines": len(self.affine_actions),
+                        "folded": len(self.folded),
                         "skipped": len(self.skipped) - len(self.rolled_back),
                         "rolled_back": len(self.rolled_back)},
             **({} if self.dry_run is None else {"output": self.output, "dry_run": self.dry_run}),
@@ -132,15 +157,23 @@ class FoldReport:
             if a.kind == "folded":
                 via = " → ".join(a.detail.get("via", []))
                 what = ", ".join(a.detail["into"]) + (f"  (via {via})" if via else "")
-                rows.append([a.path, "folded", a.detail["position"], what])
+                rows.append([a.path, "folded", "affine" if a.detail.get("affine") else a.detail["position"], what])
             else:
                 rows.append([a.path, a.kind.replace("_", " "), "", a.reason])
-        table = Table(f"BatchNorm folding (capture: {self.capture})",
-                      ["BatchNorm", "result", "position", "into / reason"], rows)
+        title = "Norm folding" if self.affine_actions else "BatchNorm folding"
+        table = Table(f"{title} (capture: {self.capture})",
+                      ["norm" if self.affine_actions else "BatchNorm", "result", "position", "into / reason"], rows)
         table.notes.append(self.summary())
         if self.actions and self.shapes_note():
             table.notes.append(self.shapes_note())
         return [table]
+
+
+def _affine_json(a: Action) -> dict:
+    """A norm-affine fold's extra keys: its kind (layernorm/rmsnorm), untied weights, created biases."""
+    if not a.detail.get("affine"):
+        return {}
+    return {"kind": a.detail["kind"], **{k: a.detail[k] for k in ("untied", "created_bias") if k in a.detail}}
 
 
 def _finite(x: float) -> float | None:
@@ -149,8 +182,12 @@ def _finite(x: float) -> float | None:
 
 def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inplace: bool = False,
          verify: bool = True, rtol: float | None = None, atol: float | None = None, graph: ModelGraph | None = None,
-         extra_inputs: Sequence[Any] = ()) -> tuple[nn.Module, FoldReport]:
+         extra_inputs: Sequence[Any] = (), affine: bool = False, untie: bool = False) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable BatchNorm of ``model`` into its neighbours; see the module docstring.
+
+    With ``affine`` the scale γ and shift β of every pre-norm LayerNorm/RMSNorm fold into the linear
+    layers that read it too (``passes.norm_affine``; reported with kind layernorm/rmsnorm), leaving
+    norms without an affine; a tied lm_head is refused unless ``untie`` gives it its own weight.
 
     Returns ``(folded_model, report)``. ``model`` is untouched unless ``inplace=True``. With
     ``verify`` the outputs are compared with the original ones on ``example_inputs``, two random
@@ -166,6 +203,8 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
     returned (never in place), and ``example_inputs`` default to the program's own.
     """
     if isinstance(model, ExportedProgram):
+        if affine:
+            raise NormSurgeonError("affine=True folds norm affines of an nn.Module, not of a torch.export program")
         return fold_program(model, example_inputs, verify=verify, rtol=rtol, atol=atol, extra_inputs=extra_inputs)
     if example_inputs is None:
         raise NormSurgeonError("fold needs example inputs for an nn.Module (the graph is captured by running it)")
@@ -193,16 +232,27 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
     with UndoStore(spill=inplace) as store:
         actions, applied = _fold_all(work, graph, ctx, store)
         applied = _drop_still_running(work, ci, applied, actions, store)
+        if affine:  # after the still-running check: a norm whose affine folded still runs, by design
+            from .norm_affine import fold_all as _fold_affines
+
+            more, more_applied = _fold_affines(work, graph, store, untie=untie)
+            actions.update(more)
+            applied += more_applied
         if refs is not None:
             verdict = apply_verified(work, applied, refs, tol, store, done="folded")
             actions.update(verdict.actions)
             report.verify, report.passed, report.verify_error = verdict.stats, verdict.passed, verdict.error
     report.actions = list(actions.values())
     token_sites.report_paths(work, report.actions)
-    if report.folded:
+    bn_folded = [a for a in report.folded if not a.detail.get("affine")]
+    if bn_folded:
         record(work, {"op": "fold", "folded": [{"norm": a.path, "into": a.detail["into"],
-                                                "position": a.detail["position"]} for a in report.folded],
+                                                "position": a.detail["position"]} for a in bn_folded],
                       "verify": report.to_json()["verify"]}, ci)
+    if affine:
+        from .norm_affine import record_action
+
+        record_action(work, report, ci)
     return work, report
 
 

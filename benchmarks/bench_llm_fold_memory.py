@@ -1,0 +1,124 @@
+"""Peak memory and wall time of `fold --affine` and `rotate` on a TinyLlama-shaped model, against
+loading it and running one forward pass (issue 17 item 5).
+
+The model: ``transformers.LlamaForCausalLM`` with TinyLlama-1.1B's config (22 layers, hidden 2048,
+32 heads / 4 KV heads, FFN 5632, vocab 32000, untied head), random weights, RMSNorm γ randomized,
+saved as a bf16 safetensors directory (``--layers N`` keeps the width with fewer layers; ``--quick``:
+a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS from ``os.wait4``):
+
+- baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs;
+- fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 4 inputs;
+  ``--skip-plain-fold`` leaves it out);
+- fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer reloads
+  the directory to check it rebuilds bit-exactly, which holds a second copy while it checks);
+- rotate:   ``normsurgeon rotate OUT/ --json`` on the folded directory.
+
+    python benchmarks/bench_llm_fold_memory.py --quick
+    python benchmarks/bench_llm_fold_memory.py --workdir /tmp/tinyllama --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_fold_memory import run  # noqa: E402
+
+TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+             vocab_size=1000, max_position_embeddings=128, tie_word_embeddings=False)
+
+BASELINE = """
+import sys, torch
+from normsurgeon.loading import load_model
+loaded = load_model(sys.argv[1])
+with torch.no_grad():
+    loaded.example_inputs.call(loaded.model.eval())
+"""
+
+
+def build(path: Path, config: dict) -> int:
+    import torch
+    import transformers
+
+    from normsurgeon.zoo_llm import randomize_norms
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**config, use_cache=False, torch_dtype="bfloat16")
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    randomize_norms(model)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="TinyLlama's width with this many layers")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-plain-fold", action="store_true", help="time only fold -o (and rotate on its output)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the built model here (reused)")
+    args = ap.parse_args()
+    config = dict(QUICK if args.quick else TINYLLAMA)
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
+    with tempfile.TemporaryDirectory(prefix="normsurgeon-bench-llm-") as tmp:
+        where = args.workdir or Path(tmp)
+        model = where / f"llama_{config['hidden_size']}x{config['num_hidden_layers']}"
+        t0 = time.perf_counter()
+        params = None
+        if not (model / "config.json").exists():
+            # built in a child: a child's peak RSS starts from its parent's, so the parent stays small
+            build_cmd = [sys.executable, "-c", f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'benchmarks')]!r}; "
+                         f"from bench_llm_fold_memory import build; from pathlib import Path; "
+                         f"print(build(Path({str(model)!r}), {config!r}))"]
+            _, _, _, code, stdout = run(build_cmd)
+            if code != 0:
+                raise SystemExit("building the model failed")
+            params = int(stdout.strip().splitlines()[-1])
+        size = sum(f.stat().st_size for f in model.iterdir()) / 2 ** 20
+        print(f"model: {model.name}, {params and f'{params / 1e6:.0f}M parameters, '}{size:.0f} MiB on disk "
+              f"(ready in {time.perf_counter() - t0:.0f} s)", flush=True)
+        out = Path(tmp) / "folded"
+        py = sys.executable
+        kinds = {"baseline": [py, "-c", BASELINE, str(model)],
+                 **({} if args.skip_plain_fold else
+                    {"fold": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json"]}),
+                 "fold -o": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json", "-o", f"{out}/"],
+                 "rotate": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json"]}
+        result = {"config": config, "size_mib": size, "runs": {}}
+        for kind, cmd in kinds.items():
+            if kind == "fold -o":
+                shutil.rmtree(out, ignore_errors=True)
+            wall, cpu, rss, code, stdout = run(cmd)
+            summary = ""
+            try:
+                rep = json.loads(stdout)
+                v = rep.get("verify", {})
+                summary = f" [passed {v.get('passed')}, max rel error {v.get('max_rel_error')}]"
+            except ValueError:
+                pass
+            result["runs"][kind] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss, "exit": code}
+            print(f"{kind:9s} {wall:7.1f} s wall {cpu:7.1f} s CPU  peak RSS {rss:7.0f} MiB  exit {code}{summary}",
+                  flush=True)
+        base = result["runs"]["baseline"]
+        for kind, r in result["runs"].items():
+            if kind != "baseline":
+                print(f"{kind}: {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x baseline peak memory, "
+                      f"{r['wall_s'] / base['wall_s']:.2f}x its wall time (targets 1.3x, 2.5x)")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

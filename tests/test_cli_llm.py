@@ -1,0 +1,109 @@
+"""The norm surgery through the CLI: a transformers directory in, a directory plain transformers loads out."""
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from normsurgeon import zoo_llm
+from normsurgeon.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fold_affine_llama_dir_reloads_in_plain_transformers(tmp_path):
+    import transformers
+
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    r = run("fold", src, "--affine", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert {f["kind"] for f in payload["folded"]} == {"rmsnorm"} and len(payload["folded"]) == 5
+    assert (tmp_path / "out" / "config.json").is_file()
+    before = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.all(after.model.norm.weight == 1)  # the folded weights, not the original ones
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(before, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    # the recipe directory still loads in normsurgeon (and replays the affine fold's structure)
+    r = run("inspect", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_untie_needs_affine(tmp_path):
+    src = tmp_path / "gpt2"
+    zoo_llm.gpt2().save_pretrained(src)
+    r = run("fold", src, "--untie")
+    assert r.exit_code == 2 and "--untie goes with --affine" in r.output
+
+
+def test_tied_gpt2_untie_dir(tmp_path):
+    """ln_f's β needs a bias on lm_head that GPT-2's config cannot describe: the recipe directory
+    carries it (and rebuilds it), no config.json is written for plain transformers."""
+    from normsurgeon import api
+
+    src = tmp_path / "gpt2"
+    model = zoo_llm.gpt2()
+    model.save_pretrained(src)
+    r = run("fold", src, "--affine", "--untie", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    (ln_f,) = [f for f in payload["folded"] if f["norm"] == "transformer.ln_f"]
+    assert ln_f["untied"] == ["lm_head"] and ln_f["created_bias"] == ["lm_head"]
+    assert not (tmp_path / "out" / "config.json").exists()
+    after = api.load(f"{tmp_path / 'out'}/").model
+    assert after.lm_head.weight is not after.transformer.wte.weight and after.lm_head.bias is not None
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(model, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_convert_to_rms_cli(tmp_path):
+    r = run("convert", "--help")
+    assert "rms" in r.output and "--untie" in r.output
+    src = tmp_path / "neox"
+    model = zoo_llm.gpt_neox()
+    model.save_pretrained(src)
+    r = run("convert", src, "--to", "rms", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert len(payload["converted"]) == 5 and payload["verify"]["passed"]
+    assert {c["to"] for c in payload["converted"]} == {"RMSNorm"}
+    assert not (tmp_path / "out" / "config.json").exists()  # RMSNorm is not GPT-NeoX's class: recipe only
+    r = run("convert", src, "--to", "bn", "--untie")
+    assert r.exit_code == 2 and "--untie goes with --to rms" in r.output
+
+
+def test_fold_then_rotate_llama_dir_reloads(tmp_path):
+    import transformers
+
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    assert run("fold", src, "--affine", "-o", f"{tmp_path / 'folded'}/").exit_code == 0
+    r = run("rotate", f"{tmp_path / 'folded'}/", "--seed", "3", "-o", f"{tmp_path / 'rot'}/", "--json")
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["rotated"] and payload["seed"] == 3 and payload["verify"]["max_rel_error"] < 1e-4
+    before = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rot").eval()
+    assert not torch.allclose(before.model.embed_tokens.weight, after.model.embed_tokens.weight, atol=1e-3)
+    ids = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
+    a, b = _logits(before, ids), _logits(after, ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-4
+
+
+def test_rotate_refuses_unprepared_model(tmp_path):
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    r = run("rotate", src, "-o", f"{tmp_path / 'rot'}/")
+    assert r.exit_code == 1 and "fold --affine first" in r.output
+    assert not (tmp_path / "rot").exists()
