@@ -203,7 +203,7 @@ def load_named_arrays(path: str | os.PathLike) -> dict[str, np.ndarray] | list[n
 
     path = Path(path)
     if not path.is_file():
-        raise NormSurgeonError(f"--inputs {path}: no such file")
+        raise NormSurgeonError(f"`inputs_file` {path}: no such file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -225,12 +225,12 @@ def load_named_arrays(path: str | os.PathLike) -> dict[str, np.ndarray] | list[n
                 return [t.numpy() for t in obj]
             if isinstance(obj, Mapping) and all(isinstance(t, torch.Tensor) for t in obj.values()):
                 return {k: t.numpy() for k, t in obj.items()}
-            raise NormSurgeonError(f"--inputs {path}: expected tensors by input name, got {type(obj).__name__}")
+            raise NormSurgeonError(f"`inputs_file` {path}: expected tensors by input name, got {type(obj).__name__}")
     except NormSurgeonError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"--inputs {path}: cannot read: {_one_line(e)}") from e
-    raise NormSurgeonError(f"--inputs {path}: unknown format {suffix or '(no suffix)'}; use .npy, .npz, .pt "
+        raise NormSurgeonError(f"`inputs_file` {path}: cannot read: {_one_line(e)}") from e
+    raise NormSurgeonError(f"`inputs_file` {path}: unknown format {suffix or '(no suffix)'}; use .npy, .npz, .pt "
                            "or .safetensors")
 
 
@@ -278,7 +278,7 @@ def _random_feeds(sig: list, shapes: dict[str, tuple], seed: int) -> dict[str, n
         dtype = _ORT_TYPES.get(spec.type)
         if dtype is None:
             raise NormSurgeonError(f"input {spec.name!r} has type {spec.type}, which bench cannot generate; "
-                                   "pass --inputs")
+                                   "pass `inputs_file`")
         shape = shapes[spec.name]
         if np.issubdtype(dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -337,7 +337,7 @@ def measure_latency(paths: Sequence[str | os.PathLike], inputs: Any = None, thre
     if threads is None:
         threads = DEFAULT_THREADS
     if runs < 1 or warmup < 0 or threads < 1:
-        raise NormSurgeonError("--runs and --threads must be at least 1, --warmup at least 0")
+        raise NormSurgeonError("`runs` and `threads` must be at least 1, `warmup` at least 0")
     for p in paths:
         if not Path(p).is_file():
             raise NormSurgeonError(f"{p}: no such file")

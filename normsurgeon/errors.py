@@ -19,7 +19,8 @@ FLAGS = {
     "ffn_bn": "--ffn-bn", "ffn_bn_position": "--ffn-bn-position", "ffn_bn_init": "--ffn-bn-init",
     "calibrate_file": "--calibrate", "calibrate_synthetic": "--calibrate-synthetic", "batch_size": "--batch-size",
     "rtol": "--rtol", "atol": "--atol", "data": "--data", "device": "--device", "keep_failed": "--keep-failed",
-    "max_batches": "--max-batches", "fold": "--fold", "static": "--static",
+    "max_batches": "--max-batches", "fold": "--fold", "static": "--static", "runs": "--runs",
+    "threads": "--threads", "warmup": "--warmup",
     "dynamic_batch": "--dynamic-batch", "dynamic_seq": "--dynamic-seq", "num_random": "--random-inputs",
     "affine": "--affine", "untie": "--untie", "seed": "--seed",
 }

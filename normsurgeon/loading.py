@@ -74,7 +74,7 @@ def _load_model(spec, trust: bool, weights, batch: int) -> LoadedModel:
         return _load_transformers(path, batch)
     if path.exists():
         if weights is not None:
-            raise NormSurgeonError("--weights goes with a package.module:factory spec, not with a model file")
+            raise NormSurgeonError("`weights` goes with a package.module:factory spec, not with a model file")
         suffix = path.suffix.lower()
         if suffix == ".pt2":
             return _load_pt2(path, trust)
@@ -82,7 +82,7 @@ def _load_model(spec, trust: bool, weights, batch: int) -> LoadedModel:
             return _load_pickle_file(path, trust)
         if suffix == ".safetensors":
             raise NormSurgeonError(
-                f"{path} holds only weights: pass the architecture as package.module:factory --weights {path}")
+                f"{path} holds only weights: pass the architecture as package.module:factory with `weights={path}`")
         raise NormSurgeonError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected a transformers "
                                "directory, .pt2, .pt/.pth or package.module:factory")
     if ":" in text and not os.sep in text.split(":", 1)[0]:
@@ -156,7 +156,7 @@ def _load_pt2(path: Path, trust: bool) -> LoadedModel:
             more = f" (and {len(report.needs_trust) - 1} more such part(s))" if len(report.needs_trust) > 1 else ""
             raise NormSurgeonError(
                 f"{path}: {report.needs_trust[0]}{more}; loading this archive would run code from the file, so it is "
-                "loaded only with trust=True (--trust: pass it if you trust where the file came from)")
+                "loaded only with `trust=True` (pass it if you trust where the file came from)")
         # An output type (a transformers ModelOutput, say) registers itself as a pytree node when its module
         # is imported; the archive names it. Only transformers' own modules are imported without trust.
         for module in sorted(report.pytree_modules | (report.foreign_modules if trust else set())):
@@ -219,7 +219,7 @@ def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
         if not trust:
             raise NormSurgeonError(
                 f"{path} holds a pickled model; unpickling runs code from the file, so it is loaded only with "
-                "--trust (pass it if you trust where the file came from)") from e
+                "`trust=True` (pass it if you trust where the file came from)") from e
         obj = _unpickle(path)
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise NormSurgeonError(f"{path}: not a readable torch file: {one_line(e)}") from e
@@ -228,7 +228,7 @@ def _load_pickle_file(path: Path, trust: bool) -> LoadedModel:
     if isinstance(obj, dict) and _tensor_dict(obj):
         raise NormSurgeonError(
             f"{path} holds a state dict ({len(obj)} tensors), not a model: pass the architecture as "
-            f"package.module:factory --weights {path}")
+            f"package.module:factory with `weights={path}`")
     raise NormSurgeonError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
 
 
@@ -244,7 +244,7 @@ def _unpickle(path: Path) -> Any:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except (AttributeError, ModuleNotFoundError) as e:
         raise NormSurgeonError(f"{path}: the pickle needs code that is not importable ({one_line(e)}); "
-                               "add --import MODULE for the module that defines it") from e
+                               "add `imports=MODULE` for the module that defines it") from e
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{path}: cannot unpickle: {one_line(e)}") from e
     if isinstance(obj, torch.nn.Module):
@@ -297,7 +297,7 @@ def _load_factory(spec: str, weights: str | os.PathLike | None) -> LoadedModel:
 def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
     path = Path(weights)
     if not path.is_file():
-        raise NormSurgeonError(f"--weights {path}: no such file")
+        raise NormSurgeonError(f"`weights` {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -305,15 +305,15 @@ def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"--weights {path}: cannot read: {one_line(e)}") from e
+        raise NormSurgeonError(f"`weights` {path}: cannot read: {one_line(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not _tensor_dict(state):
-        raise NormSurgeonError(f"--weights {path}: not a state dict of tensors")
+        raise NormSurgeonError(f"`weights` {path}: not a state dict of tensors")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise NormSurgeonError(f"--weights {path} does not fit the model: {one_line(e)}") from e
+        raise NormSurgeonError(f"`weights` {path} does not fit the model: {one_line(e)}") from e
 
 
 # Saving lives in normsurgeon.saving; these names stay importable from here for user scripts.

@@ -24,7 +24,7 @@ ZOO_PREFIX = "normsurgeon.zoo:"
 # when the package is missing: both fetch and run code.
 BUILTIN_ATTENTION = ("eager", "sdpa", "flex_attention")
 
-_TRUST_HINT = "pass trust=True (--trust on the command line) if you trust where it came from"
+_TRUST_HINT = "pass `trust=True` if you trust where it came from"
 
 
 @contextlib.contextmanager
@@ -42,7 +42,7 @@ def user_code(*, trust: bool = False, imports: Sequence[str] = ()) -> Iterator[N
             try:
                 importlib.import_module(name)
             except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-                raise NormSurgeonError(f"--import {name}: {type(e).__name__}: {e}") from e
+                raise NormSurgeonError(f"`imports={name}`: {type(e).__name__}: {e}") from e
         yield
     finally:
         if added is not None:
@@ -54,7 +54,7 @@ def cwd_hint(module: str) -> str:
     """Why ``module`` may not import although the user sees it: it sits in the working directory."""
     top = module.split(".", 1)[0]
     if os.path.isfile(f"{top}.py") or os.path.isfile(os.path.join(top, "__init__.py")):
-        return (f" ({top} is in the working directory, which is importable only with --import {top} or --trust, "
+        return (f" ({top} is in the working directory, which is importable only with `imports={top}` or `trust=True`, "
                 "imports=/trust= in Python)")
     return ""
 

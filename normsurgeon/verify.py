@@ -223,7 +223,7 @@ class References:
         refs = cls(eval_mode=eval_mode)
         check_input_values(ci, "the example inputs")
         for k, e in enumerate(extra):
-            check_input_values(e, f"--inputs set {k + 1}")
+            check_input_values(e, f"`inputs_file` set {k + 1}")
         candidates = candidate_inputs(ci)
         for i, alternatives in enumerate([*candidates, *[[e] for e in extra]]):
             for c in alternatives:
@@ -233,7 +233,7 @@ class References:
                     if i == 0:
                         raise rejected(c, e) from e
                     if i >= len(candidates):
-                        raise NormSurgeonError(f"--inputs set {i - len(candidates) + 1}: the model rejects it "
+                        raise NormSurgeonError(f"`inputs_file` set {i - len(candidates) + 1}: the model rejects it "
                                                f"before any change ({one_line(e, typed=True, limit=200)})") from e
                     continue
                 if not _finite_outputs(out):
@@ -276,12 +276,12 @@ def load_inputs_file(path: str | os.PathLike, example_inputs: Any) -> list[CallA
     """
     path = Path(path)
     ci = as_call_args(example_inputs)
-    obj = read_tensors(path, "--inputs")
+    obj = read_tensors(path, "`inputs_file`")
     if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj):
-        sets = [(_fit_inputs(o, ci, f"--inputs {path} (set {i + 1})"), f"--inputs {path} (set {i + 1})")
+        sets = [(_fit_inputs(o, ci, f"`inputs_file` {path} (set {i + 1})"), f"`inputs_file` {path} (set {i + 1})")
                 for i, o in enumerate(obj)]
     else:
-        sets = [(_fit_inputs(obj, ci, f"--inputs {path}"), f"--inputs {path}")]
+        sets = [(_fit_inputs(obj, ci, f"`inputs_file` {path}"), f"`inputs_file` {path}")]
     for s, what in sets:
         check_input_values(s, what)  # before any work: NaN/inf or empty inputs verify nothing
     return [s for s, _ in sets]

@@ -50,7 +50,7 @@ def test_corrupt_transformers_config(tmp_path):
 def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "m.pt"
     torch.save(tiny_cnn(), path)
-    with pytest.raises(NormSurgeonError, match="--trust"):
+    with pytest.raises(NormSurgeonError, match="trust=True"):
         load_model(path)
     loaded = load_model(path, trust=True)
     assert isinstance(loaded.model, nn.Sequential) and loaded.source == "pickle"

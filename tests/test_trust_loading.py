@@ -103,7 +103,7 @@ def test_load_model_leaves_sys_path_alone_and_cwd_needs_import(cwd):
     before = list(sys.path)
     load_model("normsurgeon.zoo:resnet")
     assert sys.path == before
-    with pytest.raises(NormSurgeonError, match="--import mymodels"):
+    with pytest.raises(NormSurgeonError, match="imports=mymodels"):
         load_model("mymodels:x")
     assert not (cwd / "MARKER").exists()
     try:

@@ -110,7 +110,7 @@ def _capture(model: nn.Module, example_inputs: CallArgs | None) -> ModelGraph:
     if example_inputs is None:
         raise NormSurgeonError(
             "torch.fx cannot trace this model without example inputs "
-            f"({attempts[-1][1]}); pass --input-shape so it can be captured with torch.export")
+            f"({attempts[-1][1]}); pass `input_shapes` so it can be captured with torch.export")
     return _capture_per_child(model, example_inputs, attempts)
 
 

@@ -92,7 +92,7 @@ def _graph_inputs(proto) -> list[tuple[str, Any, list]]:
         dtype = _NP.get(t.elem_type)
         if dtype is None:
             raise NormSurgeonError(f"input {vi.name!r} has ONNX element type {t.elem_type}, which cannot be "
-                                   "generated; pass --inputs")
+                                   "generated; pass `inputs_file`")
         dims: list = []
         for k, d in enumerate(t.shape.dim):
             if d.HasField("dim_value"):
@@ -196,11 +196,11 @@ def user_inputs(proto, path) -> list[InputSet]:
 
     specs = _graph_inputs(proto)
     names = [s[0] for s in specs]
-    obj = read_tensors(path, "--inputs")
+    obj = read_tensors(path, "`inputs_file`")
     objs = obj if isinstance(obj, list) and obj and all(isinstance(o, Mapping) for o in obj) else [obj]
     out = []
     for i, o in enumerate(objs):
-        what = f"--inputs {path}" + (f" (set {i + 1})" if len(objs) > 1 else "")
+        what = f"`inputs_file` {path}" + (f" (set {i + 1})" if len(objs) > 1 else "")
         if isinstance(o, (torch.Tensor, np.ndarray)):
             o = [o]
         if isinstance(o, (list, tuple)):

@@ -326,7 +326,7 @@ def _inputs(model: nn.Module, example_inputs: Any) -> CallArgs:
     ci = getattr_inputs(model)
     if ci is None:
         raise NormSurgeonError("convert needs example inputs (the input layout of every norm comes from the "
-                               "captured graph); pass example_inputs= / --input-shape")
+                               "captured graph); pass `example_inputs` or `input_shapes`")
     return ci
 
 
@@ -721,7 +721,7 @@ def _add_statements(report: ConvertReport, to: str | None, init: str, calibrated
             report.notes.append(
                 f"NOT function-preserving: {', '.join(kinds)} normalizes with batch statistics instead of per-sample "
                 "ones. " + ("The new BatchNorms were calibrated on the data given; " if calibrated else
-                            "The new BatchNorms start with running mean 0 / var 1: calibrate them (--calibrate) or ")
+                            "The new BatchNorms start with running mean 0 / var 1: calibrate them (`calibrate_file`) or ")
                 + "train before relying on eval outputs.")
         else:
             report.notes.append(
