@@ -190,6 +190,7 @@ def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, exam
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                                     input_dtypes=input_dtypes))
+    _convert_pass.check_module(model)  # before reading files against a model convert cannot take
     if owned:
         kwargs.setdefault("inplace", True)
     if out is not None and isinstance(model, nn.Module):
@@ -231,6 +232,8 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
     if kwargs.get("untie") and not kwargs.get("affine"):
         raise NormSurgeonError("`untie=True` goes with `affine=True`")
+    if output is not None and kwargs.get("verify") is False:
+        raise NormSurgeonError("`output` is written only after the fold is verified: drop `verify=False`")
     if _onnx_fold.is_onnx(model):
         if kwargs.pop("affine", False) or kwargs.pop("untie", False):
             raise NormSurgeonError("`affine=True` folds the norms of a PyTorch module, not of an .onnx graph")
@@ -304,7 +307,7 @@ def write_inputs(model: nn.Module | str | os.PathLike, output: str | os.PathLike
     if isinstance(model, ExportedProgram):
         example_inputs = example_inputs if example_inputs is not None else program_inputs(model)
     return save_random_inputs(as_call_args(example_inputs), output, batch=batch, shards=shards, seed=seed, force=force,
-                        input_path=input_path)
+                              input_path=input_path, inputs=[weights])
 
 
 def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, seed: int = 0,
@@ -425,10 +428,12 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
 
     model_path = Path(model) if Path(model).exists() else None
     read = [model_path, weights, *([data] if isinstance(data, (str, os.PathLike)) else data)]
+    _refuse_shard_output(output, read)
     out = check_output(output, force=force, inputs=read)  # every rank: fail before any work
     with process_group(device) as ranks:
         loaded = load(model, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                       input_dtypes=input_dtypes)  # without example inputs, the data's own
+        check_recipe_base(loaded.model, output)  # before the work, as fold and convert do
         loaded.model.to(ranks.device)
         report = calibrate_files(loaded.model, loaded.example_inputs, data, batch_size=batch_size,
                                  max_batches=max_batches, progress=progress if ranks.rank == 0 else None)
@@ -440,6 +445,21 @@ def recalibrate(model: str | os.PathLike, data: str | os.PathLike | Sequence, ou
             report.output = str(out)
             report.notes.append(f"wrote {out}" + (f" (rank 0 of {ranks.world_size})" if ranks.distributed else ""))
     return report, ranks.rank
+
+
+def _refuse_shard_output(output: str | os.PathLike, read: Sequence) -> None:
+    """A ``{rank}`` data pattern names files that do not all exist here (other ranks' shards): the
+    output may be none of them."""
+    import re
+
+    for src in read:
+        text = str(src) if isinstance(src, (str, os.PathLike)) else ""
+        if "{rank}" not in text:
+            continue
+        pattern = re.escape(text).replace(re.escape("{rank}"), r"\d+")
+        if re.fullmatch(pattern, str(output)) or re.fullmatch(pattern, str(Path(output).resolve())):
+            raise NormSurgeonError(f"`output` {output} is one of the `data` shards ({text}); normsurgeon never "
+                                   "overwrites its inputs")
 
 
 def export(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs: Any, path: str | os.PathLike, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -43,10 +44,12 @@ class InputsReport:
 
 
 def save_random_inputs(ci: CallArgs, output: str | os.PathLike, *, batch: int | None = None, shards: int = 1,
-                 seed: int = 0, force: bool = False, input_path: str | os.PathLike | None = None) -> InputsReport:
+                 seed: int = 0, force: bool = False, input_path: str | os.PathLike | None = None,
+                 inputs: Sequence[str | os.PathLike | None] = ()) -> InputsReport:
     """Random tensors like ``ci`` (``batch`` samples each; integer inputs stay below the example's
     largest id) saved as ``{name: tensor}`` to ``output``; with ``shards`` > 1 one file per rank, the
-    rank put where ``output`` says ``{rank}``. Every file is checked before any is written."""
+    rank put where ``output`` says ``{rank}``. Every file is checked before any is written, and none
+    may replace ``input_path`` or ``inputs`` (files the caller read)."""
     from .loading import atomic_write, check_output_path
 
     if batch is not None and batch < 1:
@@ -58,7 +61,7 @@ def save_random_inputs(ci: CallArgs, output: str | os.PathLike, *, batch: int | 
         raise NormSurgeonError(f"`output` {text}: several shards need '{{rank}}' in the name (calib-{{rank}}.pt)")
     paths = [Path(text.replace("{rank}", str(r))) for r in range(shards)]
     for p in paths:
-        check_output_path(p, force=force, inputs=[input_path], suffixes=(".pt",))
+        check_output_path(p, force=force, inputs=[input_path, *inputs], suffixes=(".pt",))
     if len(set(paths)) != len(paths):
         raise NormSurgeonError(f"`output` {text}: the shards would share a file")
     gen = torch.Generator().manual_seed(seed)
@@ -67,5 +70,5 @@ def save_random_inputs(ci: CallArgs, output: str | os.PathLike, *, batch: int | 
         drawn = ci.like(gen, batch=batch)
         values = [*drawn.args, *drawn.kwargs.values()]
         tensors = {n: v for n, v in zip(names, values) if isinstance(v, torch.Tensor)}
-        atomic_write(p, lambda tmp, t=tensors: torch.save(t, tmp))
+        atomic_write(p, lambda tmp, t=tensors: torch.save(t, tmp), force=force)
     return InputsReport(input_layout(ci), [str(p) for p in paths])

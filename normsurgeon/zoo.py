@@ -135,8 +135,16 @@ def transformer_encoder():
     return model
 
 
+def llama_lm():
+    """A tiny LlamaForCausalLM (untied head) whose norm scales are randomized (``zoo_llm.llama``): the
+    model of the README's norm-surgery tour."""
+    from .zoo_llm import llama as _llama
+
+    return _llama()
+
+
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "vit": vit, "levit": levit, "resnet": resnet, "mobilenet_v2": mobilenet_v2, "convnext": convnext,
     "efficientnet": efficientnet, "regnet": regnet, "mobilevit": mobilevit, "bert": bert, "gpt2": gpt2,
-    "llama": llama, "wav2vec2": wav2vec2, "transformer_encoder": transformer_encoder,
+    "llama": llama, "llama_lm": llama_lm, "wav2vec2": wav2vec2, "transformer_encoder": transformer_encoder,
 }

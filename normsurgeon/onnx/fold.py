@@ -275,6 +275,6 @@ def save_onnx(proto, path: str | os.PathLike, *, force: bool = False, input_path
 
     out = check_output_path(path, force=force, inputs=[input_path], suffixes=(".onnx",))
     if proto.ByteSize() > 2 ** 31 - 1:
-        raise NormSurgeonError(f"-o {out}: the folded model is over 2 GiB; external data is not supported here yet")
+        raise NormSurgeonError(f"`output` {out}: the folded model is over 2 GiB; external data is not supported here yet")
     atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     return out

@@ -158,6 +158,14 @@ class ConvertReport:
 
 # --- public API --------------------------------------------------------------------------------
 
+def check_module(model: Any) -> None:
+    """convert takes an ``nn.Module``, never a torch.export program."""
+    if isinstance(model, (torch.export.ExportedProgram, ExportedModel)):
+        raise NormSurgeonError("convert needs the nn.Module (.pt, transformers directory or package.module:factory): "
+                               "a conversion changes what the model trains, and a torch.export program (.pt2) "
+                               "holds a frozen inference graph (fold and export work on it)")
+
+
 def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = None, groups: int | None = None,
             ffn_bn: bool = False, ffn_bn_position: str = "after-first", ffn_bn_init: str = "fresh",
             calibrate_batches: Iterable[Any] | None = None, inplace: bool = False, graph: ModelGraph | None = None,
@@ -210,10 +218,7 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     recipe and rebuilt. A torch.export program (or a loaded ``.pt2``) is refused: ``NormSurgeonError``.
     """
     validate(to, groups, ffn_bn, ffn_bn_position, ffn_bn_init, progressive, pn_warmup_steps, pn_groups)
-    if isinstance(model, (torch.export.ExportedProgram, ExportedModel)):
-        raise NormSurgeonError("convert needs the nn.Module (.pt, transformers directory or package.module:factory): "
-                               "a conversion changes what the model trains, and a torch.export program (.pt2) "
-                               "holds a frozen inference graph (fold and export work on it)")
+    check_module(model)
     ci = _inputs(model, example_inputs)
     if to in EXACT_PASSES:
         if ffn_bn or calibrate_batches is not None:

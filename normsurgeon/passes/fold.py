@@ -100,7 +100,7 @@ class FoldReport:
         if self.passed is None:
             return text + "; not verified"
         err = self.verify.max_rel_error if self.verify else None
-        user = f", {self.user_inputs} from --inputs" if self.user_inputs else ""
+        user = f", {self.user_inputs} of them the user's" if self.user_inputs else ""
         text += (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
                  f"{self.verified_inputs} inputs{user}): {'passed' if self.passed else 'FAILED'}")
         if self.verify_error:

@@ -24,7 +24,7 @@ class LnToBn(SwapRule):
 
     def skip_other(self, site: NormSite) -> str | None:
         if site.kind in ("groupnorm", "instancenorm"):
-            return f"{kind_name(site.kind)} is left as it is: --to bn converts LayerNorm and RMSNorm"
+            return f"{kind_name(site.kind)} is left as it is: the bn target converts LayerNorm and RMSNorm"
         return None
 
     def plan(self, graph: ModelGraph, path: str, group: list[NormSite]) -> tuple[str | None, Plan | None]:
