@@ -20,7 +20,8 @@ from ..outputs import ErrorStats
 from ..passes.fold import FoldReport
 from ..report import Action, Table, fmt_float
 from .graph import OnnxGraph, load_ir
-from .ortcheck import Check, InputSet, Reference, derive_inputs, user_inputs
+from .ortcheck import InputSet, Reference, derive_inputs, user_inputs
+from .runtime import InputCheck
 from .fold_rule import OnnxSite, match, rewrite
 
 __all__ = ["fold_onnx", "fold_file", "OnnxFoldReport", "save_onnx", "is_onnx", "refuse_load_options"]
@@ -47,7 +48,7 @@ def refuse_load_options(options: Mapping[str, Any]) -> None:
 class OnnxFoldReport(FoldReport):
     """``FoldReport`` (same JSON contract) plus which input sets proved it, in ONNX Runtime."""
 
-    checks: list[Check] = field(default_factory=list)
+    checks: list[InputCheck] = field(default_factory=list)
     atol: float | None = None
     sizes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -167,7 +168,7 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
     report.notes += ref.notes
     report.user_inputs = sum(1 for s in ref.sets if s.user)
 
-    def verdict(data: bytes, stop_early: bool = False) -> tuple[list[Check], str | None, bool]:
+    def verdict(data: bytes, stop_early: bool = False) -> tuple[list[InputCheck], str | None, bool]:
         checks, err = ref.compare(data, stop_early=stop_early)
         return checks, err, err is None and bool(checks) and all(c.passed for c in checks)
 
@@ -255,7 +256,7 @@ def _roll_back(report: OnnxFoldReport, label: str, why: str) -> None:
             report.actions[i] = Action("rolled_back", label, dict(a.detail), why)
 
 
-def _worst(checks: list[Check]) -> ErrorStats:
+def _worst(checks: list[InputCheck]) -> ErrorStats:
     s = ErrorStats()
     for c in checks:
         s = s.merge(c.stats if c.stats is not None else ErrorStats(float("inf"), float("inf"), -1.0))

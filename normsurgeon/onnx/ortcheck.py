@@ -29,8 +29,9 @@ from ..errors import NormSurgeonError, one_line
 from ..outputs import ErrorStats
 from ..report import fmt_float
 from ..verify import TOLERANCE
+from .runtime import InputCheck
 
-__all__ = ["InputSet", "Check", "derive_inputs", "user_inputs", "Reference", "tolerance_of"]
+__all__ = ["InputSet", "derive_inputs", "user_inputs", "Reference", "tolerance_of"]
 
 _NP = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32, 5: np.int16, 3: np.int8,
        2: np.uint8, 9: np.bool_, 4: np.uint16, 12: np.uint32, 13: np.uint64}
@@ -50,24 +51,6 @@ class InputSet:
         return {k: list(v.shape) for k, v in self.feeds.items()}
 
 
-@dataclass
-class Check:
-    """One input set through both models."""
-
-    name: str
-    shapes: dict[str, list[int]]
-    stats: ErrorStats | None = None
-    passed: bool = False
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        d: dict[str, Any] = {"name": self.name, "shapes": self.shapes, "passed": self.passed}
-        if self.stats is not None:
-            d["max_abs_error"] = _finite(self.stats.max_abs_error)
-            d["max_rel_error"] = _finite(self.stats.max_rel_error)
-        if self.error:
-            d["error"] = self.error
-        return d
 
     def row(self) -> list:
         shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.shapes.items())
@@ -75,10 +58,6 @@ class Check:
             return [self.name, shapes, "-", "-", f"FAIL: {self.error}"]
         return [self.name, shapes, fmt_float(self.stats.max_abs_error), fmt_float(self.stats.max_rel_error),
                 "pass" if self.passed else "FAIL"]
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def _graph_inputs(proto) -> list[tuple[str, Any, list]]:
@@ -282,7 +261,7 @@ class Reference:
         r, a = tolerance_of([o for o in outs[0] if np.issubdtype(o.dtype, np.floating)], rtol, atol)
         return cls(kept, outs, r, a, notes)
 
-    def compare(self, model_bytes: bytes, *, stop_early: bool = False) -> tuple[list[Check], str | None]:
+    def compare(self, model_bytes: bytes, *, stop_early: bool = False) -> tuple[list[InputCheck], str | None]:
         """Run the rewritten model on every set; (checks, why it could not run at all)."""
         try:
             sess = session(model_bytes)
@@ -290,7 +269,7 @@ class Reference:
             return [], f"ONNX Runtime cannot load the rewritten model: {one_line(e, limit=200)}"
         checks = []
         for s, ref in zip(self.sets, self.outputs):
-            c = Check(s.name, s.shapes())
+            c = InputCheck(s.name, s.shapes())
             checks.append(c)
             try:
                 got = sess.run(None, s.feeds)
