@@ -27,7 +27,6 @@ import torch
 
 from ..errors import NormSurgeonError, one_line
 from ..outputs import ErrorStats
-from ..report import fmt_float
 from ..verify import TOLERANCE
 from .runtime import InputCheck
 
@@ -49,15 +48,6 @@ class InputSet:
 
     def shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.feeds.items()}
-
-
-
-    def row(self) -> list:
-        shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.shapes.items())
-        if self.stats is None:
-            return [self.name, shapes, "-", "-", f"FAIL: {self.error}"]
-        return [self.name, shapes, fmt_float(self.stats.max_abs_error), fmt_float(self.stats.max_rel_error),
-                "pass" if self.passed else "FAIL"]
 
 
 def _graph_inputs(proto) -> list[tuple[str, Any, list]]:

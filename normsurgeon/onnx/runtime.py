@@ -63,6 +63,16 @@ class InputCheck:
             d["error"] = self.error
         return d
 
+    def row(self) -> list:
+        """name, shapes, max abs error, max rel error, verdict: one row of a report's table."""
+        from ..report import fmt_float
+
+        shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in self.shapes.items())
+        if self.stats is None:
+            return [self.name, shapes, "-", "-", f"FAIL: {self.error}"]
+        return [self.name, shapes, fmt_float(self.stats.max_abs_error), fmt_float(self.stats.max_rel_error),
+                "pass" if self.passed else "FAIL"]
+
 
 @dataclass
 class VerifyReport:
