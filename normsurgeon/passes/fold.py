@@ -211,11 +211,12 @@ def fold(model: nn.Module | ExportedProgram, example_inputs: Any = None, *, inpl
     ci = as_call_args(example_inputs)
     work = model if inplace else copy.deepcopy(model)
     with without_kv_cache(work):  # a user's decoder: its cache object would fail capture and verification
-        return _fold_module(work, ci, verify, rtol, atol, graph, extra_inputs, inplace)
+        return _fold_module(work, ci, verify, rtol, atol, graph, extra_inputs, inplace, affine, untie)
 
 
 def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None, atol: float | None,
-                 graph: ModelGraph | None, extra_inputs: Sequence[Any], inplace: bool) -> tuple[nn.Module, FoldReport]:
+                 graph: ModelGraph | None, extra_inputs: Sequence[Any], inplace: bool, affine: bool = False,
+                 untie: bool = False) -> tuple[nn.Module, FoldReport]:
     # The references run the example first: inputs the model rejects fail here, in one line, and the
     # capture need not run the model again to check them.
     refs = References.record(work, ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
