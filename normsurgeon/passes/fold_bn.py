@@ -9,7 +9,8 @@ replace a BN module and undo it.
 - **match** (read-only): for every BatchNorm call in the graph, ``fold_targets.match_after`` walks
   *backwards* through ops that only move data (``graph.ops``: view/reshape/flatten/permute/transpose/
   contiguous/clone/unflatten, eval Dropout, Identity; max-pools) to a producer whose table row has a
-  module owner (Linear, Conv, ConvTranspose, transformers Conv1D), ``match_before`` *forwards* to the
+  module owner (Linear, Conv, ConvTranspose, transformers Conv1D, a Linear subclass computing
+  ``x @ self.weight.T + self.bias``), ``match_before`` *forwards* to the
   consumers. Returns ``NormEntry`` objects with
   candidate ``Site``s, preferred direction first; functional ``batch_norm`` calls get entries too.
   ``nn.MultiheadAttention`` runs ``F.linear`` on its own parameters: a ``Target`` records where they
@@ -206,9 +207,37 @@ def _collapse_bn_like(model: nn.Module, graph: ModelGraph, ctx: FoldContext) -> 
 
 
 def _read(node: GNode) -> ft.TargetRead | None:
-    """A weighted op whose table row a module can own (the program-only forms are not this editor's)."""
+    """A weighted op whose table row a module can own (the program-only forms are not this editor's).
+
+    A Linear subclass's own ``x @ self.weight.T + self.bias`` is a matmul and an add: read at either
+    node (the BN sits after the add, or feeds the matmul), with the add's parameter as its bias."""
+    if node.op == "add":
+        for mm in node.args[:2]:
+            if isinstance(mm, GNode) and mm.op == "matmul":
+                r = _read(mm)
+                return r if r is not None and r.bias is not None and _bias_add(mm)[0] is node else None
+        return None
     r = ft.read_torch(node)
-    return r if r is not None and r.row.module is not None else None
+    if r is None or r.row.module is None:
+        return None
+    if r.row.name == "linear_matmul":
+        r.bias = _bias_add(node)[1]
+    return r
+
+
+def _bias_add(mm: GNode) -> tuple[GNode | None, GNode | None]:
+    """The ``add(mm, b)`` that is the only reader of matmul ``mm``, in the same module, with ``b`` a 1-D
+    parameter (a Linear's bias), and ``b``; (None, None) otherwise."""
+    users = ft.live_users(mm)
+    if len(users) != 1:
+        return None, None
+    u = users[0]
+    if u.op != "add" or len(u.args) != 2 or u.kwargs.get("alpha", 1) != 1 or u.module_path != mm.module_path:
+        return None, None
+    b = u.args[1] if u.args[0] is mm else u.args[0]
+    if isinstance(b, GNode) and b.op == "param" and b.shape is not None and len(b.shape) == 1:
+        return u, b
+    return None, None
 
 
 def _target(reach: ft.Reach, ctx: FoldContext) -> Target:
@@ -478,6 +507,13 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
                 return f"{role} {path}.{pname} is tied to {v.param}"
             if len(v.users) > 1:
                 return f"{role} {path}.{pname} is used by {len(v.users)} ops (shared)"
+    for n in t.read.weight_chain:  # W.T read elsewhere too: the fold would change that reader
+        if len(n.users) > 1:
+            return f"{role} {path}.{t.weight} is read through {n.op} by {len(n.users)} ops (shared)"
+    if t.row.name == "linear_matmul" and getattr(mod, t.bias, None) is None:
+        why = _adds_a_bias(mod, role, path)
+        if why:
+            return why
     for pname in (t.weight, t.bias):
         # a leaf-module op reads its weight without a param node; any other read is a second use
         uses = ctx.param_users.get(_join(t.params_at, pname), 0) - (0 if node.leaf_module else 1)
@@ -499,6 +535,29 @@ def _check_target(t: Target, site: Site, stats: _Stats, ctx: FoldContext) -> str
         if why:
             return why
     return _consumer_channels(t, n)[1]
+
+
+def _adds_a_bias(mod: nn.Module, role: str, path: str) -> str | None:
+    """A bias-less Linear subclass running ``x @ self.weight.T``: the fold gives it a bias, which only
+    helps if its forward then adds it. Proved on a probe row (the graph shows only the bias-less
+    branch); ``mod`` is left as it was."""
+    w = mod.weight
+    x = torch.linspace(-1.0, 1.0, w.shape[1], dtype=w.dtype, device=w.device).unsqueeze(0)
+    b = torch.linspace(1.0, 2.0, w.shape[0], dtype=w.dtype, device=w.device)
+    try:
+        with torch.no_grad():
+            plain = mod(x)
+            mod.bias = nn.Parameter(b, requires_grad=False)
+            biased = mod(x)
+    except Exception as e:  # noqa: BLE001 - any failure means the forward does not take a bias
+        return f"{role} {path} has no bias and its forward fails with one ({type(e).__name__})"
+    finally:
+        mod.bias = None
+    try:
+        torch.testing.assert_close(biased, plain + b)
+    except AssertionError:
+        return f"{role} {path} has no bias, and its forward does not add one given it: the fold needs a bias"
+    return None
 
 
 def _in_out(t: Target, mod: nn.Module) -> tuple[int, int]:

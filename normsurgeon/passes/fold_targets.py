@@ -40,7 +40,8 @@ Three editors apply the same folds: the ``nn.Module`` editor (``passes.fold_bn``
    to every consumer. Each returns ``Reach``es (the weighted node, what it reads: ``TargetRead``, and the
    chain of ops between) or the reason there is none. ``read`` recognizes a weighted op: ``read_torch``
    knows every torch form (``linear``, ``convNd``, ``conv_transposeNd``, ``convolution``, ``addmm``/``mm``/
-   ``bmm`` over a transposed weight after ``run_decompositions()``, ``matmul``); the ONNX editor passes its
+   ``bmm`` over a transposed weight after ``run_decompositions()``, ``matmul``: ``x @ W`` and a Linear
+   subclass's own ``x @ self.weight.T``); the ONNX editor passes its
    own reader returning the rows of ``Conv``/``ConvTranspose``/``Gemm``/``MatMul`` (``rows_for_onnx``).
 
 3. **The checks** that need only the graph and the BN's numbers: ``producer_reason`` (the producer's
@@ -126,6 +127,11 @@ TABLE: tuple[FoldTarget, ...] = (
                onnx=frozenset({"Gemm"})),  # Gemm with transB=1
     # a linear after run_decompositions(): addmm(b, x, W.t()), mm(x, W.t()), bmm(x, expand(W.t()))
     FoldTarget("linear_decomposed", "linear", 0, frozenset({"addmm", "mm", "bmm"}), None,
+               "fold_bn_after_linear", "fold_bn_before_linear"),
+    # x @ W.T (+ b): a Linear subclass computing its own forward (transformers' FalconLinear) records a
+    # matmul over its transposed (out, in) weight, its bias an add after; the module editor proves the
+    # module owns both (fold_bn._check_matmul_linear)
+    FoldTarget("linear_matmul", "linear", 0, frozenset({"matmul"}), nn.Linear,
                "fold_bn_after_linear", "fold_bn_before_linear"),
     # transformers' Conv1D (GPT-2): addmm(b, x, W) with W (in, out)
     FoldTarget("hf_conv1d", "linear_t", 0, frozenset({"addmm"}), "transformers Conv1D",
@@ -254,12 +260,17 @@ def read_torch(node: GNode) -> TargetRead | None:
         chain, base = _weight_chain(w, batched=op in ("bmm", "matmul"))
         if base is None:
             return None
-        if any(n.op in ops.PERMUTE | ops.TRANSPOSE for n in chain):  # W.t(): a linear over its (out, in) weight
-            return TargetRead(row("linear_decomposed"), x, base, b, bi, chain)
+        if any(n.op in _WEIGHT_T for n in chain):  # W.t(): a linear over its (out, in) weight
+            return TargetRead(row("linear_matmul" if op == "matmul" else "linear_decomposed"), x, base, b, bi, chain)
         if op == "addmm":
             return TargetRead(row("hf_conv1d"), x, base, b, bi, chain)
         return TargetRead(row("matmul"), x, base, b, bi, chain)
     return None
+
+
+# ``W.T`` / ``W.mT`` of a 2-D weight: a transpose (aten.numpy_T, mT; not data movement elsewhere)
+_MATRIX_T = frozenset({"numpy_T", "mT"})
+_WEIGHT_T = ops.PERMUTE | ops.TRANSPOSE | _MATRIX_T
 
 
 def _weight_chain(w: Any, *, batched: bool) -> tuple[list[GNode], GNode | None]:
@@ -273,9 +284,9 @@ def _weight_chain(w: Any, *, batched: bool) -> tuple[list[GNode], GNode | None]:
             and x.args and isinstance(x.args[0], GNode) and _adds_batch_only(x):
         chain.append(x)
         x = x.args[0]
-    if isinstance(x, GNode) and x.op in ops.PERMUTE | ops.TRANSPOSE and ops.is_data_movement(x) \
-            and isinstance(x.args[0], GNode) and x.args[0].op == "param" and x.shape is not None \
-            and len(x.shape) == 2 and ops.map_axis(x, 0)[0] == 1:
+    if isinstance(x, GNode) and x.op in _WEIGHT_T and x.args and isinstance(x.args[0], GNode) \
+            and x.args[0].op == "param" and x.shape is not None and len(x.shape) == 2 \
+            and (x.op in _MATRIX_T or (ops.is_data_movement(x) and ops.map_axis(x, 0)[0] == 1)):
         chain.append(x)
         x = x.args[0]
     if isinstance(x, GNode) and x.op == "param" and x.shape is not None and len(x.shape) == 2:

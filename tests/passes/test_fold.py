@@ -945,6 +945,67 @@ def test_addmm_not_owned_by_a_conv1d_is_refused():
     assert rel_error(model, folded, ci) == 0
 
 
+class MatmulLinear(nn.Linear):
+    """A Linear computing its own forward, as transformers' FalconLinear: a matmul and an add, not linear."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class BiasIgnoringLinear(nn.Linear):
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class MatmulBlock(nn.Module):
+    def __init__(self, linear=MatmulLinear, bias=True):
+        super().__init__()
+        self.fc, self.bn1 = linear(8, 12, bias=bias), nn.BatchNorm1d(12)
+        self.bn2, self.proj = nn.BatchNorm1d(12), linear(12, 6, bias=bias)
+
+    def forward(self, x):
+        return self.proj(self.bn2(torch.tanh(self.bn1(self.fc(x)))))
+
+
+class MatmulNotALinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.bn = nn.Parameter(torch.randn(6, 8)), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(x @ self.w.T)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_linear_subclass_computing_x_at_w_t_folds_on_both_sides(bias):
+    model = randomize(MatmulBlock(bias=bias))
+    ci = CallArgs((torch.randn(5, 8),))
+    folded, report = fold(model, ci)
+    assert report.passed
+    assert [(a.path, a.detail["into"], a.detail["position"]) for a in report.folded] == [
+        ("bn1", ["fc"], "after"), ("bn2", ["proj"], "before")]
+    assert bns(folded) == [] and folded.fc.weight.shape == (12, 8)  # the Linear's (out, in) layout kept
+    assert type(folded.fc) is MatmulLinear and folded.fc.bias is not None  # given the bias it lacked
+    assert rel_error(model, folded, ci) <= 1e-5
+    assert rel_error(model, folded, ci.like(torch.Generator().manual_seed(3), batch=3)) <= 1e-5
+
+
+def test_x_at_w_t_without_a_linear_owner_or_a_bias_it_adds_is_refused():
+    model = randomize(MatmulNotALinear())
+    folded, report = fold(model, CallArgs((torch.randn(4, 8),)))
+    assert report.passed and report.folded == []
+    assert "not owned by an nn.Linear" in report.skipped[0].reason
+    model = randomize(MatmulBlock(BiasIgnoringLinear, bias=False))
+    ci = CallArgs((torch.randn(5, 8),))
+    folded, report = fold(model, ci)
+    assert report.passed and report.folded == []
+    reasons = {a.path: a.reason for a in report.skipped}
+    assert "does not add one given it" in reasons["bn1"] and "does not add one given it" in reasons["bn2"]
+    assert model.fc.bias is None and folded.fc.bias is None  # the probe left it as it was
+    assert rel_error(model, folded, ci) == 0
+
+
 def test_gpt2_with_bn_folds_into_its_conv1d_layers():
     folded, report = _fold_bn_converted("gpt2")
     assert report.passed and report.verify.max_rel_error <= 1e-5

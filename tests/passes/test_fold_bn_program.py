@@ -20,7 +20,7 @@ from normsurgeon.inputs import CallArgs
 from normsurgeon.outputs import compare_outputs
 from normsurgeon.passes.fold_bn_program import count_batch_norms
 
-from test_fold import Consumer, NonLin, PitchTracker, UsedTwice, WeightReadTwice, randomize
+from test_fold import Consumer, MatmulBlock, NonLin, PitchTracker, UsedTwice, WeightReadTwice, randomize
 
 img = torch.randn(2, 3, 8, 8)
 
@@ -287,6 +287,19 @@ def test_a_bias_free_linear_takes_folds_from_both_sides():
     assert count_batch_norms(folded) == 0
     assert [s.target for s in folded.graph_signature.input_specs].count("fc.bias") == 1
     assert rel(ep, folded, CallArgs((torch.randn(7, 8),))) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_x_at_weight_dot_t_folds_in_a_program_like_the_module(bias):
+    """A Linear subclass's ``x @ self.weight.T`` (FalconLinear) exports as matmul over numpy_T: a linear."""
+    ep = export(randomize(MatmulBlock(bias=bias)), torch.randn(5, 8), dynamic=True)
+    folded, report = fold_program(ep)
+    assert report.passed, report.summary()
+    # a BN after the bias add is the module editor's (it reads the add as the Linear's bias): not here
+    assert [(a.path, a.detail["into"], a.detail["position"]) for a in report.folded] == [
+        ("bn1", ["fc"], "after"), ("bn2", ["proj"], "before")][int(bias):]
+    assert count_batch_norms(folded) == int(bias)
+    assert rel(ep, folded, CallArgs((torch.randn(3, 8),))) <= 1e-5
 
 
 @pytest.mark.parametrize("model,x,reason", [
