@@ -105,7 +105,7 @@ def test_fold_caught_by_data_that_takes_another_path(user_models):
     assert "changed the outputs" in doc["skipped"][0]["reason"]
     assert doc["verify"]["user_inputs"] == 2
     result = run("fold", "ns_user_models:branchy", "--inputs", "real.pt")
-    assert "2 from --inputs" in result.output
+    assert "2 of them the user's" in result.output
 
 
 def test_user_inputs_the_model_rejects_are_an_error(user_models):
