@@ -119,13 +119,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
          input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
     """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
     if is_dir_output(path):
-        out = replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
-                          inputs=inputs)
-        # a transformers model whose classes survived: plain from_pretrained loads the directory too
-        from .hf_dir import write_config
-
-        write_config(model, out)
-        return out
+        return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
+                           inputs=inputs)
     return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
 
 

@@ -36,6 +36,7 @@ from .passes import ln_to_rms as _ln_to_rms
 from .passes import norm_affine as _norm_affine
 from .passes import rotate as _rotate
 from .saving import guard_inputs, place_dir, temp_dir
+from .hf_dir import write_config
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
 from .verify import run_clean
@@ -321,6 +322,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
         if ci is not None:
             save_file({k: t.detach().cpu().contiguous() for k, t in zip(names, _input_tensors(ci))},
                       str(tmp / INPUTS_FILE))
+        # a transformers model whose classes survived: plain from_pretrained loads the directory too
+        write_config(model, tmp)
         if check:
             _check_round_trip(model, tmp, ci, path)
         place_dir(tmp, out, force=force)

@@ -107,3 +107,20 @@ def test_rotate_refuses_unprepared_model(tmp_path):
     r = run("rotate", src, "-o", f"{tmp_path / 'rot'}/")
     assert r.exit_code == 1 and "fold --affine first" in r.output
     assert not (tmp_path / "rot").exists()
+
+
+def test_python_save_of_an_affine_folded_llama_loads_in_plain_transformers(tmp_path):
+    """`normsurgeon.save` writes the same directory as `-o DIR/`: config.json included."""
+    import normsurgeon
+    import transformers
+
+    model = zoo_llm.llama()
+    x = model.example_inputs()
+    folded, report = normsurgeon.fold(model, x, affine=True)
+    assert report.passed and report.folded
+    normsurgeon.save(folded, tmp_path / "d/")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        want = model(**x.kwargs).logits if hasattr(x, "kwargs") else model(*x).logits
+        got = plain(**x.kwargs).logits if hasattr(x, "kwargs") else plain(*x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
