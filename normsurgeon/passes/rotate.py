@@ -11,6 +11,7 @@ that still carries an affine (``fold(affine=True)`` first) or subtracts the mean
 first), a norm whose output goes anywhere but linear layers, a writer that is not linear, a tensor
 whose roles need two different rotations. Q: a randomized Hadamard when the width is a power of 2,
 else a random orthogonal matrix from a QR (``norm_math.orthogonal``); the math is float64, cast back.
+The Hadamard is applied as a fast Walsh–Hadamard transform, slice by slice in place (``norm_math.Rotation``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..find import NormSite, find_norms
 from ..graph import GNode, ModelGraph, capture
 from ..graph.ops import data_users
 from ..inputs import as_call_args
-from ..norm_math import orthogonal, rotate_reader_, rotate_writer_
+from ..norm_math import Rotation, rotate_reader_, rotate_writer_, rotation
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
@@ -125,7 +126,8 @@ def rotate(model: nn.Module, example_inputs: Any = None, *, seed: int = 0, inpla
     if plan is None:
         report.passed = False
         return work, report
-    q, report.matrix = orthogonal(plan.width, seed)
+    q = rotation(plan.width, seed)
+    report.matrix = q.kind
     report.width = plan.width
     report.norms = plan.norms
     report.readers = sorted({r.path for r in plan.readers})
@@ -275,7 +277,7 @@ def _writer_transform(w: Writer) -> str:
     return w.kind
 
 
-def _rewrite(model: nn.Module, plan: _Plan, q: torch.Tensor, undo: UndoLog) -> Action:
+def _rewrite(model: nn.Module, plan: _Plan, q: Rotation, undo: UndoLog) -> Action:
     done: set[int] = set()
     with torch.no_grad():
         for w in plan.writers:
@@ -283,16 +285,16 @@ def _rewrite(model: nn.Module, plan: _Plan, q: torch.Tensor, undo: UndoLog) -> A
             b = w.bias.get(model) if w.bias is not None else None
             if id(t) not in done:
                 undo.save_param(model.get_submodule(w.weight.owner), w.weight.attr)
-                rotate_writer_(t.detach(), q.to(t.device), w.kind, w.layout)
+                rotate_writer_(t.detach(), q, w.kind, w.layout)
                 done.add(id(t))
             if b is not None:
                 undo.save_param(model.get_submodule(w.bias.owner), w.bias.attr)
-                b.copy_(b.detach().double() @ q.to(b.device))
+                b.copy_(q.to(b.device).apply(b.detach().double()))
         for r in plan.readers:
             t = r.weight.get(model)
             if id(t) in done:
                 continue  # a tied head: the embedding's E·Q is the reader's W·Q
             undo.save_param(model.get_submodule(r.weight.owner), r.weight.attr)
-            rotate_reader_(t.detach(), q.to(t.device), r.layout)
+            rotate_reader_(t.detach(), q, r.layout)
             done.add(id(t))
     return Action("rotated", "stream")

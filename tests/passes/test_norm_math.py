@@ -1,5 +1,6 @@
 """The float64 math of the norm surgery against the computation it replaces."""
 
+import pytest
 import torch
 
 from normsurgeon.norm_math import centre_output, fold_into_reader, orthogonal, rotate_reader, rotate_writer
@@ -73,3 +74,63 @@ def test_in_place_variants_match_the_pure_math_slice_by_slice(monkeypatch):
         t = w.float()
         nm.centre_output_(t, kind, layout)
         assert torch.allclose(t, centre_output(w, None, kind, layout)[0].float(), atol=1e-6), (kind, layout)
+
+
+def _dense_randomized_hadamard(n, seed):
+    """The dense Q that ``orthogonal`` built before the fast transform: H·diag(±1)/√n, Sylvester H."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    return h * signs[None, :] / n ** 0.5
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 16, 64, 256])
+def test_fast_hadamard_is_the_same_q_as_the_dense_matrix(n):
+    # same seed, same Q: the recipes and reports that name a seed keep meaning the same rotation
+    import normsurgeon.norm_math as nm
+
+    for seed in (0, 5):
+        ref = _dense_randomized_hadamard(n, seed)
+        q = nm.rotation(n, seed)
+        assert q.kind == "randomized Hadamard" and q.matrix is None  # never formed
+        assert torch.equal(q.dense(), ref) and torch.equal(nm.orthogonal(n, seed)[0], ref)
+        x = r(7, 3, n)
+        assert torch.allclose(q.apply(x), x @ ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("elements", [1, 20, 64, 1 << 18])
+def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatch, elements):
+    # slices of one row, of a few rows and of whole tensors; float32 weights round like the dense float64 product
+    import normsurgeon.norm_math as nm
+
+    monkeypatch.setattr(nm, "ROTATE_SLICE_ELEMENTS", elements)
+    n = 32
+    q, dense = nm.rotation(n, 3), _dense_randomized_hadamard(n, 3)
+    qr = nm.rotation(24, 3)  # not a power of 2: the dense QR matrix, same slicing
+    for rot, ref, m in ((q, dense, n), (qr, qr.dense(), 24)):
+        def w(*s):
+            return torch.randn(*s, generator=g, dtype=torch.float64).float()
+
+        cases = [("reader", "out_in", w(40, m)), ("reader", "in_out", w(m, 40)),
+                 ("linear", "out_in", w(m, 40)), ("linear", "in_out", w(40, m)), ("embedding", "out_in", w(50, m)),
+                 ("conv", "out_in", w(m, 3, 2, 2)), ("param", "out_in", w(1, 1, m)), ("param", "out_in", w(m))]
+        def rotated(t, kind, layout):
+            if kind == "reader":
+                return rotate_reader(t.double(), ref, layout)
+            return rotate_writer(t.double(), None, ref, kind, layout)[0]
+
+        for kind, layout, t in cases:
+            for weights in (t, t.bfloat16()):  # float32 and bf16 weights, cast back from float64
+                want = rotated(weights, kind, layout).to(weights.dtype)
+                got = weights.clone()
+                if kind == "reader":
+                    nm.rotate_reader_(got, rot, layout)
+                else:
+                    nm.rotate_writer_(got, rot, kind, layout)
+                # the same rounded weights as the dense float64 product, but for a rare tie
+                assert (got != want).sum() <= 1, (kind, layout, weights.dtype)
+                assert not torch.equal(got, weights)
+    bias = r(m)
+    assert torch.allclose(qr.apply(bias), bias @ qr.dense())
