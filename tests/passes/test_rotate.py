@@ -109,3 +109,26 @@ def test_orthogonal(n):
     q, _ = orthogonal(n, 0)
     assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     assert torch.equal(q, orthogonal(n, 0)[0]) and not torch.equal(q, orthogonal(n, 1)[0])
+
+
+def test_the_pass_applies_the_seeds_dense_q_without_forming_it(monkeypatch):
+    """Same seed, same rotation as the dense n×n Q of earlier versions, through the fast transform only."""
+    import normsurgeon.norm_math as nm
+
+    model = zoo_llm.llama()
+    x = model.example_inputs()
+    ready, _ = fold(model, x, affine=True, untie=True)
+    n = ready.config.hidden_size
+    g = torch.Generator().manual_seed(7)  # the dense Q as orthogonal() built it: Sylvester H·diag(±1)/√n
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    q = h * (torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1)[None, :] / n ** 0.5
+    monkeypatch.setattr(nm.Rotation, "dense", lambda self: pytest.fail("the pass formed the dense Q"))
+    rotated, report = rotate(ready, x, seed=7)
+    assert report.rotated and report.matrix == "randomized Hadamard"
+    e, o = ready.model.embed_tokens.weight.double(), ready.model.layers[0].self_attn.o_proj.weight.double()
+    up = ready.model.layers[0].mlp.up_proj.weight.double()
+    for got, want in ((rotated.model.embed_tokens.weight, e @ q), (rotated.model.layers[0].self_attn.o_proj.weight,
+                      q.T @ o), (rotated.model.layers[0].mlp.up_proj.weight, up @ q)):
+        assert (got != want.float()).sum() <= 1  # the same float32 weights, but for a rare tie
