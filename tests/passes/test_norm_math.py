@@ -115,7 +115,9 @@ def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatc
 
         cases = [("reader", "out_in", w(40, m)), ("reader", "in_out", w(m, 40)),
                  ("linear", "out_in", w(m, 40)), ("linear", "in_out", w(40, m)), ("embedding", "out_in", w(50, m)),
-                 ("conv", "out_in", w(m, 3, 2, 2)), ("param", "out_in", w(1, 1, m)), ("param", "out_in", w(m))]
+                 ("conv", "out_in", w(m, 3, 2, 2)), ("param", "out_in", w(1, 1, m)), ("param", "out_in", w(m)),
+                 # views that are not contiguous take the row-slice path
+                 ("reader", "in_out", w(40, m).t()), ("linear", "out_in", w(40, m).t())]
         def rotated(t, kind, layout):
             if kind == "reader":
                 return rotate_reader(t.double(), ref, layout)
