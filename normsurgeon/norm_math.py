@@ -85,15 +85,16 @@ def orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
 
 # --- in place, slice by slice ----------------------------------------------------------------------
 
-def _slices(view: torch.Tensor, scratch: int = 1) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+def _slices(view: torch.Tensor, scratch: int = 1, dtype: torch.dtype = torch.float64
+            ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
     """Consecutive slices of ``view`` along dim 0, each at most ``SLICE_ELEMENTS`` values (one row at
-    least), with ``scratch`` float64 buffers of the slice's shape. The buffers are allocated once and
+    least), with ``scratch`` buffers (float64 unless ``dtype``) of the slice's shape. The buffers are allocated once and
     reused: fresh large allocations cost a page fault per 4 KiB, which made a 1.1B fold spend most of
     its time in the kernel."""
     row = max(1, view[0].numel()) if view.shape[0] else 1
     step = max(1, SLICE_ELEMENTS // row)
     n = min(step, view.shape[0]) * row
-    buffers = [torch.empty(n, dtype=torch.float64, device=view.device) for _ in range(scratch)]
+    buffers = [torch.empty(n, dtype=dtype, device=view.device) for _ in range(scratch)]
     for i in range(0, view.shape[0], step):
         part = view[i:i + step]
         yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
@@ -105,13 +106,30 @@ def _hidden_last(w: torch.Tensor, kind: str, layout: str) -> torch.Tensor:
     return view.unsqueeze(0) if view.dim() == 1 else view
 
 
+def exact_scale_dtype(w_dtype: torch.dtype, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.dtype:
+    """The dtype in which W·diag(γ) is exact: float32 for a bfloat16/float16 weight (8/11 significant
+    bits) and a γ that bfloat16 or float16 holds exactly (at most 11 bits), whose products need at most
+    22 of float32's 24 bits (wherever the product is a normal float32, |W·γ| ≥ 2^-126); rounded once
+    to the weight's dtype, the result is the float64 one. Else (and for β's sums) float64."""
+    if gamma is None or beta is not None or w_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float64
+    for holds in (torch.bfloat16, torch.float16):
+        if bool(torch.isfinite(gamma).all()) and torch.equal(gamma.to(holds).to(gamma.dtype), gamma):
+            return torch.float32
+    return torch.float64
+
+
 def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                       layout: str) -> torch.Tensor | None:
-    """``fold_into_reader`` on the weight itself: W ← W·diag(γ) in float64, cast back per slice of
-    outputs. Returns W·β (float64, from the weight before scaling), which the bias must gain, or None."""
+    """``fold_into_reader`` on the weight itself: W ← W·diag(γ), exactly (``exact_scale_dtype``), cast
+    back per slice of outputs. Returns W·β (float64, from the weight before scaling), which the bias
+    must gain, or None."""
     rows = w if layout == "out_in" else w.t()  # (out, in)
     shift = torch.empty(rows.shape[0], dtype=torch.float64, device=w.device) if beta is not None else None
-    for i, part, (c,) in _slices(rows):
+    dtype = exact_scale_dtype(w.dtype, gamma, beta)
+    if gamma is not None:
+        gamma = gamma.to(dtype)
+    for i, part, (c,) in _slices(rows, dtype=dtype):
         c.copy_(part)
         if shift is not None:
             torch.mv(c, beta, out=shift[i:i + c.shape[0]])
