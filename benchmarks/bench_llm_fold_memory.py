@@ -9,8 +9,9 @@ a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS 
 - baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs;
 - fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 4 inputs;
   ``--skip-plain-fold`` leaves it out);
-- fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer reloads
-  the directory to check it rebuilds bit-exactly, which holds a second copy while it checks);
+- fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer checks the
+  directory rebuilds bit-exactly: for a model this large on the meta device, reading the file back one
+  tensor at a time, so no second copy);
 - rotate:   ``normsurgeon rotate OUT/ --json`` on the folded directory.
 
     python benchmarks/bench_llm_fold_memory.py --quick
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="TinyLlama's width with this many layers")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-plain-fold", action="store_true", help="time only fold -o (and rotate on its output)")
+    ap.add_argument("--steps", default="fold,fold -o,rotate", help="which steps after the baseline (comma-separated)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the built model here (reused)")
     args = ap.parse_args()
     config = dict(QUICK if args.quick else TINYLLAMA)
@@ -96,6 +98,8 @@ def main() -> None:
                     {"fold": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json"]}),
                  "fold -o": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json", "-o", f"{out}/"],
                  "rotate": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json"]}
+        steps = {k.strip() for k in args.steps.split(",")}
+        kinds = {k: v for k, v in kinds.items() if k == "baseline" or k in steps}
         result = {"config": config, "size_mib": size, "runs": {}}
         for kind, cmd in kinds.items():
             if kind == "fold -o":

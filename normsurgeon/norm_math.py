@@ -3,13 +3,20 @@ linear that reads it, centre a writer of the residual stream, rotate by an ortho
 
 Layouts: ``out_in`` is nn.Linear's weight (y = x·Wᵀ), ``in_out`` transformers' Conv1D and a matmul
 with a parameter (y = x·W). Every function takes and returns float64 tensors; callers cast back.
+
+The ``*_`` variants apply the same math to a model's tensor in place, a slice at a time: a float64
+copy of a whole 32000×2048 head is 0.5 GB, and a 1.1B model's fold must not hold a second copy of
+anything that large (issue 17's memory budget). Each slice is cast back as soon as it is computed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
+
+SLICE_ELEMENTS = 1 << 21  # float64 values in one slice of an in-place update (16 MiB)
 
 
 def fold_into_reader(w: torch.Tensor, b: torch.Tensor | None, gamma: torch.Tensor | None,
@@ -74,3 +81,79 @@ def orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
     return q * torch.sign(torch.diagonal(r))[None, :], "random orthogonal (QR)"
+
+
+# --- in place, slice by slice ----------------------------------------------------------------------
+
+def _slices(view: torch.Tensor, scratch: int = 1, dtype: torch.dtype = torch.float64
+            ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """Consecutive slices of ``view`` along dim 0, each at most ``SLICE_ELEMENTS`` values (one row at
+    least), with ``scratch`` buffers (float64 unless ``dtype``) of the slice's shape. The buffers are allocated once and
+    reused: fresh large allocations cost a page fault per 4 KiB, which made a 1.1B fold spend most of
+    its time in the kernel."""
+    row = max(1, view[0].numel()) if view.shape[0] else 1
+    step = max(1, SLICE_ELEMENTS // row)
+    n = min(step, view.shape[0]) * row
+    buffers = [torch.empty(n, dtype=dtype, device=view.device) for _ in range(scratch)]
+    for i in range(0, view.shape[0], step):
+        part = view[i:i + step]
+        yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+
+
+def _hidden_last(w: torch.Tensor, kind: str, layout: str) -> torch.Tensor:
+    """A view of ``w`` with the hidden axis last and at least one leading dim to slice along."""
+    view = torch.movedim(w, _hidden_axis(kind, layout), -1)
+    return view.unsqueeze(0) if view.dim() == 1 else view
+
+
+def exact_scale_dtype(w_dtype: torch.dtype, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.dtype:
+    """The dtype in which W·diag(γ) is exact: float32 for a bfloat16/float16 weight (8/11 significant
+    bits) and a γ that bfloat16 or float16 holds exactly (at most 11 bits), whose products need at most
+    22 of float32's 24 bits (wherever the product is a normal float32, |W·γ| ≥ 2^-126); rounded once
+    to the weight's dtype, the result is the float64 one. Else (and for β's sums) float64."""
+    if gamma is None or beta is not None or w_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float64
+    for holds in (torch.bfloat16, torch.float16):
+        if bool(torch.isfinite(gamma).all()) and torch.equal(gamma.to(holds).to(gamma.dtype), gamma):
+            return torch.float32
+    return torch.float64
+
+
+def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+                      layout: str) -> torch.Tensor | None:
+    """``fold_into_reader`` on the weight itself: W ← W·diag(γ), exactly (``exact_scale_dtype``), cast
+    back per slice of outputs. Returns W·β (float64, from the weight before scaling), which the bias
+    must gain, or None."""
+    rows = w if layout == "out_in" else w.t()  # (out, in)
+    shift = torch.empty(rows.shape[0], dtype=torch.float64, device=w.device) if beta is not None else None
+    dtype = exact_scale_dtype(w.dtype, gamma, beta)
+    if gamma is not None:
+        gamma = gamma.to(dtype)
+    for i, part, (c,) in _slices(rows, dtype=dtype):
+        c.copy_(part)
+        if shift is not None:
+            torch.mv(c, beta, out=shift[i:i + c.shape[0]])
+        if gamma is not None:
+            part.copy_(c.mul_(gamma[None, :]))
+    return shift
+
+
+def centre_output_(w: torch.Tensor, kind: str, layout: str = "out_in") -> None:
+    """``centre_output`` on the weight itself (the small bias is centred by the caller)."""
+    for _, part, (c,) in _slices(_hidden_last(w, kind, layout)):
+        c.copy_(part)
+        part.copy_(c.sub_(c.mean(dim=-1, keepdim=True)))
+
+
+def rotate_writer_(w: torch.Tensor, q: torch.Tensor, kind: str, layout: str = "out_in") -> None:
+    """``rotate_writer`` on the weight itself (the small bias is rotated by the caller)."""
+    for _, part, (c, out) in _slices(_hidden_last(w, kind, layout), scratch=2):
+        c.copy_(part)
+        part.copy_(torch.matmul(c, q, out=out))
+
+
+def rotate_reader_(w: torch.Tensor, q: torch.Tensor, layout: str) -> None:
+    """``rotate_reader`` on the weight itself, a slice of outputs at a time."""
+    for _, part, (c, out) in _slices(w if layout == "out_in" else w.t(), scratch=2):
+        c.copy_(part)
+        part.copy_(torch.matmul(c, q, out=out))

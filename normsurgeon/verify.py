@@ -4,6 +4,8 @@
   that branches on the batch size must not hide a changed path: one fewer, else one more), plus the
   user's own (``load_inputs_file``: ``--inputs`` of fold, convert and export); a random input the
   original model rejects is no check and is dropped, while the example and the user's inputs must run.
+  A model of ``LEAN_BYTES`` (1 GiB) of weights or more is checked on the example and one random input
+  at another batch size and sequence length only (``lean_inputs``): its forward passes cost seconds.
 - **reference outputs**: the original model's outputs on those inputs, kept instead of a copy of
   the model (outputs are small; a model may be most of the machine's memory).
 - **comparison**: ``ErrorStats`` (max abs error, max rel error = max abs / max |expected|) against
@@ -87,6 +89,27 @@ def tolerance_for_dtypes(dtypes: set[torch.dtype], rtol: float | None = None, at
 
 
 # --- inputs and reference outputs ----------------------------------------------------------------
+
+# From this many bytes of weights a model is checked on two inputs (``lean_inputs``): each forward
+# pass of a 1.1B model costs seconds on a CPU, and a fold must stay within a few passes' time.
+LEAN_BYTES = 1 << 30
+
+
+def lean_inputs(ci: CallArgs) -> list[list[CallArgs]]:
+    """The example and one random input at another batch size and other spatial/sequence sizes,
+    the smaller first (the cheaper pass), else larger: what a large model's check runs on."""
+    device = next((t.device for t in ci.tensors()), None)
+    batch = next((t.shape[0] for t in ci.tensors() if t.dim() > 0), None)
+    batches = ([batch - 1] if batch and batch > 1 else []) + ([batch + 1] if batch else [None])
+    sizes = [s for s in (other_sizes(ci, 0.75), other_sizes(ci, 1.25)) if s] or [None]
+    alternatives = []
+    for kw in [{"batch": b, "sizes": s} for s in sizes for b in batches] + [{"batch": b} for b in batches]:
+        try:
+            alternatives.append(_resized(ci, torch.Generator().manual_seed(1), **kw).to(device=device))
+        except Exception:  # noqa: BLE001 - a random input is a bonus
+            pass
+    return [[ci]] + ([alternatives] if alternatives else [])
+
 
 def candidate_inputs(ci: CallArgs, extra: Sequence[CallArgs] = ()) -> list[list[CallArgs]]:
     """The example, a random input like it, one at another batch size and one at other sizes, then
@@ -385,7 +408,8 @@ class References:
     def _record(cls, model: nn.Module, ci: CallArgs, extra: Sequence[CallArgs], eval_mode: bool,
                 run: Callable[..., list[torch.Tensor]]) -> "References":
         refs = cls(eval_mode=eval_mode)
-        candidates = candidate_inputs(ci)
+        size = sum(t.numel() * t.element_size() for t in model.parameters())
+        candidates = lean_inputs(ci) if size >= LEAN_BYTES else candidate_inputs(ci)
         for i, alternatives in enumerate([*candidates, *[[e] for e in extra]]):
             for c in alternatives:
                 try:

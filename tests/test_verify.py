@@ -120,3 +120,16 @@ def test_a_check_told_its_tolerance_stops_at_the_first_failing_input_and_only_th
     wrong = Counting(2.0)
     refs.compare(wrong)
     assert wrong.calls == 4  # without a tolerance: the worst error over every input
+
+
+def test_a_large_model_is_checked_on_the_example_and_one_input_of_other_sizes(monkeypatch):
+    # 1 GiB of weights makes a model "large"; the threshold is lowered so a tiny model shows the policy
+    import normsurgeon.verify as v
+    from normsurgeon.inputs import CallArgs
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4))
+    ci = CallArgs((torch.randint(0, 50, (2, 16)),), {})
+    assert len(v.References.record(model, ci)) == 4
+    monkeypatch.setattr(v, "LEAN_BYTES", 0)
+    refs = v.References.record(model, ci)
+    assert refs.shapes == [[[2, 16]], [[1, 12]]]

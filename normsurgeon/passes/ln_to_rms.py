@@ -31,7 +31,7 @@ from ..find import find_norms
 from ..graph import ModelGraph, capture
 from ..graph.ops import data_users
 from ..inputs import as_call_args
-from ..norm_math import centre_output
+from ..norm_math import centre_output_
 from ..recipe import record
 from ..report import Action
 from ..verify import References, UndoLog, UndoStore, set_module, tolerance_for
@@ -194,13 +194,11 @@ def _rewrite(model: nn.Module, plan: dict, undo: UndoLog) -> Action:
         for w in plan["writers"]:
             t = w.weight.get(model)
             b = w.bias.get(model) if w.bias is not None else None
-            w2, b2 = centre_output(t.detach().double(), b.detach().double() if b is not None else None,
-                                   w.kind, w.layout)
             undo.save_param(model.get_submodule(w.weight.owner), w.weight.attr)
-            t.copy_(w2.to(t.dtype))
+            centre_output_(t.detach(), w.kind, w.layout)
             if b is not None:
                 undo.save_param(model.get_submodule(w.bias.owner), w.bias.attr)
-                b.copy_(b2.to(b.dtype))
+                b.copy_(b.detach().double() - b.detach().double().mean())
     for path in plan["lns"]:
         set_module(model, path, rms_from(model.get_submodule(path)), undo)
     return Action("converted", "stream")

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..find import NormSite, find_norms
 from ..graph import ModelGraph
-from ..norm_math import fold_into_reader
+from ..norm_math import fold_into_reader_
 from ..report import Action
 from ..verify import UndoLog
 from .stream import (Affine, Reader, Tensor, affine_of, hand_written_inputs, norm_input, output_of, own_tensor,
@@ -133,14 +133,12 @@ def rewrite(site: AffineSite, model: nn.Module, undo: UndoLog) -> Action:
             mod = model.get_submodule(r.weight.owner)
             w = getattr(mod, r.weight.attr)
             b = r.bias.get(model) if r.bias is not None else None
-            w2, b2 = fold_into_reader(w.detach().double(), b.detach().double() if b is not None else None,
-                                      gamma, beta, r.layout)
             undo.save_param(mod, r.weight.attr)
-            w.copy_(w2.to(w.dtype))
-            if b is not None:
+            shift = fold_into_reader_(w.detach(), gamma, beta, r.layout)
+            if b is not None and shift is not None:
                 bmod = model.get_submodule(r.bias.owner)
                 undo.save_param(bmod, r.bias.attr)
-                b.copy_(b2.to(b.dtype))
+                b.copy_(b.detach().double() + shift)
         if gamma_t is not None:
             undo.save_param(model.get_submodule(aff.weight.owner), aff.weight.attr)
             gamma_t.fill_(0.0 if aff.one_plus else 1.0)

@@ -28,7 +28,7 @@ from ..find import NormSite, find_norms
 from ..graph import GNode, ModelGraph, capture
 from ..graph.ops import data_users
 from ..inputs import as_call_args
-from ..norm_math import orthogonal, rotate_reader, rotate_writer
+from ..norm_math import orthogonal, rotate_reader_, rotate_writer_
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table
@@ -283,20 +283,18 @@ def _rewrite(model: nn.Module, plan: _Plan, q: torch.Tensor, undo: UndoLog) -> A
         for w in plan.writers:
             t = w.weight.get(model)
             b = w.bias.get(model) if w.bias is not None else None
-            new_w, new_b = rotate_writer(t.detach().double(), b.detach().double() if b is not None else None,
-                                         q.to(t.device), w.kind, w.layout)
             if id(t) not in done:
                 undo.save_param(model.get_submodule(w.weight.owner), w.weight.attr)
-                t.copy_(new_w.to(t.dtype))
+                rotate_writer_(t.detach(), q.to(t.device), w.kind, w.layout)
                 done.add(id(t))
             if b is not None:
                 undo.save_param(model.get_submodule(w.bias.owner), w.bias.attr)
-                b.copy_(new_b.to(b.dtype))
+                b.copy_(b.detach().double() @ q.to(b.device))
         for r in plan.readers:
             t = r.weight.get(model)
             if id(t) in done:
                 continue  # a tied head: the embedding's E·Q is the reader's W·Q
             undo.save_param(model.get_submodule(r.weight.owner), r.weight.attr)
-            t.copy_(rotate_reader(t.detach().double(), q.to(t.device), r.layout).to(t.dtype))
+            rotate_reader_(t.detach(), q.to(t.device), r.layout)
             done.add(id(t))
     return Action("rotated", "stream")

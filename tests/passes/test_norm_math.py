@@ -43,3 +43,50 @@ def test_rotation_round_trip():
     conv = r(8, 3, 2, 2)
     c2, _ = rotate_writer(conv, None, q, "conv")
     assert torch.allclose(torch.einsum("oikl,oc->cikl", conv, q), c2)
+
+
+def test_in_place_variants_match_the_pure_math_slice_by_slice(monkeypatch):
+    # small slices, so every tensor is updated in several pieces (a 1.1B head's are 16 MiB each)
+    import normsurgeon.norm_math as nm
+
+    monkeypatch.setattr(nm, "SLICE_ELEMENTS", 20)
+    g = torch.Generator().manual_seed(3)
+
+    def r(*s):  # float32 values: the in-place variants update a float32 tensor
+        return torch.randn(*s, generator=g, dtype=torch.float64).float().double()
+
+    gamma, beta, q = r(8), r(8), nm.orthogonal(8, 0)[0]
+    for layout, w in (("out_in", r(12, 8)), ("in_out", r(8, 12))):
+        w2, shift = fold_into_reader(w, None, gamma, beta, layout)
+        t = w.float()
+        got = nm.fold_into_reader_(t, gamma, beta, layout)
+        assert torch.equal(t, w2.float()) and torch.allclose(got, shift)
+        t = w.float()
+        nm.rotate_reader_(t, q, layout)
+        assert torch.allclose(t, rotate_reader(w, q, layout).float(), atol=1e-6)
+    for kind, layout, w in (("linear", "out_in", r(8, 12)), ("linear", "in_out", r(12, 8)),
+                            ("embedding", "out_in", r(30, 8)), ("conv", "out_in", r(8, 3, 2, 2)),
+                            ("param", "out_in", r(1, 1, 8)), ("param", "out_in", r(8))):
+        t = w.float()
+        nm.rotate_writer_(t, q, kind, layout)
+        assert torch.allclose(t, rotate_writer(w, None, q, kind, layout)[0].float(), atol=1e-6), (kind, layout)
+        t = w.float()
+        nm.centre_output_(t, kind, layout)
+        assert torch.allclose(t, centre_output(w, None, kind, layout)[0].float(), atol=1e-6), (kind, layout)
+
+
+def test_a_low_precision_fold_in_float32_rounds_as_the_float64_one():
+    import normsurgeon.norm_math as nm
+
+    g = torch.Generator().manual_seed(4)
+    for dt in (torch.bfloat16, torch.float16):
+        w = (torch.randn(64, 32, generator=g) * 3).to(dt)
+        gamma = (torch.randn(32, generator=g) * 2).to(dt).double()
+        assert nm.exact_scale_dtype(dt, gamma, None) == torch.float32
+        t = w.clone()
+        nm.fold_into_reader_(t, gamma, None, "out_in")
+        assert torch.equal(t, (w.double() * gamma[None, :]).to(dt))
+    # a γ with more bits than float16 holds: float64
+    assert nm.exact_scale_dtype(torch.bfloat16, torch.tensor([1 + 2 ** -20], dtype=torch.float64), None) \
+        == torch.float64
+    assert nm.exact_scale_dtype(torch.float32, gamma, None) == torch.float64
