@@ -185,3 +185,33 @@ def test_a_wrong_fold_in_a_bf16_model_is_rolled_back_through_the_driver():
     assert set(kinds.values()) == {"folded"} and len(kinds) == 11
     assert verdict.passed and verdict.first.max_rel_error > 10 * refs.tolerance(tolerance_for(model)).rtol
     assert torch.equal(gamma, saved)  # the rolled-back norm is as it was
+
+
+def test_a_model_that_only_runs_in_its_own_dtype_falls_back_and_says_why():
+    class Bf16Only(nn.Module):  # e.g. a kernel wrapper that checks its dtype
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.dtype != torch.bfloat16:
+                raise TypeError(f"expects bfloat16, got {x.dtype}")
+            return self.fc(x)
+
+    model = Bf16Only().to(torch.bfloat16)
+    refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
+    assert refs.reference == "bfloat16" and len(refs) == 4
+    assert refs.reference_note.startswith("no float32 reference: TypeError: expects bfloat16, got torch.float32")
+
+
+def test_a_bf16_program_folds_against_a_float32_reference():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    _, report = fold(torch.export.export(model, (x,)), (x,))
+    v = report.to_json()["verify"]
+    assert report.passed and len(report.folded) == 1
+    assert v["reference"] == "float32" and v["original_error"] > 0 and v["max_rel_error"] <= v["tolerance"]
