@@ -140,7 +140,8 @@ class ConvertReport:
             notes.append(f"verified (exact swaps, eval mode): {v['sites_checked']} site(s) checked, max site error "
                          f"{fmt_float(v['max_site_error'])}"
                          + (f"; whole model max abs error {fmt_float(v['max_abs_error'])}, "
-                            + error_text(v["max_rel_error"], v.get("rtol"), "eval mode", v)
+                            + error_text(v["max_rel_error"], v.get("rtol", v.get("tolerance")),
+                                         f"{v.get('inputs', '?')} inputs", v)
                             if v.get("max_abs_error") is not None else "")
                          + f"; {'passed' if v['passed'] else 'FAILED'}"
                          + (f"; {v['rolled_back']} site(s) rolled back" if v.get("rolled_back") else ""))
