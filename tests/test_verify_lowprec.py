@@ -215,3 +215,20 @@ def test_a_bf16_program_folds_against_a_float32_reference():
     v = report.to_json()["verify"]
     assert report.passed and len(report.folded) == 1
     assert v["reference"] == "float32" and v["original_error"] > 0 and v["max_rel_error"] <= v["tolerance"]
+
+
+def test_a_bf16_rotation_and_ln_to_rms_are_judged_against_float32():
+    from normsurgeon.passes.convert import convert
+    from normsurgeon.passes.rotate import rotate
+
+    model = steep_llama()
+    ci = as_call_args(model.example_inputs())
+    folded, _ = fold(model, ci, affine=True)
+    rotated, report = rotate(folded, ci, seed=0)
+    v = report.to_json()["verify"]
+    assert report.rotated and v["reference"] == "float32" and v["max_rel_error"] <= v["tolerance"]
+    assert v["tolerance"] == max(TOLERANCE[torch.bfloat16][0], LOW_PRECISION_FACTOR * v["original_error"])
+    assert "vs a float32 reference (the bfloat16 original: " in report.summary()
+    gpt2 = zoo_llm.gpt2_untied().to(torch.bfloat16)
+    _, rms = convert(gpt2, "rms", example_inputs=gpt2.example_inputs())
+    assert rms.verify["passed"] and rms.verify["reference"] == "float32" and "original_error" in rms.verify
