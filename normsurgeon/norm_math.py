@@ -93,11 +93,18 @@ def _slices(view: torch.Tensor, scratch: int = 1, dtype: torch.dtype = torch.flo
     its time in the kernel."""
     row = max(1, view[0].numel()) if view.shape[0] else 1
     step = max(1, SLICE_ELEMENTS // row)
-    n = min(step, view.shape[0]) * row
+    n = max(SLICE_ELEMENTS, row)  # one size for every call: the allocator hands the same block back
     buffers = [torch.empty(n, dtype=dtype, device=view.device) for _ in range(scratch)]
-    for i in range(0, view.shape[0], step):
-        part = view[i:i + step]
-        yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+    # One thread: writing a weight loaded from a mapped file faults in every page, and two threads
+    # faulting at once contend for the process's memory map (a 1.1B fold: 14 s on 2 threads, 4 s on 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(0, view.shape[0], step):
+            part = view[i:i + step]
+            yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _hidden_last(w: torch.Tensor, kind: str, layout: str) -> torch.Tensor:
