@@ -227,6 +227,12 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
     if kwargs.get("untie") and not kwargs.get("affine"):
         raise NormSurgeonError("`untie=True` goes with `affine=True`")
+    if "max_shard_mb" in kwargs and not kwargs.get("stream"):
+        raise NormSurgeonError("`max_shard_mb` goes with `stream=True`")
+    if kwargs.pop("stream", False):
+        return _fold_streamed(model, output, force, kwargs, dict(
+            example_inputs=example_inputs, inputs_file=inputs_file, extra_inputs=extra_inputs, trust=trust,
+            imports=imports, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes))
     if output is not None and kwargs.get("verify") is False:
         raise NormSurgeonError("`output` is written only after the fold is verified: drop `verify=False`")
     if _onnx_fold.is_onnx(model):
@@ -261,6 +267,25 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
         report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
                                  inputs=read))
     return folded, report
+
+
+def _fold_streamed(model: Any, output: Any, force: bool, kwargs: dict, unused: dict):
+    """``fold(DIR, affine=True, stream=True, output=OUT/)``: ``shard_stream.fold_dir`` (the plan from a
+    tiny twin, the checkpoint folded shard by shard); returns (the output directory, its report)."""
+    from . import shard_stream
+
+    if not kwargs.pop("affine", False):
+        raise NormSurgeonError("`stream=True` streams the norm-affine fold: pass `affine=True`")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    given = [k for k, v in {**unused, **kwargs}.items()
+             if k not in ("untie", "max_shard_mb") and v is not None and v is not False and v != ()]
+    if given:
+        raise NormSurgeonError(f"`{given[0]}` does not go with `stream=True` (it plans on a tiny twin and checks "
+                               "each site on the real weights)")
+    if not isinstance(model, (str, os.PathLike)):
+        raise NormSurgeonError("`stream=True` reads a transformers directory (a path), not a model object")
+    return shard_stream.fold_dir(model, output=output, force=force,
+                                 **{k: v for k, v in kwargs.items() if k in ("untie", "max_shard_mb")})
 
 
 def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, trust: bool = False,
