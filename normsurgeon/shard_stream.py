@@ -10,7 +10,8 @@ layer's weights.
 2. **map the plan onto the checkpoint**: every twin parameter must be in the directory under its name
    (any one name of a tied group), with the same rank; per site, γ/β of one width H, readers reading
    H, biases of their output size.
-3. **stream**: tensors are read lazily (``safe_open``), readers folded in float64 row chunks and cast
+3. **stream** (files: ``shard_files``): tensors are read a chunk at a time (``safe_open``), readers folded
+   in float64 row chunks and cast
    back to their stored dtype; γ becomes 1 (0 for ``1 + w`` norms), β 0; every other tensor is copied
    through. Output shards of bounded size are written with safetensors' writer, with their index,
    config.json (``tie_word_embeddings`` false when untied) and the small non-weight files, into a
@@ -27,7 +28,6 @@ describe the bias, and the output is a plain transformers directory.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import shutil
@@ -37,11 +37,10 @@ from typing import Any
 
 import torch
 
-from .errors import NormSurgeonError, one_line
+from .errors import NormSurgeonError
 from .report import Action, Table, fmt_float
+from .shard_files import Checkpoint, ShardWriter, check_written, copy_small_files
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-INDEX = "model.safetensors.index.json"
 CHUNK_BYTES = 16 << 20  # float64 working set of one reader chunk
 CHECK_ROWS = 8
 DEFAULT_MAX_SHARD_MB = 256
@@ -172,100 +171,6 @@ class StreamReport:
                                                                           "into / reason"], rows)
         table.notes.append(self.summary())
         return [table]
-
-
-# --- the checkpoint --------------------------------------------------------------------------------
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class Checkpoint:
-    """The tensors of a transformers directory, read lazily: names, shapes, dtypes, row slices."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        index = folder / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = {n: folder / f for n, f in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise NormSurgeonError(f"{index}: cannot read the shard index ({one_line(e)})") from e
-        elif (folder / "model.safetensors").is_file():
-            files = None
-        else:
-            raise NormSurgeonError(f"{folder}: `stream=True` reads model.safetensors or sharded "
-                                   f"model-XXXXX-of-YYYYY.safetensors with {INDEX}; none found")
-        self._handles: dict[Path, Any] = {}
-        self.file: dict[str, Path] = {}
-        for f in dict.fromkeys(files.values()) if files is not None else [folder / "model.safetensors"]:
-            if f.parent.resolve() != folder.resolve() or not f.is_file():
-                raise NormSurgeonError(f"{index}: names {f.name}, which is not a file of {folder}")
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # noqa: BLE001
-                raise NormSurgeonError(f"{f}: not a readable safetensors file ({one_line(e)})") from e
-            self._handles[f] = h
-            for n in h.keys():
-                self.file[n] = f
-        self._files = list(self._handles)
-        if files is not None:
-            missing = [n for n in files if n not in self.file]
-            if missing:
-                raise NormSurgeonError(f"{index}: {missing[0]} is not in {files[missing[0]].name}")
-        self.shape: dict[str, tuple[int, ...]] = {}
-        self.dtype: dict[str, torch.dtype] = {}
-        for n, f in self.file.items():
-            sl = self._handles[f].get_slice(n)
-            self.shape[n] = tuple(sl.get_shape())
-            dt = _DTYPES.get(sl.get_dtype())
-            if dt is None:
-                raise NormSurgeonError(f"{f}: {n} has dtype {sl.get_dtype()}, which `stream=True` does not handle")
-            self.dtype[n] = dt
-        self.release()
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.file)
-
-    def _open(self, name: str) -> Any:
-        from safetensors import safe_open
-
-        return safe_open(str(self.file[name]), framework="pt")
-
-    def release(self) -> None:
-        """Close the files opened to read the headers."""
-        self._handles.clear()
-
-    # A tensor of safe_open is a view of a mapping of the whole file, whose pages stay resident (and count
-    # as this process's memory) once touched, for as long as the file is open or a view lives. So every
-    # read opens the file, copies at most CHUNK_BYTES / 4 of it into memory of its own, and closes it:
-    # what is resident is what we hold.
-
-    def get(self, name: str) -> torch.Tensor:
-        shape = self.shape[name]
-        out = torch.empty(shape, dtype=self.dtype[name])
-        if not shape or out.numel() == 0:
-            with self._open(name) as h:
-                return h.get_tensor(name).clone()
-        step = self._step(name)
-        for start in range(0, shape[0], step):
-            out[start:start + step] = self.rows(name, start, min(shape[0], start + step))
-        return out
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        with self._open(name) as h:
-            return h.get_slice(name)[start:stop].clone()
-
-    def _step(self, name: str) -> int:
-        row = max(1, self.nbytes(name) // max(1, self.shape[name][0]))
-        return max(1, (CHUNK_BYTES // 4) // row)
-
-    def nbytes(self, name: str) -> int:
-        return math.prod(self.shape[name]) * self.dtype[name].itemsize
 
 
 # --- the plan from the twin ------------------------------------------------------------------------
@@ -481,80 +386,6 @@ def fold_site(ckpt: Checkpoint, s: PlannedSite, seed: int) -> tuple[dict[str, to
     return out, worst
 
 
-# --- writing -----------------------------------------------------------------------------------------
-
-class ShardWriter:
-    """Tensors into safetensors shards of at most ``max_bytes`` (one bigger tensor gets a shard of its
-    own), each written as soon as it is full; ``finish`` names them model-XXXXX-of-YYYYY and writes the
-    index (one shard: model.safetensors)."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self.buffer and self.size + n > self.max_bytes:
-            self.flush()
-        self.buffer[name] = t.contiguous()
-        self.size += n
-        self.total += n
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        path = self.folder / f"part-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def finish(self) -> int:
-        self.flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.folder / "model.safetensors")
-            return 1
-        weight_map = {}
-        for i, (path, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update({n: final for n in names})
-        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
-                                                     "weight_map": weight_map}, indent=2) + "\n")
-        return len(self.files)
-
-
-def _copy_small_files(src: Path, dst: Path, untied: bool) -> None:
-    """config.json (untied: tie_word_embeddings false) and the other non-weight files, as data; code
-    files are left behind (the output loads with built-in classes only)."""
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name == INDEX or f.name.endswith(WEIGHT_SUFFIXES) or f.suffix == ".py":
-            continue
-        if f.name == "config.json":
-            cfg = json.loads(f.read_text())
-            if untied:
-                cfg["tie_word_embeddings"] = False
-            (dst / f.name).write_text(json.dumps(cfg, indent=2) + "\n")
-        else:
-            shutil.copyfile(f, dst / f.name)
-
-
-def _check_written(folder: Path, expect: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """The written directory holds exactly the expected tensors, shapes and dtypes (read back)."""
-    got = Checkpoint(folder)
-    for n, (shape, dtype) in expect.items():
-        if got.shape.get(n) != shape or got.dtype.get(n) != dtype:
-            raise NormSurgeonError(f"internal: the written {n} is {got.shape.get(n)} {got.dtype.get(n)}, expected "
-                                   f"{shape} {dtype}; nothing written")
-    extra = set(got.names) - set(expect)
-    if extra:
-        raise NormSurgeonError(f"internal: the written directory holds unexpected tensors ({sorted(extra)[0]})")
-
-
 # --- the whole command -------------------------------------------------------------------------------
 
 def check_source(path: Any) -> Path:
@@ -654,8 +485,8 @@ def fold_dir(model: Any, *, output: Any, force: bool = False, untie: bool = Fals
                 done.add(t)
             del tensors
         report.shards = writer.finish()
-        _copy_small_files(src, tmp, untied_any)
-        _check_written(tmp, expect)
+        copy_small_files(src, tmp, untied_any)
+        check_written(tmp, expect)
         place_dir(tmp, out, force=force)
     finally:
         if tmp.exists():
