@@ -44,15 +44,29 @@ def _tensors(folder):
 IDS = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
 
 
+def _wide_llama():
+    """Wider than the twin (hidden 128, 8 heads / 2 kv heads, head_dim 16 explicit): the twin differs."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                   head_dim=16, intermediate_size=256, vocab_size=200, max_position_embeddings=64,
+                                   tie_word_embeddings=False, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    zoo_llm.randomize_norms(model)
+    return model
+
+
 def test_streamed_sharded_llama_matches_in_memory_fold(tmp_path):
     src = tmp_path / "llama"
-    zoo_llm.llama().save_pretrained(src, max_shard_size="40KB")
+    _wide_llama().save_pretrained(src, max_shard_size="200KB")
     assert (src / "model.safetensors.index.json").is_file()
     before = _digest(src)
-    r = run("fold", src, "--affine", "--stream", "--max-shard-mb", "0.03", "-o", f"{tmp_path / 'out'}/", "--json")
+    r = run("fold", src, "--affine", "--stream", "--max-shard-mb", "0.15", "-o", f"{tmp_path / 'out'}/", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert len(rep["folded"]) == 5 and not rep["skipped"] and rep["stream"]["twin"]["folded"] == 5
+    assert rep["stream"]["twin"]["hidden_size"] == 64  # planned on a narrower twin
     assert rep["verify"]["whole_model_run"] is False and rep["verify"]["max_rel_error"] < 1e-6
     assert rep["stream"]["shards"] > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert _digest(src) == before  # the input is never written
@@ -142,13 +156,37 @@ def test_the_local_check_catches_a_wrong_fold():
         assert errors["right"] < 1e-6 and errors["wrong"] > 1e-2, (layout, errors)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "falcon", "gpt2", "opt", "gemma2"])
-def test_twin_has_the_real_models_names_and_ranks(name):
-    real = zoo_llm.MODELS[name]()
-    model = twin.build(real.config, type(real))
-    assert model.config.num_hidden_layers == real.config.num_hidden_layers
-    want = {n: p.dim() for n, p in real.state_dict().items()}
-    assert {n: p.dim() for n, p in model.state_dict().items()} == want
+WIDE = {  # real-sized configs (built on the meta device: no memory), widths the twin must shrink
+    "LlamaForCausalLM": ("LlamaConfig", dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                                             num_key_value_heads=4, intermediate_size=5632, vocab_size=32000)),
+    "Qwen3ForCausalLM": ("Qwen3Config", dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                                             num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                                             vocab_size=151936)),
+    "Gemma2ForCausalLM": ("Gemma2Config", dict(hidden_size=2304, num_hidden_layers=4, num_attention_heads=8,
+                                               num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+                                               vocab_size=256000)),
+    "FalconForCausalLM": ("FalconConfig", dict(hidden_size=4544, num_hidden_layers=3, num_attention_heads=71,
+                                               multi_query=True, vocab_size=65024)),
+    "GPT2LMHeadModel": ("GPT2Config", dict(n_embd=768, n_layer=3, n_head=12, vocab_size=50257)),
+    "Phi3ForCausalLM": ("Phi3Config", dict(hidden_size=3072, num_hidden_layers=3, num_attention_heads=32,
+                                           num_key_value_heads=32, intermediate_size=8192, vocab_size=32064,
+                                           pad_token_id=32000)),
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(WIDE))
+def test_twin_shrinks_widths_and_keeps_names_and_ranks(cls_name):
+    import transformers
+
+    config_cls, kw = WIDE[cls_name]
+    config = getattr(transformers, config_cls)(**kw)
+    cls = getattr(transformers, cls_name)
+    with torch.device("meta"):
+        real = cls(config)
+    small = twin.build(config, cls)
+    assert small.config.num_hidden_layers == config.num_hidden_layers
+    assert {n: p.dim() for n, p in small.state_dict().items()} == {n: p.dim() for n, p in real.state_dict().items()}
+    assert sum(p.numel() for p in small.parameters()) < 2e6 < sum(p.numel() for p in real.parameters())
 
 
 def test_checkpoint_names_that_are_not_the_class_are_refused(tmp_path):
