@@ -345,6 +345,12 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
 
     if seed < 0:
         raise NormSurgeonError(f"`seed` must be >= 0, got {seed}")
+    if "max_shard_mb" in kwargs and not kwargs.get("stream"):
+        raise NormSurgeonError("`max_shard_mb` goes with `stream=True`")
+    if kwargs.pop("stream", False):
+        return _rotate_streamed(model, seed, output, force, kwargs, dict(
+            example_inputs=example_inputs, inputs_file=inputs_file, extra_inputs=extra_inputs, trust=trust,
+            imports=imports, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes))
     read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
     out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
@@ -365,6 +371,23 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
         report.output = str(save(rotated, output, example_inputs=example_inputs, force=force, input_path=input_path,
                                  inputs=read))
     return rotated, report
+
+
+def _rotate_streamed(model: Any, seed: int, output: Any, force: bool, kwargs: dict, unused: dict):
+    """``rotate(DIR, stream=True, output=OUT/)``: ``shard_rotate.rotate_dir`` (the plan from a tiny twin,
+    the checkpoint rotated tensor by tensor); returns (the output directory, its report)."""
+    from . import shard_rotate
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    given = [k for k, v in {**unused, **kwargs}.items()
+             if k != "max_shard_mb" and v is not None and v is not False and v != ()]
+    if given:
+        raise NormSurgeonError(f"`{given[0]}` does not go with `stream=True` (it plans on a tiny twin and checks "
+                               "each tensor on the real weights)")
+    if not isinstance(model, (str, os.PathLike)):
+        raise NormSurgeonError("`stream=True` reads a transformers directory (a path), not a model object")
+    return shard_rotate.rotate_dir(model, output=output, seed=seed, force=force,
+                                   **{k: v for k, v in kwargs.items() if k == "max_shard_mb"})
 
 
 def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> None:

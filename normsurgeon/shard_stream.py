@@ -179,7 +179,6 @@ def plan_from_twin(config: Any, cls: type, *, untie: bool = False) -> Plan:
     """Match and check every norm of the twin (``norm_affine``), then prove the plan with the twin's
     verified fold: only sites that fold there are planned."""
     from . import twin as _twin
-    from .graph import capture, without_kv_cache
     from .inputs import inputs_from_hf_config
     from .passes import norm_affine
     from .passes.fold import fold as fold_pass
@@ -192,18 +191,9 @@ def plan_from_twin(config: Any, cls: type, *, untie: bool = False) -> Plan:
     if ci is None:
         raise NormSurgeonError(f"{cls.__name__}: cannot derive inputs for its tiny twin")
     plan = Plan(cls.__name__)
-    names: dict[int, list[str]] = {}
-    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(n)
-        plan.ranks[n] = t.dim()
-    persistent = set(model.state_dict().keys())
-    plan.aliases = [ns for ns in names.values() if any(n in persistent for n in ns)]
+    plan.aliases, plan.ranks = twin_names(model)
     aliases = tensor_aliases(model)
-    try:
-        with without_kv_cache(model):
-            graph = capture(model, ci)
-    except NormSurgeonError as e:
-        raise NormSurgeonError(f"{cls.__name__}: its tiny twin cannot be captured ({e.template})") from None
+    graph = capture_twin(model, ci, cls)
     planned = []
     for site in norm_affine.match(model, graph):
         reason = norm_affine.check(site, model, graph, untie=untie)
@@ -239,18 +229,44 @@ def plan_from_twin(config: Any, cls: type, *, untie: bool = False) -> Plan:
     return plan
 
 
+def twin_names(model: torch.nn.Module) -> tuple[list[list[str]], dict[str, int]]:
+    """Every saved tensor of the twin by all its names (a tied group: several), and every name's rank."""
+    names: dict[int, list[str]] = {}
+    ranks = {}
+    for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(n)
+        ranks[n] = t.dim()
+    persistent = set(model.state_dict().keys())
+    return [ns for ns in names.values() if any(n in persistent for n in ns)], ranks
+
+
+def capture_twin(model: torch.nn.Module, ci: Any, cls: type) -> Any:
+    from .graph import capture, without_kv_cache
+
+    try:
+        with without_kv_cache(model):
+            return capture(model, ci)
+    except NormSurgeonError as e:
+        raise NormSurgeonError(f"{cls.__name__}: its tiny twin cannot be captured ({e.template})") from None
+
+
+def check_names(aliases: list[list[str]], ranks: dict[str, int], ckpt: Checkpoint, cls: str) -> None:
+    """Refuse a checkpoint whose tensor names are not the class's (every twin tensor, under one of its
+    names, with its rank): the twin's plan names tensors, and a guessed mapping is not a plan."""
+    have = set(ckpt.names)
+    for group in aliases:
+        if not any(n in have for n in group):
+            raise NormSurgeonError(f"the checkpoint has no tensor {group[0]}, a parameter of {cls}: its "
+                                   "names are not the class's, so the twin's plan cannot be mapped onto it")
+        for n in group:
+            if n in have and len(ckpt.shape[n]) != ranks[n]:
+                raise NormSurgeonError(f"the checkpoint's {n} has rank {len(ckpt.shape[n])}, {cls}'s has {ranks[n]}")
+
+
 def map_plan(plan: Plan, ckpt: Checkpoint) -> None:
     """Bind the twin's names to the checkpoint's tensors; refuse a checkpoint whose names are not the
     class's, skip a site whose tensors do not have the roles the plan gives them."""
-    have = set(ckpt.names)
-    for group in plan.aliases:
-        if not any(n in have for n in group):
-            raise NormSurgeonError(f"the checkpoint has no tensor {group[0]}, a parameter of {plan.cls}: its "
-                                   "names are not the class's, so the twin's plan cannot be mapped onto it")
-        for n in group:
-            if n in have and len(ckpt.shape[n]) != plan.ranks[n]:
-                raise NormSurgeonError(f"the checkpoint's {n} has rank {len(ckpt.shape[n])}, {plan.cls}'s has "
-                                       f"{plan.ranks[n]}")
+    check_names(plan.aliases, plan.ranks, ckpt, plan.cls)
     good = []
     for s in plan.sites:
         reason = _roles(s, ckpt)

@@ -238,3 +238,55 @@ def test_existing_output_needs_force(tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".normsurgeon-tmp")]
+
+
+# --- rotate --stream ------------------------------------------------------------------------------------
+
+def test_streamed_rotation_matches_the_in_memory_one(tmp_path):
+    from normsurgeon import api
+
+    src = tmp_path / "llama"
+    _wide_llama().save_pretrained(src, max_shard_size="200KB")
+    assert run("fold", src, "--affine", "--stream", "-o", f"{tmp_path / 'folded'}/").exit_code == 0
+    before = _digest(tmp_path / "folded")
+    r = run("rotate", tmp_path / "folded", "--stream", "--seed", "3", "-o", f"{tmp_path / 'rot'}/", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["rotated"] and rep["width"] == 128 and rep["matrix"] == "randomized Hadamard"
+    assert len(rep["norms"]) == 5 and rep["verify"]["whole_model_run"] is False
+    assert rep["stream"]["twin"]["width"] == 64 and rep["stream"]["rotated_tensors"] == 16
+    assert _digest(tmp_path / "folded") == before
+    assert _rel(_logits(src, IDS), _logits(tmp_path / "rot", IDS)) < 1e-4
+    mem, _ = api.rotate(str(tmp_path / "folded"), seed=3)  # the in-memory rotation, same seed: same tensors
+    streamed = _tensors(tmp_path / "rot")
+    for name, p in mem.state_dict().items():
+        assert torch.allclose(streamed[name], p, atol=1e-6), name
+    emb = "model.embed_tokens.weight"
+    assert not torch.allclose(streamed[emb], _tensors(tmp_path / "folded")[emb], atol=1e-3)
+
+
+def test_streamed_rotation_refuses_norms_with_an_affine(tmp_path):
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    r = run("rotate", src, "--stream", "-o", f"{tmp_path / 'rot'}/")
+    assert r.exit_code == 1 and "still carries an affine scale" in r.output and "--affine --stream" in r.output
+    assert not (tmp_path / "rot").exists()
+
+
+def test_streamed_rotation_that_overflows_is_refused_whole(tmp_path):
+    """float16, affine-free norms, one embedding row of 6e4 everywhere: the Hadamard sums it to √32·6e4,
+    past float16's range. Undoing the stored rotation cannot give the row back: nothing is written."""
+    model = zoo_llm.llama().half()
+    with torch.no_grad():
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.fill_(1.0)
+        model.model.embed_tokens.weight[3] = 6e4
+    src = tmp_path / "llama16"
+    model.save_pretrained(src)
+    r = run("rotate", src, "--stream", "-o", f"{tmp_path / 'rot'}/", "--json")
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    assert not rep["rotated"] and rep["refused"][0]["path"] == "model.embed_tokens.weight"
+    assert "non-finite" in rep["refused"][0]["reason"]
+    assert not (tmp_path / "rot").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".normsurgeon")]
