@@ -224,7 +224,11 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     written (None: nothing), ``report.dry_run`` whether no ``output`` was asked for.
 
     An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
-    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
+    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned.
+
+    ``stream=True`` (with ``affine=True``, a transformers directory and ``output=DIR/``; ``untie``,
+    ``max_shard_mb``) folds the checkpoint shard by shard without loading it (``shard_stream``):
+    returns (the output directory, a ``StreamReport``)."""
     if kwargs.get("untie") and not kwargs.get("affine"):
         raise NormSurgeonError("`untie=True` goes with `affine=True`")
     if "max_shard_mb" in kwargs and not kwargs.get("stream"):
@@ -340,7 +344,10 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     or spec (loaded as ``load`` does, rotated in place: it is ours), the user's inputs from
     ``inputs_file`` join the check, and a rotated model is saved to ``output`` (checked before any work,
     never the input, an existing one only with ``force``; a recipe directory of a transformers model
-    also gets its ``config.json``). ``report.output`` says what was written (None: nothing)."""
+    also gets its ``config.json``). ``report.output`` says what was written (None: nothing).
+
+    ``stream=True`` (a transformers directory, ``output=DIR/``, ``max_shard_mb``) rotates the checkpoint
+    tensor by tensor without loading it (``shard_rotate``): returns (the output directory, its report)."""
     from .passes.rotate import rotate as _rotate
 
     if seed < 0:

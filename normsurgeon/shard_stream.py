@@ -127,13 +127,16 @@ class StreamReport:
         return max(errs) if errs else None
 
     def summary(self) -> str:
+        t = self.twin
+        if not t.get("passed"):
+            return (f"not streamed: the verified fold of the tiny twin of {t.get('class')} failed (max rel error "
+                    f"{fmt_float(t.get('max_rel_error'))}, tolerance {t.get('tolerance')}), so its plan is not proven")
         text = (f"streamed: folded the affine of {len(self.folded)} of {len(self.actions)} LayerNorm/RMSNorm sites")
         untied = sorted({p for a in self.folded for p in a.detail.get("untied", [])})
         if untied:
             text += f"; untied {', '.join(untied)}"
         if self.rolled_back:
             text += f"; {len(self.rolled_back)} rolled back"
-        t = self.twin
         text += (f"; plan proven on a tiny twin of {t.get('class')} ({t.get('folded')} folds verified, max rel error "
                  f"{fmt_float(t.get('max_rel_error'))})")
         if self.folded:

@@ -290,3 +290,21 @@ def test_streamed_rotation_that_overflows_is_refused_whole(tmp_path):
     assert not rep["rotated"] and rep["refused"][0]["path"] == "model.embed_tokens.weight"
     assert "non-finite" in rep["refused"][0]["reason"]
     assert not (tmp_path / "rot").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".normsurgeon")]
+
+
+def test_streamed_rotation_of_a_tied_one_plus_model(tmp_path):
+    """Gemma: affine-free means w = 0 (x·(1 + w)); the tied embedding/lm_head is one stored tensor, E·Q
+    in both roles, rotated once."""
+    model = zoo_llm.gemma()
+    with torch.no_grad():
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.zero_()
+    src = tmp_path / "gemma"
+    model.save_pretrained(src)
+    r = run("rotate", src, "--stream", "-o", f"{tmp_path / 'rot'}/", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["rotated"] and "lm_head" in rep["readers"] and rep["stream"]["rotated_tensors"] == 15
+    assert "lm_head.weight" not in _tensors(tmp_path / "rot")  # still tied
+    assert _rel(_logits(src, IDS), _logits(tmp_path / "rot", IDS)) < 1e-4
