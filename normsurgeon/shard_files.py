@@ -119,10 +119,14 @@ class ShardWriter:
         self.files: list[tuple[Path, list[str]]] = []
         self.total = 0
 
+    def make_room(self, nbytes: int) -> None:
+        """Write the shard being gathered if ``nbytes`` more would overflow it."""
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+
     def add(self, name: str, t: torch.Tensor) -> None:
         n = t.numel() * t.element_size()
-        if self.buffer and self.size + n > self.max_bytes:
-            self.flush()
+        self.make_room(n)
         self.buffer[name] = t.contiguous()
         self.size += n
         self.total += n

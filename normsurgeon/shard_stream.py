@@ -488,6 +488,7 @@ def fold_dir(model: Any, *, output: Any, force: bool = False, untie: bool = Fals
                 done.add(name)
                 report.copied += 1
                 continue
+            writer.make_room(sum(ckpt.nbytes(r.source) for r in s.readers))  # before the site's tensors exist
             tensors, err = fold_site(ckpt, s, seed + i)
             action = _judge(s, err, report.tolerance)
             actions[s.norm] = action
