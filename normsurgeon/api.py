@@ -224,9 +224,19 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     written (None: nothing), ``report.dry_run`` whether no ``output`` was asked for.
 
     An ``.onnx`` path or ``onnx.ModelProto`` is folded in its own graph and verified in ONNX Runtime
-    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned."""
+    (``onnx.fold.fold_file``; ``output`` is an ``.onnx``); the folded ``ModelProto`` is returned.
+
+    ``stream=True`` (with ``affine=True``, a transformers directory and ``output=DIR/``; ``untie``,
+    ``max_shard_mb``) folds the checkpoint shard by shard without loading it (``shard_stream``):
+    returns (the output directory, a ``StreamReport``)."""
     if kwargs.get("untie") and not kwargs.get("affine"):
         raise NormSurgeonError("`untie=True` goes with `affine=True`")
+    if "max_shard_mb" in kwargs and not kwargs.get("stream"):
+        raise NormSurgeonError("`max_shard_mb` goes with `stream=True`")
+    if kwargs.pop("stream", False):
+        return _fold_streamed(model, output, force, kwargs, dict(
+            example_inputs=example_inputs, inputs_file=inputs_file, extra_inputs=extra_inputs, trust=trust,
+            imports=imports, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes))
     if output is not None and kwargs.get("verify") is False:
         raise NormSurgeonError("`output` is written only after the fold is verified: drop `verify=False`")
     if _onnx_fold.is_onnx(model):
@@ -261,6 +271,25 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
         report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
                                  inputs=read))
     return folded, report
+
+
+def _fold_streamed(model: Any, output: Any, force: bool, kwargs: dict, unused: dict):
+    """``fold(DIR, affine=True, stream=True, output=OUT/)``: ``shard_stream.fold_dir`` (the plan from a
+    tiny twin, the checkpoint folded shard by shard); returns (the output directory, its report)."""
+    from . import shard_stream
+
+    if not kwargs.pop("affine", False):
+        raise NormSurgeonError("`stream=True` streams the norm-affine fold: pass `affine=True`")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    given = [k for k, v in {**unused, **kwargs}.items()
+             if k not in ("untie", "max_shard_mb") and v is not None and v is not False and v != ()]
+    if given:
+        raise NormSurgeonError(f"`{given[0]}` does not go with `stream=True` (it plans on a tiny twin and checks "
+                               "each site on the real weights)")
+    if not isinstance(model, (str, os.PathLike)):
+        raise NormSurgeonError("`stream=True` reads a transformers directory (a path), not a model object")
+    return shard_stream.fold_dir(model, output=output, force=force,
+                                 **{k: v for k, v in kwargs.items() if k in ("untie", "max_shard_mb")})
 
 
 def inspect(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, trust: bool = False,
@@ -315,11 +344,20 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     or spec (loaded as ``load`` does, rotated in place: it is ours), the user's inputs from
     ``inputs_file`` join the check, and a rotated model is saved to ``output`` (checked before any work,
     never the input, an existing one only with ``force``; a recipe directory of a transformers model
-    also gets its ``config.json``). ``report.output`` says what was written (None: nothing)."""
+    also gets its ``config.json``). ``report.output`` says what was written (None: nothing).
+
+    ``stream=True`` (a transformers directory, ``output=DIR/``, ``max_shard_mb``) rotates the checkpoint
+    tensor by tensor without loading it (``shard_rotate``): returns (the output directory, its report)."""
     from .passes.rotate import rotate as _rotate
 
     if seed < 0:
         raise NormSurgeonError(f"`seed` must be >= 0, got {seed}")
+    if "max_shard_mb" in kwargs and not kwargs.get("stream"):
+        raise NormSurgeonError("`max_shard_mb` goes with `stream=True`")
+    if kwargs.pop("stream", False):
+        return _rotate_streamed(model, seed, output, force, kwargs, dict(
+            example_inputs=example_inputs, inputs_file=inputs_file, extra_inputs=extra_inputs, trust=trust,
+            imports=imports, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes))
     read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
     out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
@@ -340,6 +378,23 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
         report.output = str(save(rotated, output, example_inputs=example_inputs, force=force, input_path=input_path,
                                  inputs=read))
     return rotated, report
+
+
+def _rotate_streamed(model: Any, seed: int, output: Any, force: bool, kwargs: dict, unused: dict):
+    """``rotate(DIR, stream=True, output=OUT/)``: ``shard_rotate.rotate_dir`` (the plan from a tiny twin,
+    the checkpoint rotated tensor by tensor); returns (the output directory, its report)."""
+    from . import shard_rotate
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    given = [k for k, v in {**unused, **kwargs}.items()
+             if k != "max_shard_mb" and v is not None and v is not False and v != ()]
+    if given:
+        raise NormSurgeonError(f"`{given[0]}` does not go with `stream=True` (it plans on a tiny twin and checks "
+                               "each tensor on the real weights)")
+    if not isinstance(model, (str, os.PathLike)):
+        raise NormSurgeonError("`stream=True` reads a transformers directory (a path), not a model object")
+    return shard_rotate.rotate_dir(model, output=output, seed=seed, force=force,
+                                   **{k: v for k, v in kwargs.items() if k == "max_shard_mb"})
 
 
 def check_calibration_batch(model: nn.Module, batch: CallArgs, where: str) -> None:

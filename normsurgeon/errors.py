@@ -23,6 +23,7 @@ FLAGS = {
     "threads": "--threads", "warmup": "--warmup",
     "dynamic_batch": "--dynamic-batch", "dynamic_seq": "--dynamic-seq", "num_random": "--random-inputs",
     "affine": "--affine", "untie": "--untie", "seed": "--seed",
+    "stream": "--stream", "max_shard_mb": "--max-shard-mb",
 }
 
 _QUOTES = "[]'\""

@@ -12,6 +12,7 @@ A rotation is a ``Rotation``: a randomized Hadamard is applied as a fast Walsh�
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator
 
@@ -173,19 +174,34 @@ def _fwht_(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
 
 # --- in place, slice by slice ----------------------------------------------------------------------
 
-def _slices(view: torch.Tensor, scratch: int = 1, elements: int | None = None
+def _slices(view: torch.Tensor, scratch: int = 1, dtype: torch.dtype = torch.float64, elements: int | None = None
             ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
     """Consecutive slices of ``view`` along dim 0, each at most ``elements`` (``SLICE_ELEMENTS``) values
-    (one row at least), with ``scratch`` float64 buffers of the slice's shape. The buffers are allocated
-    once and reused: fresh large allocations cost a page fault per 4 KiB, which made a 1.1B fold spend
-    most of its time in the kernel."""
+    (one row at least), with ``scratch`` buffers (float64 unless ``dtype``) of the slice's shape. The
+    buffers are allocated once and reused: fresh large allocations cost a page fault per 4 KiB, which
+    made a 1.1B fold spend most of its time in the kernel."""
+    elements = elements or SLICE_ELEMENTS
     row = max(1, view[0].numel()) if view.shape[0] else 1
-    step = max(1, (elements or SLICE_ELEMENTS) // row)
-    n = min(step, view.shape[0]) * row
-    buffers = [torch.empty(n, dtype=torch.float64, device=view.device) for _ in range(scratch)]
-    for i in range(0, view.shape[0], step):
-        part = view[i:i + step]
-        yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+    step = max(1, elements // row)
+    n = max(elements, row)  # one size for every call: the allocator hands the same block back
+    buffers = [torch.empty(n, dtype=dtype, device=view.device) for _ in range(scratch)]
+    with _one_thread():
+        for i in range(0, view.shape[0], step):
+            part = view[i:i + step]
+            yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One thread: writing a weight loaded from a mapped file faults in every page, and two threads
+    faulting at once contend for the process's memory map (a 1.1B fold: 14 s on 2 threads, 4 s on 1);
+    under CPU contention two threads also wait on each other at each of a transform's small ops."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _hidden_last(w: torch.Tensor, kind: str, layout: str) -> torch.Tensor:
@@ -194,13 +210,30 @@ def _hidden_last(w: torch.Tensor, kind: str, layout: str) -> torch.Tensor:
     return view.unsqueeze(0) if view.dim() == 1 else view
 
 
+def exact_scale_dtype(w_dtype: torch.dtype, gamma: torch.Tensor | None, beta: torch.Tensor | None) -> torch.dtype:
+    """The dtype in which W·diag(γ) is exact: float32 for a bfloat16/float16 weight (8/11 significant
+    bits) and a γ that bfloat16 or float16 holds exactly (at most 11 bits), whose products need at most
+    22 of float32's 24 bits (wherever the product is a normal float32, |W·γ| ≥ 2^-126); rounded once
+    to the weight's dtype, the result is the float64 one. Else (and for β's sums) float64."""
+    if gamma is None or beta is not None or w_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float64
+    for holds in (torch.bfloat16, torch.float16):
+        if bool(torch.isfinite(gamma).all()) and torch.equal(gamma.to(holds).to(gamma.dtype), gamma):
+            return torch.float32
+    return torch.float64
+
+
 def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                       layout: str) -> torch.Tensor | None:
-    """``fold_into_reader`` on the weight itself: W ← W·diag(γ) in float64, cast back per slice of
-    outputs. Returns W·β (float64, from the weight before scaling), which the bias must gain, or None."""
+    """``fold_into_reader`` on the weight itself: W ← W·diag(γ), exactly (``exact_scale_dtype``), cast
+    back per slice of outputs. Returns W·β (float64, from the weight before scaling), which the bias
+    must gain, or None."""
     rows = w if layout == "out_in" else w.t()  # (out, in)
     shift = torch.empty(rows.shape[0], dtype=torch.float64, device=w.device) if beta is not None else None
-    for i, part, (c,) in _slices(rows):
+    dtype = exact_scale_dtype(w.dtype, gamma, beta)
+    if gamma is not None:
+        gamma = gamma.to(dtype)
+    for i, part, (c,) in _slices(rows, dtype=dtype):
         c.copy_(part)
         if shift is not None:
             torch.mv(c, beta, out=shift[i:i + c.shape[0]])
@@ -257,8 +290,9 @@ def _rotate_columns_(w: torch.Tensor, q: Rotation | torch.Tensor) -> None:
     n, k = w.shape
     step = max(1, min(k, ROTATE_SLICE_ELEMENTS // max(1, n)))
     buffers = [torch.empty(n * step, dtype=torch.float64, device=w.device) for _ in range(2)]
-    for j in range(0, k, step):
-        part = w[:, j:j + step]
-        c, spare = (b[:part.numel()].view(part.shape) for b in buffers)
-        c.copy_(part)
-        q.apply_(part, c, spare, columns=True)
+    with _one_thread():
+        for j in range(0, k, step):
+            part = w[:, j:j + step]
+            c, spare = (b[:part.numel()].view(part.shape) for b in buffers)
+            c.copy_(part)
+            q.apply_(part, c, spare, columns=True)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -124,3 +125,31 @@ def test_python_save_of_an_affine_folded_llama_loads_in_plain_transformers(tmp_p
         want = model(**x.kwargs).logits if hasattr(x, "kwargs") else model(*x).logits
         got = plain(**x.kwargs).logits if hasattr(x, "kwargs") else plain(*x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_large_models_save_is_checked_without_a_second_copy(tmp_path, monkeypatch):
+    """From ``verify.LEAN_BYTES`` of weights, the save's round trip rebuilds on the meta device and reads
+    the file back tensor by tensor (lowered here so a tiny Llama shows it); a weight that differs from
+    the file is caught."""
+    import normsurgeon
+    import normsurgeon.verify as verify
+    from normsurgeon import replay
+    from normsurgeon.errors import NormSurgeonError
+
+    monkeypatch.setattr(verify, "LEAN_BYTES", 0)
+    rebuilt = []
+    monkeypatch.setattr(replay, "load_dir", lambda *a, **k: rebuilt.append(a) or pytest.fail("full reload"))
+    model = zoo_llm.llama()
+    x = model.example_inputs()
+    folded, report = normsurgeon.fold(model, x, affine=True)
+    assert report.passed
+    out = normsurgeon.save(folded, tmp_path / "d/")
+    assert not rebuilt
+    monkeypatch.undo()
+    back = normsurgeon.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**x.kwargs).logits, folded(**x.kwargs).logits, rtol=0, atol=0)
+        folded.lm_head.weight[3, 4] += 1.0
+    monkeypatch.setattr(verify, "LEAN_BYTES", 0)
+    with pytest.raises(NormSurgeonError, match="lm_head.weight differs"):
+        replay._check_without_copy(folded, out, out)

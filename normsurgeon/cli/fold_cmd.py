@@ -23,12 +23,17 @@ from .common import emit, force_option, guarded, model_options, output_options, 
                    "it (q/k/v, gate/up, lm_head...), leaving norms without an affine (docs/llm.md).")
 @click.option("--untie", is_flag=True,
               help="With --affine: give a tied lm_head its own copy of the embedding so the final norm folds into it.")
+@click.option("--stream", is_flag=True,
+              help="With --affine and -o DIR/: fold a transformers directory shard by shard, never loading the "
+                   "model (plan from a tiny twin of its class, each site checked on the real weights; docs/llm.md).")
+@click.option("--max-shard-mb", "max_shard_mb", type=float, default=None, metavar="MIB",
+              help="With --stream: the most MiB per output safetensors shard (default 256).")
 @tolerance_options
 @force_option
 @output_options
 @guarded
-def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, affine, untie, rtol, atol,
-         force, as_json, debug):
+def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inputs_file, affine, untie, stream,
+         max_shard_mb, rtol, atol, force, as_json, debug):
     """Fold the BatchNorms of MODEL into adjacent Linear/Conv layers and check the outputs still match.
 
     Folds BN after Conv/ConvTranspose/Linear (also through reshapes/permutes, e.g. LeViT's token
@@ -42,7 +47,9 @@ def fold(model, trust, imports, weights, input_shapes, input_dtypes, output, inp
     folded, report = api.fold(model, output=output, force=force, inputs_file=inputs_file, rtol=rtol, atol=atol,
                               trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
                               input_dtypes=input_dtypes,
-                              **({"affine": True} if affine else {}), **({"untie": True} if untie else {}))
+                              **({"affine": True} if affine else {}), **({"untie": True} if untie else {}),
+                              **({"stream": True} if stream else {}),
+                              **({"max_shard_mb": max_shard_mb} if max_shard_mb is not None else {}))
     emit(report, as_json)
     if not as_json and (report.passed or report.dry_run):  # a failure is said once, by the error below
         what = "program" if _is_program(folded) else "model"

@@ -18,12 +18,17 @@ from .common import emit, force_option, guarded, model_options, output_options, 
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also verify on these inputs (.pt/.npy/.npz/.safetensors, by input name or positional; "
                    "'normsurgeon inputs' writes the layout).")
+@click.option("--stream", is_flag=True,
+              help="With -o DIR/: rotate a transformers directory tensor by tensor, never loading the model (plan "
+                   "from a tiny twin of its class, each tensor checked; docs/llm.md).")
+@click.option("--max-shard-mb", "max_shard_mb", type=float, default=None, metavar="MIB",
+              help="With --stream: the most MiB per output safetensors shard (default 256).")
 @tolerance_options
 @force_option
 @output_options
 @guarded
-def rotate(model, trust, imports, weights, input_shapes, input_dtypes, seed, output, inputs_file, rtol, atol, force,
-           as_json, debug):
+def rotate(model, trust, imports, weights, input_shapes, input_dtypes, seed, output, inputs_file, stream, max_shard_mb,
+           rtol, atol, force, as_json, debug):
     """Rotate MODEL's residual stream by a seeded orthogonal Q (QuaRot/SpinQuant's first step).
 
     Embeddings and output projections write y·Q, the linears after every norm read x·Q: the outputs
@@ -36,7 +41,8 @@ def rotate(model, trust, imports, weights, input_shapes, input_dtypes, seed, out
 
     _, report = api.rotate(model, seed=seed, output=output, force=force, inputs_file=inputs_file, rtol=rtol,
                            atol=atol, trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                           input_dtypes=input_dtypes)
+                           input_dtypes=input_dtypes, **({"stream": True} if stream else {}),
+                           **({"max_shard_mb": max_shard_mb} if max_shard_mb is not None else {}))
     emit(report, as_json)
     if not report.rotated:
         raise VerificationError(f"{report.summary()}; nothing written")

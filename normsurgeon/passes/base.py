@@ -62,7 +62,9 @@ class Verdict:
 def apply_verified(model: nn.Module, applied: list[Applied], refs: References, tol: Tolerance,
                    store: UndoStore, *, done: str = "rewritten") -> Verdict:
     """Check ``model`` (with every site in ``applied`` rewritten) against ``refs``; roll back the sites
-    that break it. See the module docstring."""
+    that break it. See the module docstring. Against a float32 reference of a low-precision model the
+    tolerance is ``refs.tolerance(tol)`` (the original's own error sets the bar)."""
+    tol = refs.tolerance(tol)
     actions = {a.key: a.action for a in applied}
     stats, err = refs.compare(model)
     if tol.ok(stats, err) or not applied:

@@ -46,8 +46,8 @@ from ..inputs import CallArgs, as_call_args
 from ..recipe import record
 from ..loading import ExportedModel
 from ..report import Action, Table, fmt_float
-from ..verify import References, Tolerance, UndoLog, UndoStore, record_io, run_clean, set_module, site_error, \
-    tolerance_for
+from ..verify import References, Tolerance, UndoLog, UndoStore, error_text, record_io, run_clean, set_module, \
+    site_error, tolerance_for
 from . import ffn_bn as _ffn
 from . import token_sites
 from .base import Applied, apply_verified
@@ -139,14 +139,17 @@ class ConvertReport:
             v = self.verify
             notes.append(f"verified (exact swaps, eval mode): {v['sites_checked']} site(s) checked, max site error "
                          f"{fmt_float(v['max_site_error'])}"
-                         + (f"; whole model max abs error {fmt_float(v['max_abs_error'])}, max rel error "
-                            f"{fmt_float(v['max_rel_error'])}" if v.get("max_abs_error") is not None else "")
+                         + (f"; whole model max abs error {fmt_float(v['max_abs_error'])}, "
+                            + error_text(v["max_rel_error"], v.get("rtol", v.get("tolerance")),
+                                         f"{v.get('inputs', '?')} inputs", v)
+                            if v.get("max_abs_error") is not None else "")
                          + f"; {'passed' if v['passed'] else 'FAILED'}"
                          + (f"; {v['rolled_back']} site(s) rolled back" if v.get("rolled_back") else ""))
         if self.output_change is not None and not self.function_preserving:
             oc = self.output_change
             notes.append(f"output change on the example inputs (eval): max abs {fmt_float(oc['max_abs_error'])}, "
-                         f"max rel {fmt_float(oc['max_rel_error'])}, cosine {oc['cosine']:.4f}")
+                         f"max rel {fmt_float(oc['max_rel_error'])}, cosine {oc['cosine']:.4f}"
+                         + (" (vs a float32 run of the original)" if oc.get("reference") == "float32" else ""))
         if self.statistics is not None and self.statistics.get("padding_aware"):  # only models that take a mask
             notes.append(f"statistics: {self.statistics['note']}")
         notes.extend(self.notes)
@@ -572,14 +575,16 @@ class _Conversion:
             not (self.inserted and self.init == "fresh")
         report.function_preserving = all_exact
         change, _ = self.refs.compare(self.target)
-        report.output_change = {**change.to_dict(), "inputs": len(self.refs), "user_inputs": self.refs.user_inputs}
+        report.output_change = {**change.to_dict(), "inputs": len(self.refs), "user_inputs": self.refs.user_inputs,
+                                **self.refs.to_json()}
+        tol = self.refs.tolerance(tol)  # a low-precision model's float32 reference: the original's error sets the bar
         rolled = _rolled_count(report)
         if not (exact_swaps or identity or rolled):
             return
         verify = {"sites_checked": len(self.site_errors), "max_site_error": max(self.site_errors, default=0.0),
                   "inputs": len(self.refs), "user_inputs": self.refs.user_inputs,
                   "rtol": tol.rtol, "atol": tol.atol, "rolled_back": rolled, "max_abs_error": None,
-                  "max_rel_error": None, "passed": None}
+                  "max_rel_error": None, "passed": None, **self.refs.to_json()}
         report.verify = verify
         if not all_exact:
             # Other swaps change the function: the whole model has no reference to meet. Only the

@@ -31,7 +31,8 @@ from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
 from ..report import Action, Table, fmt_float
-from ..verify import References, Tolerance, UndoLog, UndoStore, run_clean, tolerance_for, tolerance_for_dtypes
+from ..verify import References, Tolerance, UndoLog, UndoStore, error_text, run_clean, tolerance_for, \
+    tolerance_for_dtypes
 from . import fold_bn_program as program_rule
 from . import token_sites
 from .base import Applied, apply_verified
@@ -55,6 +56,7 @@ class FoldReport:
     output: str | None = None  # what api.fold wrote (None: nothing)
     dry_run: bool | None = None  # api.fold without an output (None: not asked)
     verified_shapes: list[list[list[int]]] = field(default_factory=list)  # per input set checked, its shapes
+    reference: dict = field(default_factory=dict)  # a low-precision model's reference (References.to_json)
 
     def shapes_note(self) -> str | None:
         """Which input sizes the verdict covers: a fold is proved for these, not for sizes never run."""
@@ -101,8 +103,8 @@ class FoldReport:
             return text + "; not verified"
         err = self.verify.max_rel_error if self.verify else None
         user = f", {self.user_inputs} of them the user's" if self.user_inputs else ""
-        text += (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
-                 f"{self.verified_inputs} inputs{user}): {'passed' if self.passed else 'FAILED'}")
+        text += (f"; {error_text(err, self.tolerance, f'{self.verified_inputs} inputs{user}', self.reference)}: "
+                 f"{'passed' if self.passed else 'FAILED'}")
         if self.verify_error:
             text += f" ({self.verify_error})"
         training = sum(1 for a in self.skipped if (a.reason or "").startswith("in training mode"))
@@ -125,8 +127,8 @@ class FoldReport:
         if self.passed is None:
             return text + "; not verified"
         err = self.verify.max_rel_error if self.verify else None
-        return text + (f"; max rel error {fmt_float(err)} (tolerance {self.tolerance:g}, "
-                       f"{self.verified_inputs} inputs): {'passed' if self.passed else 'FAILED'}")
+        return text + (f"; {error_text(err, self.tolerance, f'{self.verified_inputs} inputs', self.reference)}: "
+                       f"{'passed' if self.passed else 'FAILED'}")
 
     def to_json(self) -> dict:
         verify: dict[str, Any] = {"max_abs_error": None, "max_rel_error": None, "passed": self.passed}
@@ -134,7 +136,7 @@ class FoldReport:
             verify.update(max_abs_error=_finite(self.verify.max_abs_error),
                           max_rel_error=_finite(self.verify.max_rel_error))
         verify.update(tolerance=self.tolerance, inputs=self.verified_inputs, user_inputs=self.user_inputs,
-                      shapes=self.verified_shapes)
+                      shapes=self.verified_shapes, **self.reference)
         if self.verify_error:
             verify["error"] = self.verify_error
         return {
@@ -224,6 +226,8 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
     ctx = FoldContext(work, graph)
     report = FoldReport(graph.describe())
     tol = tolerance_for(work, rtol, atol)
+    if refs is not None:  # a low-precision model's float32 reference: the original's own error sets the bar
+        tol, report.reference = refs.tolerance(tol), refs.to_json()
     report.tolerance = tol.rtol
     if refs is not None:
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
@@ -407,6 +411,8 @@ def fold_program(ep: ExportedProgram, example_inputs: Any = None, *, verify: boo
     # another batch size is tried too: a static program rejects it, and it is left out
     refs = References.record(program_module(ep), ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
     if refs is not None:
+        tol, report.reference = refs.tolerance(tol), refs.to_json()
+        report.tolerance = tol.rtol
         report.verified_inputs, report.user_inputs = len(refs), refs.user_inputs
         report.verified_shapes = refs.shapes
 

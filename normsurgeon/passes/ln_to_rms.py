@@ -51,7 +51,7 @@ def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = Fal
     work = model if inplace else copy.deepcopy(model)
     extra = [as_call_args(e) for e in extra_inputs]
     refs = References.record(work, ci, extra=extra)
-    tol = tolerance_for(work, rtol, atol)
+    tol = refs.tolerance(tolerance_for(work, rtol, atol))  # a low-precision model: its float32 reference's bar
     folded = _fold_affines(work, ci, refs, tol, untie, spill=inplace)
     graph = capture(work, ci)
     report = ConvertReport("rms", graph.describe())
@@ -76,7 +76,7 @@ def convert(model: nn.Module, example_inputs: Any = None, *, inplace: bool = Fal
         verdict = apply_verified(work, applied, refs, tol, store, done="converted")
     report.verify = {"sites_checked": len(plan["lns"]), "max_site_error": None,
                      "max_abs_error": verdict.stats.max_abs_error, "max_rel_error": verdict.stats.max_rel_error,
-                     "passed": verdict.passed, "tolerance": tol.rtol, "inputs": len(refs),
+                     "passed": verdict.passed, "tolerance": tol.rtol, "inputs": len(refs), **refs.to_json(),
                      "rolled_back": int(verdict.actions.get("stream", Action("", "")).kind == "rolled_back")}
     if applied and verdict.actions["stream"].kind == "rolled_back":
         why = verdict.actions["stream"].reason
@@ -97,7 +97,7 @@ def _fold_affines(work: nn.Module, ci, refs: References, tol, untie: bool, spill
     from .norm_affine import fold_all, record_action
 
     graph = capture(work, ci, checked=True)
-    report = FoldReport(graph.describe(), tolerance=tol.rtol, verified_inputs=len(refs))
+    report = FoldReport(graph.describe(), tolerance=tol.rtol, verified_inputs=len(refs), reference=refs.to_json())
     with UndoStore(spill=spill) as store:
         actions, applied = fold_all(work, graph, store, untie=untie)
         verdict = apply_verified(work, applied, refs, tol, store, done="folded")

@@ -32,8 +32,8 @@ from ..inputs import as_call_args
 from ..norm_math import Rotation, rotate_reader_, rotate_writer_, rotation
 from ..outputs import ErrorStats
 from ..recipe import record
-from ..report import Action, Table, fmt_float
-from ..verify import References, UndoLog, UndoStore, tolerance_for
+from ..report import Action, Table
+from ..verify import References, UndoLog, UndoStore, error_text, tolerance_for
 from .base import Applied, apply_verified
 from .stream import (Reader, Stream, Writer, affine_of, hand_written_inputs, output_of, own_tensor, per_head,
                      readers_of, tensor_aliases, uses, writers_of)
@@ -57,6 +57,7 @@ class RotateReport:
     passed: bool | None = None
     verify_error: str | None = None
     output: str | None = None  # what the facade wrote (api.rotate), None: nothing
+    reference: dict = field(default_factory=dict)  # a low-precision model's reference (References.to_json)
 
     @property
     def rotated(self) -> bool:
@@ -67,8 +68,8 @@ class RotateReport:
             return f"not rotated: {self.refused[0].path}: {self.refused[0].reason}"
         err = self.verify.max_rel_error if self.verify else None
         return (f"rotated the residual stream (width {self.width}, {self.matrix}, seed {self.seed}) through "
-                f"{len(self.norms)} norms, {len(self.readers)} readers, {len(self.writers)} writers; max rel error "
-                f"{fmt_float(err)} (tolerance {self.tolerance:g}, {self.verified_inputs} inputs): "
+                f"{len(self.norms)} norms, {len(self.readers)} readers, {len(self.writers)} writers; "
+                f"{error_text(err, self.tolerance, f'{self.verified_inputs} inputs', self.reference)}: "
                 f"{'passed' if self.passed else 'FAILED'}" + (f" ({self.verify_error})" if self.verify_error else ""))
 
     def to_json(self) -> dict:
@@ -79,6 +80,7 @@ class RotateReport:
                 "verify": {"max_abs_error": _finite(v.max_abs_error) if v else None,
                            "max_rel_error": _finite(v.max_rel_error) if v else None,
                            "passed": self.passed, "tolerance": self.tolerance, "inputs": self.verified_inputs,
+                           **self.reference,
                            **({"error": self.verify_error} if self.verify_error else {})},
                 "output": self.output}
 
@@ -120,8 +122,8 @@ def rotate(model: nn.Module, example_inputs: Any = None, *, seed: int = 0, inpla
     refs = References.record(work, ci, extra=[as_call_args(e) for e in extra_inputs])
     graph = capture(work, ci, checked=True)
     report = RotateReport(graph.describe(), seed)
-    tol = tolerance_for(work, rtol, atol)
-    report.tolerance, report.verified_inputs = tol.rtol, len(refs)
+    tol = refs.tolerance(tolerance_for(work, rtol, atol))  # a low-precision model: its float32 reference's bar
+    report.tolerance, report.verified_inputs, report.reference = tol.rtol, len(refs), refs.to_json()
     plan = _plan(work, graph, report)
     if plan is None:
         report.passed = False

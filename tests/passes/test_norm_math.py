@@ -76,6 +76,23 @@ def test_in_place_variants_match_the_pure_math_slice_by_slice(monkeypatch):
         assert torch.allclose(t, centre_output(w, None, kind, layout)[0].float(), atol=1e-6), (kind, layout)
 
 
+def test_a_low_precision_fold_in_float32_rounds_as_the_float64_one():
+    import normsurgeon.norm_math as nm
+
+    g = torch.Generator().manual_seed(4)
+    for dt in (torch.bfloat16, torch.float16):
+        w = (torch.randn(64, 32, generator=g) * 3).to(dt)
+        gamma = (torch.randn(32, generator=g) * 2).to(dt).double()
+        assert nm.exact_scale_dtype(dt, gamma, None) == torch.float32
+        t = w.clone()
+        nm.fold_into_reader_(t, gamma, None, "out_in")
+        assert torch.equal(t, (w.double() * gamma[None, :]).to(dt))
+    # a γ with more bits than float16 holds: float64
+    assert nm.exact_scale_dtype(torch.bfloat16, torch.tensor([1 + 2 ** -20], dtype=torch.float64), None) \
+        == torch.float64
+    assert nm.exact_scale_dtype(torch.float32, gamma, None) == torch.float64
+
+
 def _dense_randomized_hadamard(n, seed):
     """The dense Q that ``orthogonal`` built before the fast transform: H·diag(±1)/√n, Sylvester H."""
     g = torch.Generator().manual_seed(seed)

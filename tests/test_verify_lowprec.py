@@ -1,0 +1,234 @@
+"""Fair verification of float16/bfloat16 models: references computed in float32 without a float32 copy
+of the model, a rewrite judged by its own error against them next to the original's, wrong rewrites
+still rolled back, and the fallback to the model's own dtype with its reason."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from normsurgeon import zoo_llm
+from normsurgeon.graph import capture
+from normsurgeon.inputs import CallArgs, as_call_args
+from normsurgeon.outputs import compare_outputs
+from normsurgeon.passes import norm_affine
+from normsurgeon.passes.base import Applied, apply_verified
+from normsurgeon.passes.fold import fold
+from normsurgeon.verify import (LOW_PRECISION_FACTOR, TOLERANCE, References, Tolerance, UndoStore, run_clean,
+                                run_float32, tolerance_for)
+
+
+def bits(model):
+    return {k: (v.view(torch.uint8).clone() if v.dim() else v.clone(), v.data_ptr(), v.dtype)
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def steep_llama(dtype=torch.bfloat16):
+    """A 6-layer bf16 Llama whose norms' γ spread over e^N(0, 1): deep and uneven enough that an exact
+    affine fold moves the bf16 logits past the table's 1.5e-2 (the old check rolled such folds back)."""
+    model = zoo_llm._build("LlamaConfig", "LlamaForCausalLM", zoo_llm._ids(), num_key_value_heads=2,
+                           tie_word_embeddings=False, **{**zoo_llm._DECODER, "num_hidden_layers": 6,
+                                                         "hidden_size": 64, "intermediate_size": 128})
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(torch.exp(torch.randn(p.shape, generator=g)))
+    return model.to(dtype)
+
+
+# --- the float32 reference -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "vit"])  # gpt2: a tied lm_head; vit: casts its input to a weight's dtype
+def test_float32_reference_is_a_float32_run_and_leaves_the_model_bit_identical(name):
+    model = zoo_llm.MODELS[name]().to(torch.bfloat16)
+    ci = as_call_args(model.example_inputs())
+    ci = CallArgs(tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in ci.args),
+                  {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ci.kwargs.items()})
+    before = bits(model)
+    tied = [(a, b) for a, b in [(model.get_output_embeddings(), model.get_input_embeddings())] if a is not None] \
+        if name == "gpt2" else []
+    refs = References.record(model, ci)
+    assert refs.reference == "float32" and refs.low_precision == "bfloat16" and refs.reference_note is None
+    assert all(o.dtype == torch.float32 for out in refs.outputs for o in out)
+    after = bits(model)
+    assert after.keys() == before.keys()
+    for k, (b, ptr, dtype) in before.items():
+        assert after[k][2] == dtype and after[k][1] == ptr and torch.equal(after[k][0], b), k
+    for head, emb in tied:
+        assert head.weight is emb.weight
+    # what it computed is the float32 function of these very (bf16-valued) weights, not a bf16 one
+    exact = run_clean(model.float(), CallArgs(tuple(a.float() if a.is_floating_point() else a for a in ci.args),
+                                              {k: v.float() if v.is_floating_point() else v
+                                               for k, v in ci.kwargs.items()}))
+    assert compare_outputs(exact, refs.outputs[0]).max_rel_error < 1e-5
+    assert refs.original_error.max_rel_error > 1e-3  # the bf16 original is measurably off it
+
+
+def test_float32_run_computes_in_float32_where_the_model_casts_to_its_weights_dtype():
+    class CastsFirst(nn.Module):  # reads a child's dtype outside the child's call, as ViT and CLIP do
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype)).softmax(-1).to(x.dtype) * 3
+
+    model = CastsFirst().to(torch.bfloat16)
+    x = CallArgs((torch.randn(4, 16).to(torch.bfloat16),))
+    out = run_float32(model, x)[0]
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, CastsFirst.forward(model.float(), x.args[0].float()), rtol=1e-6, atol=1e-7)
+
+
+class CountsCalls(nn.Module):
+    """Writes into its own bf16 buffer during the forward: a float32 copy would take the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc(x) * self.calls
+
+
+def test_a_model_that_writes_its_own_low_precision_tensors_falls_back_and_says_why():
+    model = CountsCalls().to(torch.bfloat16)
+    refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
+    assert refs.reference == "bfloat16" and refs.original_error is None
+    assert "no float32 reference: add_ writes into a bfloat16 tensor" in refs.reference_note
+    assert all(o.dtype == torch.bfloat16 for out in refs.outputs for o in out)
+    assert refs.to_json() == {"reference": "bfloat16", "low_precision": "bfloat16",
+                              "reference_note": refs.reference_note}
+    tol = tolerance_for(model)
+    assert refs.tolerance(tol) == tol  # today's check, unchanged
+
+
+def test_float32_models_keep_todays_references():
+    refs = References.record(nn.Linear(4, 4), CallArgs((torch.randn(2, 4),)))
+    assert refs.reference is None and refs.original_error is None and refs.to_json() == {}
+
+
+# --- the criterion ---------------------------------------------------------------------------------
+
+def test_the_bar_is_factor_times_the_originals_own_error_and_never_below_the_table():
+    refs = References.record(zoo_llm.llama().to(torch.bfloat16), zoo_llm.llama().example_inputs())
+    table = Tolerance(*TOLERANCE[torch.bfloat16])
+    own = refs.original_error.max_rel_error
+    assert refs.tolerance(table) == Tolerance(max(table.rtol, LOW_PRECISION_FACTOR * own), table.atol)
+    refs.original_error = dataclasses.replace(refs.original_error, max_rel_error=0.02)
+    assert refs.tolerance(table).rtol == pytest.approx(LOW_PRECISION_FACTOR * 0.02)
+    refs.original_error = dataclasses.replace(refs.original_error, max_rel_error=1e-4)
+    assert refs.tolerance(table).rtol == table.rtol
+
+
+def test_exact_folds_the_old_check_rolled_back_are_kept_against_the_float32_reference():
+    model = steep_llama()
+    ci = as_call_args(model.example_inputs())
+    refs = References.record(model, ci)
+    unverified, _ = fold(model, ci, affine=True, verify=False)
+    # the old check: the folded bf16 model against the bf16 original's outputs, over the table's rtol
+    old = max(compare_outputs(run_clean(model, c), run_clean(unverified, c)).max_rel_error for c in refs.inputs)
+    assert old > 2 * TOLERANCE[torch.bfloat16][0]
+    # ...while its own error against float32 is the original's, give or take the rounding
+    assert refs.compare(unverified)[0].max_rel_error < 1.5 * refs.original_error.max_rel_error
+
+    folded, report = fold(model, ci, affine=True)
+    assert report.passed and not report.rolled_back and len(report.folded) == len(report.affine_actions) == 13
+    v = report.to_json()["verify"]
+    assert v["reference"] == "float32" and v["original_error"] == pytest.approx(refs.original_error.max_rel_error)
+    assert v["tolerance"] == pytest.approx(LOW_PRECISION_FACTOR * v["original_error"]) and v["passed"]
+    assert "vs a float32 reference (the bfloat16 original: " in report.summary()
+    assert v["max_rel_error"] <= v["tolerance"]
+
+
+# --- wrong rewrites still fail ---------------------------------------------------------------------
+
+def test_a_wrong_fold_in_a_bf16_model_is_rolled_back_through_the_driver():
+    """γ folded twice (into the readers, and left on the norm) and γ folded into the wrong layer's readers:
+    the real rewrite, wrongly aimed, next to the right ones; only the wrong ones are rolled back."""
+    model = steep_llama()
+    ci = as_call_args(model.example_inputs())
+    refs = References.record(model, ci)
+    graph = capture(model, ci, checked=True)
+    with UndoStore() as store:
+        actions, applied = norm_affine.fold_all(model, graph, store)
+        by_norm = {a.key: a for a in applied}
+        twice = by_norm["model.layers.1.input_layernorm"]
+        elsewhere = by_norm["model.layers.3.post_attention_layernorm"]
+        gamma = model.get_submodule(twice.key).weight
+        for a in (twice, elsewhere):  # back to the original, then the wrong rewrites instead
+            a.undo.restore()
+        saved = gamma.detach().clone()
+        wrong_readers = dataclasses.replace(elsewhere.site, readers=by_norm["model.layers.4.post_attention_layernorm"]
+                                            .site.readers)
+
+        def fold_twice(undo):
+            action = norm_affine.rewrite(twice.site, model, undo)
+            with torch.no_grad():
+                gamma.copy_(saved)  # the norm keeps γ too: applied twice
+            return action
+
+        wrong = [dataclasses.replace(twice, redo=fold_twice),
+                 dataclasses.replace(elsewhere, site=wrong_readers,
+                                     redo=lambda u: norm_affine.rewrite(wrong_readers, model, u))]
+        for w in wrong:
+            w.undo = store.log()
+            w.redo(w.undo)
+        applied = [a for a in applied if a.key not in (twice.key, elsewhere.key)] + wrong
+        verdict = apply_verified(model, applied, refs, tolerance_for(model), store, done="folded")
+    kinds = {k: a.kind for k, a in verdict.actions.items()}
+    assert kinds.pop(twice.key) == kinds.pop(elsewhere.key) == "rolled_back"
+    assert set(kinds.values()) == {"folded"} and len(kinds) == 11
+    assert verdict.passed and verdict.first.max_rel_error > 10 * refs.tolerance(tolerance_for(model)).rtol
+    assert torch.equal(gamma, saved)  # the rolled-back norm is as it was
+
+
+def test_a_model_that_only_runs_in_its_own_dtype_falls_back_and_says_why():
+    class Bf16Only(nn.Module):  # e.g. a kernel wrapper that checks its dtype
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.dtype != torch.bfloat16:
+                raise TypeError(f"expects bfloat16, got {x.dtype}")
+            return self.fc(x)
+
+    model = Bf16Only().to(torch.bfloat16)
+    refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
+    assert refs.reference == "bfloat16" and len(refs) == 4
+    assert refs.reference_note.startswith("no float32 reference: TypeError: expects bfloat16, got torch.float32")
+
+
+def test_a_bf16_program_folds_against_a_float32_reference():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    _, report = fold(torch.export.export(model, (x,)), (x,))
+    v = report.to_json()["verify"]
+    assert report.passed and len(report.folded) == 1
+    assert v["reference"] == "float32" and v["original_error"] > 0 and v["max_rel_error"] <= v["tolerance"]
+
+
+def test_a_bf16_rotation_and_ln_to_rms_are_judged_against_float32():
+    from normsurgeon.passes.convert import convert
+    from normsurgeon.passes.rotate import rotate
+
+    model = steep_llama()
+    ci = as_call_args(model.example_inputs())
+    folded, _ = fold(model, ci, affine=True)
+    rotated, report = rotate(folded, ci, seed=0)
+    v = report.to_json()["verify"]
+    assert report.rotated and v["reference"] == "float32" and v["max_rel_error"] <= v["tolerance"]
+    assert v["tolerance"] == max(TOLERANCE[torch.bfloat16][0], LOW_PRECISION_FACTOR * v["original_error"])
+    assert "vs a float32 reference (the bfloat16 original: " in report.summary()
+    gpt2 = zoo_llm.gpt2_untied().to(torch.bfloat16)
+    _, rms = convert(gpt2, "rms", example_inputs=gpt2.example_inputs())
+    assert rms.verify["passed"] and rms.verify["reference"] == "float32" and "original_error" in rms.verify
