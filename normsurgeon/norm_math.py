@@ -74,8 +74,11 @@ def _hidden_axis(kind: str, layout: str) -> int:
 
 def orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
     """A seeded random orthogonal n×n matrix in float64: a randomized Hadamard (H·diag(±1)/√n) when n
-    is a power of 2, else the Q of a Gaussian matrix's QR (signs fixed so it is Haar-distributed).
-    The dense form of ``rotation(n, seed)``, which applies the same Q without forming it."""
+    is a power of 2; for n = 2^k·m (m odd, k ≥ 1) the Kronecker product of a randomized Hadamard of size
+    2^k and a random orthogonal m×m matrix (orthogonal as a product of orthogonal factors, and QuaRot's
+    construction for such widths); for an odd n the Q of a Gaussian matrix's QR (signs fixed so it is
+    Haar-distributed; the same QR gives the m×m factor). The dense form of ``rotation(n, seed)``, which
+    applies the same Q without forming it."""
     q = rotation(n, seed)
     return q.dense(), q.kind
 
@@ -83,22 +86,25 @@ def orthogonal(n: int, seed: int) -> tuple[torch.Tensor, str]:
 class Rotation:
     """The seeded orthogonal Q of ``orthogonal``, applied to the rows of a float64 matrix (x ← x·Q).
 
-    A randomized Hadamard is never formed: x·H·diag(s)/√n is a fast Walsh–Hadamard transform of each
-    row (n·log₂n additions instead of n² multiply-adds: a 1.1B model's 2048-wide rotation went from
-    minutes of float64 matmul to seconds), then a scale by s/√n. The sums are float64 like the dense
-    product, so both round to the same weights. Other widths keep the dense QR matrix."""
+    Q = (H·diag(s)/√p) ⊗ B with p = 2^k and B an m×m matrix (either factor may be 1×1). Q is never
+    formed: the Hadamard factor is a fast Walsh–Hadamard transform (p·log₂p additions instead of p²
+    multiply-adds: a 1.1B model's 2048-wide rotation went from minutes of float64 matmul to seconds),
+    then a scale by s/√p; B is a small matmul. The sums are float64 like the dense product, so both
+    round to the same weights."""
 
     def __init__(self, n: int, kind: str, scale: torch.Tensor | None = None, matrix: torch.Tensor | None = None):
         self.n, self.kind = n, kind
-        self.scale = scale  # s/√n (randomized Hadamard)
-        self.matrix = matrix  # the dense Q (otherwise)
+        self.scale = scale  # s/√p of the Hadamard factor (None: p = 1)
+        self.matrix = matrix  # B, the m×m factor (None: m = 1)
+        self.p = 1 if scale is None else scale.shape[0]
+        self.m = n // self.p
 
     def to(self, device: torch.device | str) -> "Rotation":
         move = (lambda t: None if t is None else t.to(device))
         return Rotation(self.n, self.kind, move(self.scale), move(self.matrix))
 
     def dense(self) -> torch.Tensor:
-        if self.matrix is not None:
+        if self.scale is None:
             return self.matrix
         return self.apply(torch.eye(self.n, dtype=torch.float64, device=self.scale.device))
 
@@ -114,28 +120,38 @@ class Rotation:
         (n, k) x (the same map on a tensor stored with the hidden axis first, read without a transpose).
         ``x`` (float64, contiguous) and ``spare`` (its shape) are both overwritten as scratch; ``dst``
         may be ``x``, ``spare`` or the model's own tensor of any dtype and strides (cast in the last step)."""
-        if self.matrix is not None:
+        p, m = self.p, self.m
+        t = x.shape[1] if columns else 1  # values per hidden index that travel together
+        if self.matrix is not None:  # B on the m axis: index i = i_p·m + i_m
             if columns:
-                torch.matmul(self.matrix.T, x, out=spare)
+                torch.matmul(self.matrix.T, x.view(p, m, t), out=spare.view(p, m, t))
             else:
-                torch.matmul(x.view(-1, self.n), self.matrix, out=spare.view(-1, self.n))
-            dst.copy_(spare)
-            return
-        shape = (1, self.n, x.shape[1]) if columns else (-1, self.n, 1)
-        h = _fwht_(x.view(shape), spare.view(shape)).view(x.shape)
-        h.mul_(self.scale[:, None] if columns else self.scale)  # Qᵀ = diag(s)·H/√n
-        dst.copy_(h)  # a separate cast: torch.mul(..., out=bf16) runs 1.7× slower than mul_ + copy_
+                torch.matmul(x.view(-1, m), self.matrix, out=spare.view(-1, m))
+            x, spare = spare, x
+        if self.scale is not None:  # the Hadamard on the p axis, then diag(s)/√p (Qᵀ = diag(s)·H/√p too)
+            shape = (1, p, m * t) if columns else (-1, p, m)
+            x = _fwht_(x.view(shape), spare.view(shape))
+            x.mul_(self.scale[:, None])
+        dst.copy_(x.view(dst.shape))  # a separate cast: torch.mul(..., out=bf16) is 1.7× slower than mul_ + copy_
 
 
 def rotation(n: int, seed: int) -> Rotation:
-    """The seeded Q of ``orthogonal(n, seed)`` as a ``Rotation`` (no n×n matrix for a power of 2)."""
+    """The seeded Q of ``orthogonal(n, seed)`` as a ``Rotation`` (no n×n matrix unless n is odd)."""
     g = torch.Generator().manual_seed(seed)
-    if n > 0 and n & (n - 1) == 0:
-        signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-        return Rotation(n, "randomized Hadamard", scale=signs / math.sqrt(n))
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    p = n & -n if n > 0 else 1  # the largest power of 2 dividing n
+    scale = None
+    if p > 1 or n == 1:
+        signs = torch.randint(0, 2, (p,), generator=g).to(torch.float64) * 2 - 1
+        scale = signs / math.sqrt(p)
+        if p == n:
+            return Rotation(n, "randomized Hadamard", scale=scale)
+    m = n // p
+    a = torch.randn(m, m, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
-    return Rotation(n, "random orthogonal (QR)", matrix=q * torch.sign(torch.diagonal(r))[None, :])
+    b = q * torch.sign(torch.diagonal(r))[None, :]
+    if scale is None:
+        return Rotation(n, "random orthogonal (QR)", matrix=b)
+    return Rotation(n, f"randomized Hadamard ({p}) ⊗ random orthogonal (QR, {m})", scale=scale, matrix=b)
 
 
 _LOW = 16  # the lowest log₂16 bits of the transform in one small matmul: fewer passes over the rows
@@ -269,7 +285,7 @@ ROTATE_SLICE_ELEMENTS = 1 << 18  # 2 MiB of float64 per buffer: the transform's 
 
 
 def _as_rotation(q: Rotation | torch.Tensor, device: torch.device) -> Rotation:
-    return q.to(device) if isinstance(q, Rotation) else Rotation(q.shape[0], "dense", matrix=q.to(device))
+    return q.to(device) if isinstance(q, Rotation) else Rotation(q.shape[0], "dense", matrix=q.to(device).double())
 
 
 def _rotate_rows_(rows: torch.Tensor, q: Rotation | torch.Tensor) -> None:

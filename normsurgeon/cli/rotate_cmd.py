@@ -33,7 +33,8 @@ def rotate(model, trust, imports, weights, input_shapes, input_dtypes, seed, out
 
     Embeddings and output projections write y·Q, the linears after every norm read x·Q: the outputs
     stay the same (verified) while the hidden activations are rotated. Q is a randomized Hadamard
-    when the width is a power of 2, else a random orthogonal matrix. The norms must be RMSNorms
+    when the width is a power of 2, a Hadamard ⊗ a small random orthogonal matrix for 2^k·m, else a
+    random orthogonal matrix. The norms must be RMSNorms
     without affine: run `fold --affine` (RMSNorm models) or `convert --to rms` (LayerNorm models)
     first; a norm that is not ready is named with what to run. Exit 1 if not rotated (nothing written).
     """

@@ -10,8 +10,9 @@ Found on the graph like the other norm passes (``passes.stream``). Refused, nami
 that still carries an affine (``fold(affine=True)`` first) or subtracts the mean (``convert(to="rms")``
 first), a norm whose output goes anywhere but linear layers, a writer that is not linear, a tensor
 whose roles need two different rotations. Q: a randomized Hadamard when the width is a power of 2,
-else a random orthogonal matrix from a QR (``norm_math.orthogonal``); the math is float64, cast back.
-The Hadamard is applied as a fast Walsh–Hadamard transform, slice by slice in place (``norm_math.Rotation``).
+a randomized Hadamard ⊗ a small random orthogonal matrix for 2^k·m, a random orthogonal matrix from a
+QR for an odd width (``norm_math.orthogonal``); the math is float64, cast back. The Hadamard is applied
+as a fast Walsh–Hadamard transform, slice by slice in place (``norm_math.Rotation``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class RotateReport:
     capture: str
     seed: int
     width: int | None = None
-    matrix: str | None = None  # randomized Hadamard | random orthogonal (QR)
+    matrix: str | None = None  # randomized Hadamard | random orthogonal (QR) | randomized Hadamard (p) ⊗ ...
     norms: list[str] = field(default_factory=list)
     readers: list[str] = field(default_factory=list)
     writers: list[str] = field(default_factory=list)

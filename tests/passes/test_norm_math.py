@@ -117,6 +117,33 @@ def test_fast_hadamard_is_the_same_q_as_the_dense_matrix(n):
         assert torch.allclose(q.apply(x), x @ ref, rtol=0, atol=1e-12)
 
 
+def _dense_qr(m, g):
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # (torch.kron needs it)
+
+
+@pytest.mark.parametrize("p, m", [(1, 9), (1, 5), (4, 3), (8, 3), (2, 5)])
+def test_other_widths_are_a_kronecker_product_or_the_old_qr(p, m):
+    # n = p·m: (H_p·diag(s)/√p) ⊗ B with B the sign-fixed QR of the next m×m draw; odd n: the QR of
+    # earlier versions, unchanged
+    import normsurgeon.norm_math as nm
+
+    n = p * m
+    g = torch.Generator().manual_seed(2)
+    if p == 1:
+        want = _dense_qr(n, g)
+    else:
+        h = _dense_randomized_hadamard(p, 2)
+        torch.randint(0, 2, (p,), generator=g)  # the signs come first
+        want = torch.kron(h, _dense_qr(m, g))
+    q = nm.rotation(n, 2)
+    assert torch.allclose(q.dense(), want, rtol=0, atol=1e-12)
+    assert torch.allclose(q.dense() @ q.dense().T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert q.kind == ("random orthogonal (QR)" if p == 1 else f"randomized Hadamard ({p}) ⊗ random orthogonal (QR, {m})")
+    x = r(4, n)
+    assert torch.allclose(q.apply(x), x @ want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("elements", [1, 20, 64, 1 << 18])
 def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatch, elements):
     # slices of one row, of a few rows and of whole tensors; float32 weights round like the dense float64 product
@@ -125,8 +152,8 @@ def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatc
     monkeypatch.setattr(nm, "ROTATE_SLICE_ELEMENTS", elements)
     n = 32
     q, dense = nm.rotation(n, 3), _dense_randomized_hadamard(n, 3)
-    qr = nm.rotation(24, 3)  # not a power of 2: the dense QR matrix, same slicing
-    for rot, ref, m in ((q, dense, n), (qr, qr.dense(), 24)):
+    kron, qr = nm.rotation(24, 3), nm.rotation(9, 3)  # 8·3: Hadamard ⊗ 3×3 QR; odd: the dense QR
+    for rot, ref, m in ((q, dense, n), (kron, kron.dense(), 24), (qr, qr.dense(), 9)):
         def w(*s):
             return torch.randn(*s, generator=g, dtype=torch.float64).float()
 
@@ -151,5 +178,5 @@ def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatc
                 # the same rounded weights as the dense float64 product, but for a rare tie
                 assert (got != want).sum() <= 1, (kind, layout, weights.dtype)
                 assert not torch.equal(got, weights)
-    bias = r(m)
-    assert torch.allclose(qr.apply(bias), bias @ qr.dense())
+    bias = r(24)
+    assert torch.allclose(kron.apply(bias), bias @ kron.dense())

@@ -66,7 +66,7 @@ def test_gemma2_post_norm_refused():
     assert not report.rotated and "post-norm" in report.refused[0].reason
 
 
-def test_width_not_power_of_two_uses_qr_and_seed_matters():
+def test_width_not_power_of_two_uses_a_kronecker_q_and_seed_matters():
     def build():
         torch.manual_seed(0)
         import transformers
@@ -82,7 +82,8 @@ def test_width_not_power_of_two_uses_qr_and_seed_matters():
     ready, _ = fold(model, x, affine=True, untie=True)
     a, report = normsurgeon.rotate(ready, x, seed=1)
     b, _ = normsurgeon.rotate(ready, x, seed=2)
-    assert report.rotated and report.matrix == "random orthogonal (QR)" and report.width == 24
+    assert report.rotated and report.width == 24  # 24 = 8·3: a randomized Hadamard ⊗ a 3×3 QR
+    assert report.matrix == "randomized Hadamard (8) ⊗ random orthogonal (QR, 3)"
     assert not torch.allclose(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
     kw = fresh_inputs("llama")
     assert rel_err(logits(model, kw), logits(a, kw)) < 1e-4
@@ -104,7 +105,7 @@ def test_tied_embedding_rotates_once():
     assert not r.rotated and r.refused[0].path == "model.layers.0.input_layernorm"
 
 
-@pytest.mark.parametrize("n", [8, 12, 32])
+@pytest.mark.parametrize("n", [8, 9, 12, 32])
 def test_orthogonal(n):
     q, _ = orthogonal(n, 0)
     assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
