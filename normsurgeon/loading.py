@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import file_tensors
 from .errors import NormSurgeonError, one_line
 from .inputs import CallArgs, as_call_args, inputs_from_hf_config
 from .quiet import quiet_torch
@@ -116,6 +117,7 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
     except Exception as e:  # noqa: BLE001
         raise NormSurgeonError(f"{path}: cannot load weights: {one_line(e)}") from e
     prepare_hf_model(model)
+    file_tensors.register(model, path)  # an in-place rewrite's undo reads replaced weights back from here
     return LoadedModel(model.eval(), inputs_from_hf_config(config, batch=batch), "transformers", path)
 
 

@@ -249,6 +249,7 @@ def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.T
     dtype = exact_scale_dtype(w.dtype, gamma, beta)
     if gamma is not None:
         gamma = gamma.to(dtype)
+        populate_for_write(rows)
     for i, part, (c,) in _slices(rows, dtype=dtype):
         c.copy_(part)
         if shift is not None:
@@ -260,6 +261,7 @@ def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.T
 
 def centre_output_(w: torch.Tensor, kind: str, layout: str = "out_in") -> None:
     """``centre_output`` on the weight itself (the small bias is centred by the caller)."""
+    populate_for_write(w)
     for _, part, (c,) in _slices(_hidden_last(w, kind, layout)):
         c.copy_(part)
         part.copy_(c.sub_(c.mean(dim=-1, keepdim=True)))

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from . import file_tensors
 from .errors import NormSurgeonError, one_line
 from .inputs import CallArgs, as_call_args
 from .loading import LoadedModel, getattr_inputs, load_model, prepare_hf_model
@@ -383,23 +384,13 @@ def _check_without_copy(model: nn.Module, saved: Path, path) -> None:
 def _differs_from_file(file: Path, state: dict[str, torch.Tensor]) -> str | None:
     """The first tensor of ``file`` that is not bit-identical to ``state``'s (read with plain reads,
     one tensor at a time: a mapped file would count every page read), or None."""
-    with open(file, "rb") as f, torch.no_grad():
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        for k, entry in header.items():
-            if k == "__metadata__":
-                continue
-            t = state.get(k)
-            start, end = entry["data_offsets"]
-            if t is None or _ST_NAMES.get(t.dtype) != entry["dtype"] or list(t.shape) != entry["shape"]:
-                return k
-            f.seek(8 + size + start)
-            raw = bytearray(end - start)
-            if f.readinto(raw) != end - start:
-                return k
-            want = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            if not torch.equal(torch.frombuffer(raw, dtype=torch.uint8) if raw else want[:0], want):
-                return k
+    start, header = file_tensors.read_header(file)
+    for k, e in header.items():
+        a, b = e["data_offsets"]
+        where = file_tensors.FileSlice(file, start + a, start + b, e["dtype"], tuple(e["shape"]))
+        t = state.get(k)
+        if t is None or not where.fits(t.detach().to("cpu")) or not where.holds(t.detach().to("cpu")):
+            return k
     return None
 
 
@@ -437,6 +428,7 @@ def load_dir(path: str | os.PathLike, *, trust: bool = False, imports=()) -> Loa
     if recipe.dtype is not None:  # non-persistent buffers too (rotary tables...), as model.half() did
         model.to(getattr(torch, recipe.dtype))
     _load_weights(model, path / WEIGHTS_FILE)
+    file_tensors.register(model, path)
     ci = recipe.example_inputs if recipe.example_inputs is not None else getattr_inputs(model)
     return LoadedModel(model.eval(), ci, "recipe", path)
 
@@ -542,10 +534,7 @@ def _read_into(file: Path, targets: dict[str, torch.Tensor]) -> None:
                 raise NormSurgeonError(f"{file}: truncated (the data of {k} ends early)")
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_ST_NAMES = {t: n for n, t in _ST_DTYPES.items()}
+_ST_DTYPES, _ST_NAMES = file_tensors.ST_DTYPES, file_tensors.ST_NAMES
 
 
 def _check_dtypes(model: nn.Module, saved: dict[str, str], file: Path) -> None:

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .errors import NormSurgeonError, one_line
+from .file_tensors import source_of
 from .files import read_tensors
 from .graph.capture import rejected
 from .inputs import CallArgs, as_call_args, random_like, rename_inputs
@@ -621,7 +622,9 @@ class UndoLog:
     """What one rewrite replaced, restored last-in first-out by ``restore()``.
 
     Tensors of ``spill_bytes`` or more go to a temporary file instead of memory: an in-place fold
-    of a large model then holds one copy of its weights, not two.
+    of a large model then holds one copy of its weights, not two. A tensor whose exact bytes are in
+    the file the model was loaded from (``file_tensors.register``) is not copied at all: its undo
+    reads it back from there.
     """
 
     spill_bytes = 1 << 20
@@ -636,6 +639,10 @@ class UndoLog:
             self._steps.append(lambda: setattr(module, name, None))
             return
         if self._spill is not None and p.numel() * p.element_size() >= self.spill_bytes:
+            src = source_of(p)
+            if src is not None and src.holds(p):  # the input file has these very bytes: no copy needed
+                self._steps.append(lambda: src.read_into(p))
+                return
             where = self._spill.put(p)
             self._steps.append(lambda: _copy_into(p, self._spill.get(where)))
         else:

@@ -133,3 +133,28 @@ def test_a_large_model_is_checked_on_the_example_and_one_input_of_other_sizes(mo
     monkeypatch.setattr(v, "LEAN_BYTES", 0)
     refs = v.References.record(model, ci)
     assert refs.shapes == [[[2, 16]], [[1, 12]]]
+
+
+def test_an_in_place_undo_reads_a_loaded_weight_back_from_its_file(tmp_path):
+    """A weight the model was loaded with is not spilled: the undo reads it from the input file, after
+    checking the file holds its exact bytes; one changed since loading is spilled as before."""
+    from normsurgeon import zoo_llm
+    from normsurgeon.loading import load_model
+
+    zoo_llm.llama().save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m")).model
+    head, layer = model.lm_head, model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        layer.weight.mul_(2)  # no longer what the file holds
+    want_head, want_layer = head.weight.detach().clone(), layer.weight.detach().clone()
+    with UndoStore(spill=True) as store:
+        log = store.log()
+        log.spill_bytes = 0
+        log.save_param(head, "weight")
+        log.save_param(layer, "weight")
+        assert store._spill._file.tell() == layer.weight.numel() * layer.weight.element_size()  # only up_proj
+        with torch.no_grad():
+            head.weight.zero_()
+            layer.weight.zero_()
+        log.restore()
+    assert torch.equal(head.weight, want_head) and torch.equal(layer.weight, want_layer)

@@ -1,0 +1,121 @@
+"""Tensors as they lie in a safetensors file: read with plain reads, one at a time, and where a model
+loaded from a directory keeps each of its parameters on disk.
+
+Plain reads, not a mapping: pages of a mapped file count in the process's resident memory while it is
+open, so reading a 2 GB file back through safetensors' own mapping costs 2 GB of peak memory.
+
+``register(model, directory)`` remembers, for a model the tool loaded, which file range holds each
+parameter; an in-place rewrite's undo log (``verify.UndoLog``) then reads a replaced tensor back from
+the input file, once it has checked that the file holds exactly the tensor's current bytes, instead of
+writing a copy of it to a temporary file (a 1.1B rotation replaces 2.2 GB; writing them cost seconds,
+reading them back costs a fraction, and only when a rewrite is undone). The input file is never
+written by the tool (``saving.guard_inputs``).
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ST_NAMES = {t: n for n, t in ST_DTYPES.items()}
+
+
+def read_header(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's tensor entries) of a safetensors file."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """One tensor's bytes in a safetensors file."""
+
+    file: Path
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return ST_NAMES.get(t.dtype) == self.dtype and tuple(t.shape) == self.shape and t.device.type == "cpu"
+
+    def read(self) -> bytearray:
+        raw = bytearray(self.end - self.start)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(raw) != len(raw):
+                raise OSError(f"{self.file}: truncated")
+        return raw
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether the file holds exactly ``t``'s current bytes."""
+        return self.fits(t) and same_bytes(self.read(), t)
+
+    def read_into(self, t: torch.Tensor) -> None:
+        raw = self.read()
+        with torch.no_grad():
+            t.copy_(torch.frombuffer(raw, dtype=torch.uint8).view(ST_DTYPES[self.dtype]).reshape(self.shape)
+                    if raw else t)
+
+
+def same_bytes(raw: bytearray, t: torch.Tensor) -> bool:
+    """Whether ``raw`` is exactly ``t``'s bytes, compared 8 (4, 2) bytes at a time where they divide the
+    length (byte by byte is five times slower on a 2 GB model)."""
+    mine = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if len(raw) != mine.numel():
+        return False
+    if not raw:
+        return True
+    theirs = torch.frombuffer(raw, dtype=torch.uint8)
+    for wide in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=wide).element_size()
+        if len(raw) % size == 0:
+            try:
+                return torch.equal(theirs.view(wide), mine.view(wide))
+            except RuntimeError:  # an offset the wider view cannot take
+                break
+    return torch.equal(theirs, mine)
+
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[weakref.ref, FileSlice]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def register(model: nn.Module, directory: Path) -> None:
+    """Remember where ``directory``'s safetensors hold ``model``'s parameters (by name, dtype and shape;
+    whether the bytes are the same is checked when one is needed)."""
+    entries: dict[str, FileSlice] = {}
+    try:
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            start, header = read_header(file)
+            for name, e in header.items():
+                a, b = e["data_offsets"]
+                entries[name] = FileSlice(file, start + a, start + b, e["dtype"], tuple(e["shape"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a file this cannot read: the undo log spills copies, as for any model
+    found = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        where = entries.get(name)
+        if where is not None and where.fits(p):
+            found[id(p)] = (weakref.ref(p), where)
+    _SOURCES[model] = found
+
+
+def source_of(t: torch.Tensor) -> FileSlice | None:
+    """The file range registered for ``t`` (the very tensor object, still alive), or None."""
+    for found in list(_SOURCES.values()):
+        hit = found.get(id(t))
+        if hit is not None and hit[0]() is t:
+            return hit[1]
+    return None
