@@ -13,7 +13,7 @@
     model = normsurgeon.load("bn_model/")           # rebuilt: base + replayed surgery + weights
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Every public name lives in the module of its concern (see docs/ARCHITECTURE.md); they are
 # gathered here, and in ``normsurgeon.api`` with everything the CLI can do.

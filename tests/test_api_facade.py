@@ -14,7 +14,7 @@ def test_the_verbs_are_the_apis():
     assert normsurgeon.fold is api.fold and normsurgeon.convert is api.convert
     assert normsurgeon.export is api.export and normsurgeon.inspect is api.inspect
     assert not (Path(normsurgeon.__file__).parent / "fold.py").exists()  # no module hides behind the function
-    assert normsurgeon.__version__ == "0.2.0"
+    assert normsurgeon.__version__ == "0.3.0"
 
 
 def test_python_errors_name_keywords_the_cli_names_flags(tmp_path):
