@@ -9,14 +9,15 @@ the affine fold.
    (0 for ``1 + w`` norms) and β all 0, else the norm is named with what to run first (``fold --affine
    --stream``). Names and ranks as in ``shard_stream.check_names``; every rotated axis must be the real
    width.
-3. **stream**: Q is ``norm_math.orthogonal(width, seed)`` (the in-memory rotation's Q); each planned tensor
-   is rotated in float64 chunks (``x·Q`` over row chunks: readers ``W·Q``, embeddings, Conv1D writers,
-   biases and position parameters; ``Qᵀ·x`` over column chunks: linear writers, Conv1D readers) and cast
-   back; every other tensor is copied through.
-4. **check per tensor**: on sampled rows (columns) of every rotated chunk, undoing the rotation of the
-   stored result must give back the original within ``verify.TOLERANCE`` of its dtype. A rotation is one
-   change of basis for the whole stream: one failed tensor refuses it all, and nothing is written. The
-   whole real model is never run: the report says so.
+3. **stream**: Q is ``norm_math.rotation(width, seed)``, the in-memory rotation's (a fast Walsh–Hadamard
+   transform, ⊗ a small QR factor for widths 2^k·m; never an n×n matrix unless the width is odd); each
+   planned tensor is loaded and rotated in place the in-memory way (``norm_math.rotate_reader_``: float64
+   slices, cast back): ``x·Q`` on rows (readers ``W·Q``, embeddings, Conv1D writers, biases and position
+   parameters), ``Qᵀ·x`` on columns (linear writers, Conv1D readers); every other tensor is copied through.
+4. **check per tensor**: on sampled rows (columns) of every chunk, undoing the rotation of the stored
+   result (Qᵀ from Q's factors) must give back the original within ``verify.TOLERANCE`` of its dtype. A
+   rotation is one change of basis for the whole stream: one failed tensor refuses it all, and nothing
+   is written. The whole real model is never run: the report says so.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from typing import Any
 import torch
 
 from .errors import NormSurgeonError
+from .norm_math import Rotation, rotate_reader_, rotation
 from .report import Action, Table, fmt_float
 from .shard_files import Checkpoint, ShardWriter, check_written, copy_small_files
 
 SAMPLES = 8  # rows (columns) of each chunk whose rotation is undone and compared
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 16 << 20  # the check's chunk (as float64): SAMPLES rows of each are undone
 
 
 @dataclass
@@ -184,60 +186,61 @@ def _check_affine_free(plan: _Plan, ckpt: Checkpoint) -> tuple[Action | None, in
     return None, width
 
 
-def rotate_tensor(ckpt: Checkpoint, name: str, how: str, q: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
-    """``name`` rotated in float64 chunks and cast back, and the worst relative error of undoing the
-    rotation of the stored result on sampled rows (columns) of every chunk.
+def _undo_rows(q: Rotation, y: torch.Tensor) -> torch.Tensor:
+    """y·Qᵀ for a few float64 rows (k, n): the inverse of ``Rotation.apply``, from Q's factors in the
+    opposite order (Qᵀ = diag(s)·H/√p ⊗ Bᵀ, where the forward path applies H before diag(s) and B first);
+    no n×n matrix."""
+    x = y.reshape(-1, q.p, q.m).clone()
+    if q.scale is not None:
+        x.mul_(q.scale[:, None])
+        x = Rotation(q.n, "H", scale=torch.ones(q.p, dtype=torch.float64)).apply(x)  # H ⊗ I: an unscaled transform
+    if q.matrix is not None:
+        x = x.reshape(-1, q.m) @ q.matrix.T
+    return x.reshape(y.shape)
 
-    The float64 work buffers are allocated once per tensor and reused (``out=``): a fresh pair per chunk
-    let glibc's heap grow by hundreds of MiB over one large tensor (measured: +250 MiB for ten 16 MiB
-    GEMMs), which is the peak memory this mode exists to bound."""
-    shape, dtype = ckpt.shape[name], ckpt.dtype[name]
-    n = q.shape[0]
+
+def rotate_tensor(ckpt: Checkpoint, name: str, how: str, q: Rotation, seed: int) -> tuple[torch.Tensor, float]:
+    """``name`` rotated in place and cast back, and the worst relative error of undoing the rotation of
+    the stored result on sampled rows (columns) of every chunk of ``CHUNK_BYTES`` float64 values.
+
+    The rotation is the in-memory one's (``norm_math.rotate_reader_``: float64 slices through a fast
+    Walsh–Hadamard transform, with reused buffers), so the same seed gives the same tensors; the loaded
+    tensor is rotated where it lies, so the peak is the tensor plus two small buffers. The originals of
+    the sampled rows (columns) are kept before; the scale and the finiteness are taken chunk by chunk (on
+    a whole bf16 tensor ``isfinite`` upcasts it)."""
+    shape = ckpt.shape[name]
+    n = q.n
+    if how == "right" and shape[-1] != n:
+        raise NormSurgeonError(f"the checkpoint's {name} has shape {list(shape)}: its last axis is not the width {n}")
+    if how == "left" and (len(shape) != 2 or shape[0] != n):
+        raise NormSurgeonError(f"the checkpoint's {name} has shape {list(shape)}: its first axis is not the width {n}")
+    t = ckpt.get(name)
+    rows = t.view(-1, n) if how == "right" else t.t()  # the rotated vectors as rows, a view of t
+    flat = t.view(-1)
+    span = max(1, CHUNK_BYTES // 8)
+    scale = 0.0
+    for a in range(0, flat.numel(), span):  # the original's largest magnitude, chunk by chunk as stored
+        lo, hi = torch.aminmax(flat[a:a + span])
+        scale = max(scale, hi.item(), -lo.item())
     g = torch.Generator().manual_seed(seed)
-    worst, scale, finite = 0.0, 0.0, True
     step = max(1, CHUNK_BYTES // (8 * n))
+    picks = []
+    for a in range(0, rows.shape[0], step):
+        b = min(rows.shape[0], a + step)
+        pick = a + torch.randint(0, b - a, (min(SAMPLES, b - a),), generator=g)
+        picks.append((pick, rows[pick].double()))
     if how == "right":
-        if shape[-1] != n:
-            raise NormSurgeonError(f"the checkpoint's {name} has shape {list(shape)}: its last axis is not the width {n}")
-        flat = ckpt.get(name).reshape(-1, n) if len(shape) != 2 else None
-        rows = flat.shape[0] if flat is not None else shape[0]
-        out = torch.empty(rows, n, dtype=dtype)
-        w64 = torch.empty(min(step, rows), n, dtype=torch.float64)
-        y64 = torch.empty_like(w64)
-        for a in range(0, rows, step):
-            b = min(rows, a + step)
-            w, y = w64[:b - a], y64[:b - a]
-            w.copy_(flat[a:b] if flat is not None else ckpt.rows(name, a, b))
-            torch.mm(w, q, out=y)
-            out[a:b] = y
-            finite = finite and bool(torch.isfinite(out[a:b]).all())  # per chunk: on a whole bf16 tensor it upcasts
-            pick = torch.randint(0, b - a, (min(SAMPLES, b - a),), generator=g)
-            back = out[a:b][pick].double() @ q.T
-            worst = max(worst, (back - w[pick]).abs().max().item())
-            scale = max(scale, w.max().item(), -w.min().item())
-        out = out.reshape(shape)
+        rotate_reader_(rows, q, "out_in")  # x·Q on the rows
     else:
-        if len(shape) != 2 or shape[0] != n:
-            raise NormSurgeonError(f"the checkpoint's {name} has shape {list(shape)}: its first axis is not the width {n}")
-        t = ckpt.get(name)
-        out = torch.empty(shape, dtype=dtype)
-        w64 = torch.empty(n, min(step, shape[1]), dtype=torch.float64)
-        y64 = torch.empty_like(w64)
-        for a in range(0, shape[1], step):
-            b = min(shape[1], a + step)
-            w, y = w64[:, :b - a], y64[:, :b - a]
-            w.copy_(t[:, a:b])
-            torch.mm(q.T, w, out=y)
-            out[:, a:b] = y
-            finite = finite and bool(torch.isfinite(out[:, a:b]).all())
-            pick = torch.randint(0, b - a, (min(SAMPLES, b - a),), generator=g)
-            back = q @ out[:, a:b][:, pick].double()
-            worst = max(worst, (back - w[:, pick]).abs().max().item())
-            scale = max(scale, w.max().item(), -w.min().item())
-        del t
-    if not finite:
-        return out, math.inf
-    return out, worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
+        rotate_reader_(t, q, "in_out")  # Qᵀ·W, over column slices as they are stored
+    for a in range(0, flat.numel(), span):
+        if not bool(torch.isfinite(flat[a:a + span]).all()):
+            return t, math.inf
+    worst = 0.0
+    for pick, orig in picks:
+        back = _undo_rows(q, rows[pick].double())
+        worst = max(worst, (back - orig).abs().max().item())
+    return t, worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
 
 
 def rotate_dir(model: Any, *, output: Any, seed: int = 0, force: bool = False,
@@ -246,7 +249,6 @@ def rotate_dir(model: Any, *, output: Any, seed: int = 0, force: bool = False,
     tensor; see the module docstring. Returns (the output directory, the report); nothing is written
     when the report says not rotated."""
     from . import twin as _twin
-    from .norm_math import orthogonal
     from .saving import place_dir, temp_dir
     from .shard_stream import check_names, check_output, check_source
     from .verify import TOLERANCE
@@ -273,7 +275,8 @@ def rotate_dir(model: Any, *, output: Any, seed: int = 0, force: bool = False,
         return out, report
     todo = _real_names(plan, ckpt)
     report.norms, report.readers, report.writers = plan.roles
-    q, report.matrix = orthogonal(width, seed)
+    q = rotation(width, seed)
+    report.matrix = q.kind
     report.width = width
     report.tolerance = max(TOLERANCE.get(ckpt.dtype[n], TOLERANCE[torch.float32])[0] for n in todo)
     tmp = temp_dir(out)

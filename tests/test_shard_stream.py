@@ -44,12 +44,14 @@ def _tensors(folder):
 IDS = torch.randint(0, 96, (3, 9), generator=torch.Generator().manual_seed(5))
 
 
-def _wide_llama():
-    """Wider than the twin (hidden 128, 8 heads / 2 kv heads, head_dim 16 explicit): the twin differs."""
+def _wide_llama(hidden=128):
+    """Not the twin's width (hidden 128, 8 heads / 2 kv heads, head_dim 16 explicit): the twin differs."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+    heads = hidden // 16
+    cfg = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                   num_key_value_heads=2 if heads % 2 == 0 else 1,
                                    head_dim=16, intermediate_size=256, vocab_size=200, max_position_embeddings=64,
                                    tie_word_embeddings=False, use_cache=False)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -242,27 +244,62 @@ def test_existing_output_needs_force(tmp_path):
 
 # --- rotate --stream ------------------------------------------------------------------------------------
 
-def test_streamed_rotation_matches_the_in_memory_one(tmp_path):
+@pytest.mark.parametrize("hidden, matrix", [(128, "randomized Hadamard"),
+                                            (48, "randomized Hadamard (16) ⊗ random orthogonal (QR, 3)")])
+def test_streamed_rotation_matches_the_in_memory_one(tmp_path, hidden, matrix):
+    """A power-of-2 width and 48 = 16·3 (the Kronecker Q): the streamed rotation is the in-memory one's,
+    value for value, and the rotated model keeps its logits."""
     from normsurgeon import api
 
     src = tmp_path / "llama"
-    _wide_llama().save_pretrained(src, max_shard_size="200KB")
+    _wide_llama(hidden).save_pretrained(src, max_shard_size="200KB")
     assert run("fold", src, "--affine", "--stream", "-o", f"{tmp_path / 'folded'}/").exit_code == 0
     before = _digest(tmp_path / "folded")
     r = run("rotate", tmp_path / "folded", "--stream", "--seed", "3", "-o", f"{tmp_path / 'rot'}/", "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert rep["rotated"] and rep["width"] == 128 and rep["matrix"] == "randomized Hadamard"
+    assert rep["rotated"] and rep["width"] == hidden and rep["matrix"] == matrix
     assert len(rep["norms"]) == 5 and rep["verify"]["whole_model_run"] is False
-    assert rep["stream"]["twin"]["width"] == 64 and rep["stream"]["rotated_tensors"] == 16
+    assert rep["stream"]["twin"]["width"] == min(hidden, 64) and rep["stream"]["rotated_tensors"] == 16
+    assert 0 < rep["verify"]["max_rel_error"] < 1e-6  # float32 weights: the undone rotation is checked
     assert _digest(tmp_path / "folded") == before
     assert _rel(_logits(src, IDS), _logits(tmp_path / "rot", IDS)) < 1e-4
-    mem, _ = api.rotate(str(tmp_path / "folded"), seed=3)  # the in-memory rotation, same seed: same tensors
+    mem, mem_rep = api.rotate(str(tmp_path / "folded"), seed=3)  # the in-memory rotation, same seed: same tensors
+    assert mem_rep.matrix == matrix
     streamed = _tensors(tmp_path / "rot")
     for name, p in mem.state_dict().items():
-        assert torch.allclose(streamed[name], p, atol=1e-6), name
+        assert torch.equal(streamed[name], p), name  # the same fast transform, the same slices
     emb = "model.embed_tokens.weight"
     assert not torch.allclose(streamed[emb], _tensors(tmp_path / "folded")[emb], atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [48, 64, 15])
+def test_streamed_rotate_tensor_is_the_dense_q_and_its_check_can_fail(tmp_path, n):
+    """``rotate_tensor`` with the fast ``Rotation`` gives x·Q (rows) and Qᵀ·x (columns) of the dense Q
+    (float64 weights: to 1e-12), its check passes near float64 rounding; a Q whose small factor is not
+    orthogonal (B scaled by 1.01) is applied the same way, and undoing it misses the original by ~2e-2."""
+    from normsurgeon.norm_math import Rotation, rotation
+    from normsurgeon.shard_files import Checkpoint
+    from normsurgeon.shard_rotate import rotate_tensor
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"reader": torch.randn(40, n, generator=g, dtype=torch.float64),
+               "writer": torch.randn(n, 30, generator=g, dtype=torch.float64),
+               "bias": torch.randn(n, generator=g, dtype=torch.float64)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    q = rotation(n, 7)
+    dense = q.dense()
+    for name, how, want in (("reader", "right", tensors["reader"] @ dense),
+                            ("writer", "left", dense.T @ tensors["writer"]),
+                            ("bias", "right", tensors["bias"] @ dense)):
+        got, err = rotate_tensor(ckpt, name, how, q, 0)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), name
+        assert err < 1e-14, (name, err)
+    bad = Rotation(n, "bad", q.scale, (q.matrix if q.matrix is not None else torch.eye(1, dtype=torch.float64)) * 1.01)
+    for name, how in (("reader", "right"), ("writer", "left")):
+        _, err = rotate_tensor(ckpt, name, how, bad, 0)
+        assert 1e-3 < err < 1e-1, (name, err)
 
 
 def test_streamed_rotation_refuses_norms_with_an_affine(tmp_path):
