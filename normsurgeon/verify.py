@@ -257,6 +257,8 @@ class _Float32Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if name == "__get__":  # an attribute (.dtype, .shape, .device): read it, never upcast the tensor for it
+            return tree_map(_to_float32, func(*args, **kwargs))
         inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
         if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
             raise _NotFloat32(f"{name} writes into a {_name((args[0] if inplace else kwargs['out']).dtype)} tensor")
