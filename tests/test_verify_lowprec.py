@@ -13,7 +13,7 @@ from normsurgeon.graph import capture
 from normsurgeon.inputs import CallArgs, as_call_args
 from normsurgeon.outputs import compare_outputs
 from normsurgeon.passes import norm_affine
-from normsurgeon.passes.base import Applied, apply_verified
+from normsurgeon.passes.base import apply_verified
 from normsurgeon.passes.fold import fold
 from normsurgeon.verify import (LOW_PRECISION_FACTOR, TOLERANCE, References, Tolerance, UndoStore, run_clean,
                                 run_float32, tolerance_for)
