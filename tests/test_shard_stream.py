@@ -345,3 +345,23 @@ def test_streamed_rotation_of_a_tied_one_plus_model(tmp_path):
     assert rep["rotated"] and "lm_head" in rep["readers"] and rep["stream"]["rotated_tensors"] == 15
     assert "lm_head.weight" not in _tensors(tmp_path / "rot")  # still tied
     assert _rel(_logits(src, IDS), _logits(tmp_path / "rot", IDS)) < 1e-4
+
+
+def test_a_directory_naming_remote_code_runs_none_of_it(tmp_path):
+    """The twin reads config.json as data: a config whose auto_map names a module in the directory is
+    refused (its architectures are not transformers' own), and the module, which would write a marker,
+    is never imported."""
+    src = tmp_path / "llama"
+    zoo_llm.llama().save_pretrained(src)
+    marker = tmp_path / "marker"
+    (src / "evil_modeling.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('pwned')\n"
+                                          "from transformers import LlamaForCausalLM as EvilForCausalLM\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["EvilForCausalLM"]
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    for cmd in (("fold", src, "--affine", "--stream"), ("rotate", src, "--stream")):
+        r = run(*cmd, "-o", f"{tmp_path / cmd[0]}/")
+        assert r.exit_code == 2, r.output
+        assert "not a model class built into transformers" in r.output
+        assert not marker.exists() and not (tmp_path / cmd[0]).exists()
