@@ -201,10 +201,9 @@ def _slices(view: torch.Tensor, scratch: int = 1, dtype: torch.dtype = torch.flo
     step = max(1, elements // row)
     n = max(elements, row)  # one size for every call: the allocator hands the same block back
     buffers = [torch.empty(n, dtype=dtype, device=view.device) for _ in range(scratch)]
-    with _one_thread():
-        for i in range(0, view.shape[0], step):
-            part = view[i:i + step]
-            yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
+    for i in range(0, view.shape[0], step):
+        part = view[i:i + step]
+        yield i, part, [b[:part.numel()].view(part.shape) for b in buffers]
 
 
 @contextlib.contextmanager
@@ -250,21 +249,23 @@ def fold_into_reader_(w: torch.Tensor, gamma: torch.Tensor | None, beta: torch.T
     if gamma is not None:
         gamma = gamma.to(dtype)
         populate_for_write(rows)
-    for i, part, (c,) in _slices(rows, dtype=dtype):
-        c.copy_(part)
-        if shift is not None:
-            torch.mv(c, beta, out=shift[i:i + c.shape[0]])
-        if gamma is not None:
-            part.copy_(c.mul_(gamma[None, :]))
+    with _one_thread():
+        for i, part, (c,) in _slices(rows, dtype=dtype):
+            c.copy_(part)
+            if shift is not None:
+                torch.mv(c, beta, out=shift[i:i + c.shape[0]])
+            if gamma is not None:
+                part.copy_(c.mul_(gamma[None, :]))
     return shift
 
 
 def centre_output_(w: torch.Tensor, kind: str, layout: str = "out_in") -> None:
     """``centre_output`` on the weight itself (the small bias is centred by the caller)."""
     populate_for_write(w)
-    for _, part, (c,) in _slices(_hidden_last(w, kind, layout)):
-        c.copy_(part)
-        part.copy_(c.sub_(c.mean(dim=-1, keepdim=True)))
+    with _one_thread():
+        for _, part, (c,) in _slices(_hidden_last(w, kind, layout)):
+            c.copy_(part)
+            part.copy_(c.sub_(c.mean(dim=-1, keepdim=True)))
 
 
 def rotate_writer_(w: torch.Tensor, q: Rotation | torch.Tensor, kind: str, layout: str = "out_in") -> None:
@@ -294,9 +295,10 @@ def _rotate_rows_(rows: torch.Tensor, q: Rotation | torch.Tensor) -> None:
     """rows ← rows·Q over the last axis, a slice of rows at a time."""
     q = _as_rotation(q, rows.device)
     populate_for_write(rows)
-    for _, part, (c, spare) in _slices(rows, scratch=2, elements=ROTATE_SLICE_ELEMENTS):
-        c.copy_(part)
-        q.apply_(part, c, spare)
+    with _one_thread():
+        for _, part, (c, spare) in _slices(rows, scratch=2, elements=ROTATE_SLICE_ELEMENTS):
+            c.copy_(part)
+            q.apply_(part, c, spare)
 
 
 def _rotate_columns_(w: torch.Tensor, q: Rotation | torch.Tensor) -> None:

@@ -180,3 +180,13 @@ def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatc
                 assert not torch.equal(got, weights)
     bias = r(24)
     assert torch.allclose(kron.apply(bias), bias @ kron.dense())
+
+
+def test_the_thread_count_comes_back_when_an_in_place_update_raises():
+    import normsurgeon.norm_math as nm
+
+    before = torch.get_num_threads()
+    w = torch.ones(4, 3)
+    with pytest.raises(RuntimeError):
+        nm.fold_into_reader_(w, torch.ones(5, dtype=torch.float64), None, "out_in")  # γ of the wrong width
+    assert torch.get_num_threads() == before
