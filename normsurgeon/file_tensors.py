@@ -15,9 +15,11 @@ written by the tool (``saving.guard_inputs``).
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -62,12 +64,6 @@ class FileSlice:
         """Whether the file holds exactly ``t``'s current bytes."""
         return self.fits(t) and same_bytes(self.read(), t)
 
-    def read_into(self, t: torch.Tensor) -> None:
-        raw = self.read()
-        with torch.no_grad():
-            t.copy_(torch.frombuffer(raw, dtype=torch.uint8).view(ST_DTYPES[self.dtype]).reshape(self.shape)
-                    if raw else t)
-
 
 def same_bytes(raw: bytearray, t: torch.Tensor) -> bool:
     """Whether ``raw`` is exactly ``t``'s bytes, compared 8 (4, 2) bytes at a time where they divide the
@@ -86,6 +82,66 @@ def same_bytes(raw: bytearray, t: torch.Tensor) -> bool:
             except RuntimeError:  # an offset the wider view cannot take
                 break
     return torch.equal(theirs, mine)
+
+
+class PinnedFiles:
+    """Input files held open for one pass's undo logs: what a rollback reads comes through the open
+    descriptor, so renaming or deleting the path meanwhile changes nothing, and a file rewritten in
+    place (another size or modification time) is refused instead of read."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, tuple[int, tuple[int, int, int]]] = {}
+
+    def pin(self, where: FileSlice, t: torch.Tensor) -> Callable[[], None] | None:
+        """How to put ``t``'s current bytes back from ``where``, or None when the file does not hold
+        them (or cannot be read: the caller keeps a copy instead)."""
+        if not where.fits(t):
+            return None
+        try:
+            fd, stamp = self._fd(where.file)
+            if not same_bytes(_pread(fd, where), t):
+                return None
+        except OSError:
+            return None
+
+        def restore() -> None:
+            from .errors import NormSurgeonError
+
+            try:
+                st = os.fstat(fd)
+                if (st.st_ino, st.st_size, st.st_mtime_ns) != stamp:
+                    raise OSError("it was rewritten meanwhile")
+                raw = _pread(fd, where)
+            except OSError as e:
+                raise NormSurgeonError(f"cannot roll back a rewrite: {where.file} changed while the model was being "
+                                       f"rewritten ({e}); the model in memory is not the original") from None
+            with torch.no_grad():
+                if raw:
+                    t.copy_(torch.frombuffer(raw, dtype=torch.uint8).view(ST_DTYPES[where.dtype]).reshape(where.shape))
+        return restore
+
+    def _fd(self, file: Path) -> tuple[int, tuple[int, int, int]]:
+        if file not in self._open:
+            fd = os.open(file, os.O_RDONLY)
+            st = os.fstat(fd)
+            self._open[file] = (fd, (st.st_ino, st.st_size, st.st_mtime_ns))
+        return self._open[file]
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
+def _pread(fd: int, where: FileSlice) -> bytearray:
+    raw = bytearray(where.end - where.start)
+    view, done = memoryview(raw), 0
+    while done < len(raw):
+        n = os.preadv(fd, [view[done:]], where.start + done)
+        if n <= 0:
+            raise OSError(f"{where.file}: truncated")
+        done += n
+    return raw
 
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[weakref.ref, FileSlice]]]" = \

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .errors import NormSurgeonError, one_line
-from .file_tensors import source_of
+from .file_tensors import PinnedFiles, source_of
 from .files import read_tensors
 from .graph.capture import rejected
 from .inputs import CallArgs, as_call_args, random_like, rename_inputs
@@ -601,6 +601,7 @@ class _Spill:
 
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile()
+        self.pinned = PinnedFiles()  # input files a rollback reads weights back from
 
     def put(self, t: torch.Tensor) -> tuple[int, torch.Size, torch.dtype, torch.device]:
         self._file.seek(0, 2)
@@ -618,6 +619,7 @@ class _Spill:
 
     def close(self) -> None:
         self._file.close()
+        self.pinned.close()
 
 
 class UndoLog:
@@ -642,8 +644,9 @@ class UndoLog:
             return
         if self._spill is not None and p.numel() * p.element_size() >= self.spill_bytes:
             src = source_of(p)
-            if src is not None and src.holds(p):  # the input file has these very bytes: no copy needed
-                self._steps.append(lambda: src.read_into(p))
+            back = self._spill.pinned.pin(src, p) if src is not None else None
+            if back is not None:  # the input file holds these very bytes: no copy needed
+                self._steps.append(back)
                 return
             where = self._spill.put(p)
             self._steps.append(lambda: _copy_into(p, self._spill.get(where)))

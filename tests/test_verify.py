@@ -158,3 +158,72 @@ def test_an_in_place_undo_reads_a_loaded_weight_back_from_its_file(tmp_path):
             layer.weight.zero_()
         log.restore()
     assert torch.equal(head.weight, want_head) and torch.equal(layer.weight, want_layer)
+
+
+def test_a_rollback_from_an_input_file_that_changed_meanwhile_refuses_or_reads_the_pinned_file(tmp_path):
+    """The undo reads through a descriptor opened when it recorded: a directory renamed or deleted
+    meanwhile still rolls back exactly; a file rewritten in place is refused in one line."""
+    import shutil
+
+    from normsurgeon import zoo_llm
+    from normsurgeon.errors import NormSurgeonError
+    from normsurgeon.loading import load_model
+
+    for change in ("delete", "rewrite"):
+        src = tmp_path / change
+        zoo_llm.llama().save_pretrained(src)
+        model = load_model(str(src)).model
+        head = model.lm_head
+        want = head.weight.detach().clone()
+        with UndoStore(spill=True) as store:
+            log = store.log()
+            log.spill_bytes = 0
+            log.save_param(head, "weight")
+            assert store._spill._file.tell() == 0  # read back from the file, not spilled
+            with torch.no_grad():
+                head.weight.mul_(3)
+            if change == "delete":
+                shutil.rmtree(src)
+                log.restore()
+                assert torch.equal(head.weight, want)
+            else:
+                other = zoo_llm.llama()
+                with torch.no_grad():
+                    other.lm_head.weight.mul_(-1)
+                other.save_pretrained(src)  # a new file at the same path: the pinned one is read
+                log.restore()
+                assert torch.equal(head.weight, want)
+    # a file truncated in place under a pinned descriptor is refused, never half-read
+    src = tmp_path / "inplace"
+    zoo_llm.llama().save_pretrained(src)
+    model = load_model(str(src)).model
+    with UndoStore(spill=True) as store:
+        log = store.log()
+        log.spill_bytes = 0
+        log.save_param(model.lm_head, "weight")
+        with open(src / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+        with pytest.raises(NormSurgeonError, match="changed while the model was being rewritten"):
+            log.restore()
+
+
+def test_a_weight_whose_input_file_is_gone_is_spilled(tmp_path):
+    import shutil
+
+    from normsurgeon import zoo_llm
+    from normsurgeon.loading import load_model
+
+    src = tmp_path / "m"
+    zoo_llm.llama().save_pretrained(src)
+    model = load_model(str(src)).model
+    want = model.lm_head.weight.detach().clone()
+    shutil.move(src, tmp_path / "moved")
+    with UndoStore(spill=True) as store:
+        log = store.log()
+        log.spill_bytes = 0
+        log.save_param(model.lm_head, "weight")
+        assert store._spill._file.tell() > 0
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+        log.restore()
+    assert torch.equal(model.lm_head.weight, want)
