@@ -375,10 +375,40 @@ def _check_without_copy(model: nn.Module, saved: Path, path) -> None:
     if recipe.dtype is not None:
         rebuilt.to(getattr(torch, recipe.dtype))
     _fit_weights(rebuilt, saved / WEIGHTS_FILE)
+    differs = _differs_in_structure(model, rebuilt)
+    if differs is not None:
+        raise NormSurgeonError(f"`output` {path}: the rebuilt model differs from the model at {differs} (the recipe "
+                               "does not describe this model; save as .pt instead); nothing written")
     state = model.state_dict(keep_vars=True)
     differs = _differs_from_file(saved / WEIGHTS_FILE, state)
     if differs is not None:
         raise NormSurgeonError(f"`output` {path}: the saved {differs} differs from the model's (nothing written)")
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _differs_in_structure(model: nn.Module, rebuilt: nn.Module) -> str | None:
+    """Where ``rebuilt`` (weights on the meta device) would compute differently from ``model`` apart from
+    its weights: a module of another class or description, a plain attribute (an eps, a flag, a size)
+    of another value, a buffer (rotary tables, masks) of other values; None when nothing differs."""
+    theirs = dict(rebuilt.named_modules(remove_duplicate=False))
+    for name, m in model.named_modules(remove_duplicate=False):
+        r = theirs.get(name)
+        where = name or "(root)"
+        if r is None or type(r) is not type(m) or r.extra_repr() != m.extra_repr():
+            return f"{where} ({type(m).__name__})"
+        for k, v in vars(m).items():
+            if k.startswith("_") or k == "training" or not isinstance(v, _SCALARS):
+                continue
+            if getattr(r, k, None) != v and not (isinstance(v, float) and math.isnan(v)):
+                return f"{where}.{k}"
+        for k, b in m._buffers.items():
+            rb = r._buffers.get(k)
+            if (b is None) != (rb is None) or (b is not None and (rb.is_meta or b.dtype != rb.dtype
+                                                                  or not torch.equal(b.cpu(), rb.cpu()))):
+                return f"{where}.{k}"
+    return None
 
 
 def _differs_from_file(file: Path, state: dict[str, torch.Tensor]) -> str | None:

@@ -153,3 +153,20 @@ def test_a_large_models_save_is_checked_without_a_second_copy(tmp_path, monkeypa
     monkeypatch.setattr(verify, "LEAN_BYTES", 0)
     with pytest.raises(NormSurgeonError, match="lm_head.weight differs"):
         replay._check_without_copy(folded, out, out)
+
+
+def test_a_large_models_lean_round_trip_catches_what_the_weights_do_not_show(tmp_path, monkeypatch):
+    """An eps changed on the live model is not in its weights: the lean check compares every module's
+    class, description, plain attributes and buffers with the rebuilt one and refuses the save."""
+    import normsurgeon
+    import normsurgeon.verify as verify
+    from normsurgeon.errors import NormSurgeonError
+
+    monkeypatch.setattr(verify, "LEAN_BYTES", 0)
+    model = zoo_llm.llama()
+    x = model.example_inputs()
+    folded, report = normsurgeon.fold(model, x, affine=True)
+    folded.model.norm.variance_epsilon = 0.5
+    with pytest.raises(NormSurgeonError, match="model.norm"):
+        normsurgeon.save(folded, tmp_path / "d/")
+    assert not (tmp_path / "d").exists()

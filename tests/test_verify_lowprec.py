@@ -232,3 +232,15 @@ def test_a_bf16_rotation_and_ln_to_rms_are_judged_against_float32():
     gpt2 = zoo_llm.gpt2_untied().to(torch.bfloat16)
     _, rms = convert(gpt2, "rms", example_inputs=gpt2.example_inputs())
     assert rms.verify["passed"] and rms.verify["reference"] == "float32" and "original_error" in rms.verify
+
+
+def test_the_low_precision_bar_is_capped():
+    """A bf16 original far from its own float32 function must not widen the bar without limit (an
+    all-zero output has relative error 1)."""
+    from normsurgeon.outputs import ErrorStats
+    from normsurgeon.verify import LOW_PRECISION_CAP
+
+    refs = References(original_error=ErrorStats(0.9, 0.5, 1.0))
+    assert refs.tolerance(Tolerance(1.5e-2, 1e-3)).rtol == LOW_PRECISION_CAP < 1.0
+    refs = References(original_error=ErrorStats(0.03, 0.02, 1.0))
+    assert refs.tolerance(Tolerance(1.5e-2, 1e-3)).rtol == pytest.approx(0.04)
