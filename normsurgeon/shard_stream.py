@@ -280,6 +280,18 @@ def map_plan(plan: Plan, ckpt: Checkpoint) -> None:
     plan.sites = good
 
 
+def _same_tensor(ckpt: Checkpoint, a: str, b: str) -> bool:
+    """Whether two stored tensors hold the same values, compared a block of rows at a time."""
+    if ckpt.shape[a] != ckpt.shape[b] or ckpt.dtype[a] != ckpt.dtype[b]:
+        return False
+    rows = ckpt.shape[a][0] if ckpt.shape[a] else 0
+    if not rows:
+        return torch.equal(ckpt.get(a), ckpt.get(b))
+    step = ckpt._step(a)
+    return all(torch.equal(ckpt.rows(a, i, min(rows, i + step)), ckpt.rows(b, i, min(rows, i + step)))
+               for i in range(0, rows, step))
+
+
 def _roles(s: PlannedSite, ckpt: Checkpoint) -> str | None:
     width = None
     for t in (s.gamma, s.beta):
@@ -293,6 +305,13 @@ def _roles(s: PlannedSite, ckpt: Checkpoint) -> str | None:
         if not names:
             return f"the checkpoint has no tensor for {r.weight}"
         r.source = names[0]
+        stored = [n for n in dict.fromkeys([r.weight, *r.aliases]) if n in ckpt.shape]
+        differs = next((n for n in stored[1:] if not _same_tensor(ckpt, stored[0], n)), None)
+        if differs is not None:
+            # tied in the model: transformers loads one of the two and ties the other to it, so folding
+            # whichever copy we picked could fold values the model never had
+            return (f"the checkpoint stores {stored[0]} and its tied {differs} with different values; "
+                    "which one the model uses is transformers' choice, not the file's")
         shape = ckpt.shape[r.source]
         if len(shape) != 2 or shape[1 if r.layout == "out_in" else 0] != width:
             return f"the checkpoint's {r.source} has shape {list(shape)}: it does not read width {width}"

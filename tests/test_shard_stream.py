@@ -365,3 +365,18 @@ def test_a_directory_naming_remote_code_runs_none_of_it(tmp_path):
         assert r.exit_code == 2, r.output
         assert "not a model class built into transformers" in r.output
         assert not marker.exists() and not (tmp_path / cmd[0]).exists()
+
+
+def test_a_tied_head_stored_twice_with_other_values_is_refused(tmp_path):
+    """A tied checkpoint that also stores a stale lm_head: transformers ties it to the embedding and
+    ignores the stored copy, so folding the copy would change the model; the site is refused."""
+    src = tmp_path / "gemma"
+    zoo_llm.gemma().save_pretrained(src)
+    w = load_file(src / "model.safetensors")
+    w["lm_head.weight"] = w["model.embed_tokens.weight"] * 2
+    save_file(w, src / "model.safetensors", metadata={"format": "pt"})
+    r = run("fold", src, "--affine", "--untie", "--stream", "-o", f"{tmp_path / 'out'}/", "--json")
+    assert r.exit_code == 0, r.output
+    (norm,) = [s for s in json.loads(r.stdout)["skipped"] if s["norm"] == "model.norm"]
+    assert "different values" in norm["reason"]
+    assert _rel(_logits(src, IDS), _logits(tmp_path / "out", IDS)) < 1e-5
