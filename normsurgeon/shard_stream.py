@@ -98,7 +98,7 @@ class StreamReport:
 
     actions: list[Action] = field(default_factory=list)
     twin: dict = field(default_factory=dict)
-    tolerance: float | None = None
+    tolerance: float | None = None  # the loosest dtype's; each site is judged at its own readers' dtype
     passed: bool | None = None
     output: str | None = None
     dry_run: bool | None = False
@@ -509,7 +509,9 @@ def fold_dir(model: Any, *, output: Any, force: bool = False, untie: bool = Fals
                 continue
             writer.make_room(sum(ckpt.nbytes(r.source) for r in s.readers))  # before the site's tensors exist
             tensors, err = fold_site(ckpt, s, seed + i)
-            action = _judge(s, err, report.tolerance)
+            # each site at its own readers' dtype: a float32 reader of a mixed checkpoint gets float32's
+            site_tol = max(TOLERANCE.get(ckpt.dtype[r.source], TOLERANCE[torch.float32])[0] for r in s.readers)
+            action = _judge(s, err, site_tol)
             actions[s.norm] = action
             if action.kind == "folded":
                 for r in s.readers:
