@@ -5,6 +5,7 @@ that created no bias, a rotation), so ``AutoModel*.from_pretrained(DIR)`` builds
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def write_config(model: nn.Module, out: str | os.PathLike) -> Path | None:
         return None
     out = Path(out)
     tmp = out / ".config.json.tmp"
-    model.config.to_json_file(str(tmp))
+    config = copy.deepcopy(model.config)
+    # as save_pretrained writes it: vLLM and --stream pick the model class by this name, and a model
+    # built from a bare config (not from_pretrained) has none
+    config.architectures = [type(model).__name__]
+    config.to_json_file(str(tmp))
     os.replace(tmp, out / "config.json")
     return out / "config.json"

@@ -90,7 +90,10 @@ def _load_model(spec, trust: bool, weights, batch: int) -> LoadedModel:
     raise NormSurgeonError(f"{text}: no such file or directory")
 
 
-def _load_transformers(path: Path, batch: int) -> LoadedModel:
+def read_hf_config(path: Path) -> tuple[Any, type | None]:
+    """A transformers directory's config, read as data (no remote code, the hub offline, built-in
+    attention only), and the model class its ``architectures`` names if transformers itself has it
+    (else None: never a class from the directory)."""
     try:
         import transformers
     except ImportError:
@@ -108,8 +111,14 @@ def _load_transformers(path: Path, batch: int) -> LoadedModel:
                            f"{path}/config.json")
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, str(arch), None) if arch else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = transformers.AutoModel
+    return config, cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def _load_transformers(path: Path, batch: int) -> LoadedModel:
+    import transformers
+
+    config, cls = read_hf_config(path)
+    cls = cls or transformers.AutoModel
     try:
         with hub_offline():
             model = cls.from_pretrained(path, config=config, local_files_only=True, trust_remote_code=False)

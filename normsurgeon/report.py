@@ -28,6 +28,25 @@ class Action:
     reason: str | None = None
 
 
+class FoldActions:
+    """The views every fold report (in memory, streamed) gives of its ``actions``."""
+
+    actions: list[Action]
+
+    @property
+    def folded(self) -> list[Action]:
+        return [a for a in self.actions if a.kind == "folded"]
+
+    @property
+    def skipped(self) -> list[Action]:
+        """Everything not folded, rolled back included (each with its reason)."""
+        return [a for a in self.actions if a.kind in ("skipped", "rolled_back")]
+
+    @property
+    def rolled_back(self) -> list[Action]:
+        return [a for a in self.actions if a.kind == "rolled_back"]
+
+
 def fmt_float(x: float | None) -> str:
     if x is None:
         return "-"

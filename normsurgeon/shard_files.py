@@ -158,9 +158,12 @@ class ShardWriter:
 
 def copy_small_files(src: Path, dst: Path, untied: bool) -> None:
     """config.json (untied: tie_word_embeddings false) and the other non-weight files, as data; code
-    files are left behind (the output loads with built-in classes only)."""
+    files are left behind (the output loads with built-in classes only), and so is a recipe: the output
+    is a transformers directory, and a copied recipe would describe weights it no longer holds."""
+    from .replay import RECIPE_FILE
+
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name == INDEX or f.name.endswith(WEIGHT_SUFFIXES) or f.suffix == ".py":
+        if not f.is_file() or f.name in (INDEX, RECIPE_FILE) or f.name.endswith(WEIGHT_SUFFIXES) or f.suffix == ".py":
             continue
         if f.name == "config.json" and untied:
             cfg = json.loads(f.read_text())

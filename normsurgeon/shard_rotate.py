@@ -250,15 +250,12 @@ def rotate_dir(model: Any, *, output: Any, seed: int = 0, force: bool = False,
     when the report says not rotated."""
     from . import twin as _twin
     from .saving import place_dir, temp_dir
-    from .shard_stream import check_names, check_output, check_source
+    from .shard_stream import check_call, check_names
     from .verify import TOLERANCE
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise NormSurgeonError(f"`seed` must be an integer >= 0, got {seed!r}")
-    src = check_source(model)
-    out = check_output(src, output, force=force)
-    if not isinstance(max_shard_mb, (int, float)) or isinstance(max_shard_mb, bool) or not max_shard_mb > 0:
-        raise NormSurgeonError(f"`max_shard_mb` must be a positive number of MiB, not {max_shard_mb!r}")
+    src, out = check_call(model, output, force=force, max_shard_mb=max_shard_mb)
     config, cls = _twin.read_config(src)
     ckpt = Checkpoint(src)
     report = StreamRotateReport(seed, capture=f"tiny twin of {cls.__name__}")

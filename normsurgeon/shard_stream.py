@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import NormSurgeonError
-from .report import Action, Table, fmt_float
+from .report import Action, FoldActions, Table, fmt_float
 from .shard_files import Checkpoint, ShardWriter, check_written, copy_small_files
 
 CHUNK_BYTES = 16 << 20  # float64 working set of one reader chunk
@@ -92,7 +92,7 @@ class Plan:
 
 
 @dataclass
-class StreamReport:
+class StreamReport(FoldActions):
     """The streamed fold: per norm folded (into what, local max error) / skipped / rolled back, the twin's
     proof, what was written. FoldReport's JSON keys, plus ``stream``."""
 
@@ -105,18 +105,6 @@ class StreamReport:
     shards: int = 0
     copied: int = 0
     capture: str = "tiny twin"
-
-    @property
-    def folded(self) -> list[Action]:
-        return [a for a in self.actions if a.kind == "folded"]
-
-    @property
-    def skipped(self) -> list[Action]:
-        return [a for a in self.actions if a.kind in ("skipped", "rolled_back")]
-
-    @property
-    def rolled_back(self) -> list[Action]:
-        return [a for a in self.actions if a.kind == "rolled_back"]
 
     @property
     def affine_actions(self) -> list[Action]:
@@ -426,6 +414,16 @@ def fold_site(ckpt: Checkpoint, s: PlannedSite, seed: int) -> tuple[dict[str, to
 
 # --- the whole command -------------------------------------------------------------------------------
 
+def check_call(model: Any, output: Any, *, force: bool, max_shard_mb: Any) -> tuple[Path, Path]:
+    """What every streamed command checks before any work: the source directory, the output (never
+    the input, an existing one only with ``force``) and the shard size. Returns (source, output)."""
+    src = check_source(model)
+    out = check_output(src, output, force=force)
+    if not isinstance(max_shard_mb, (int, float)) or isinstance(max_shard_mb, bool) or not max_shard_mb > 0:
+        raise NormSurgeonError(f"`max_shard_mb` must be a positive number of MiB, not {max_shard_mb!r}")
+    return src, out
+
+
 def check_source(path: Any) -> Path:
     src = Path(os.fspath(path))
     if not src.is_dir() or not (src / "config.json").is_file():
@@ -472,10 +470,7 @@ def fold_dir(model: Any, *, output: Any, force: bool = False, untie: bool = Fals
     from .saving import place_dir, temp_dir
     from .verify import TOLERANCE
 
-    src = check_source(model)
-    out = check_output(src, output, force=force)
-    if not isinstance(max_shard_mb, (int, float)) or isinstance(max_shard_mb, bool) or not max_shard_mb > 0:
-        raise NormSurgeonError(f"`max_shard_mb` must be a positive number of MiB, not {max_shard_mb!r}")
+    src, out = check_call(model, output, force=force, max_shard_mb=max_shard_mb)
     from . import twin as _twin
 
     config, cls = _twin.read_config(src)

@@ -9,14 +9,12 @@ weights), never from the directory's weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import NormSurgeonError, one_line
-from .trust import check_config_attention, hub_offline
 
 HIDDEN = 64  # twin widths: small, but big enough for partial rotary factors and a few heads
 HEADS = 4
@@ -36,22 +34,11 @@ _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_to
 
 def read_config(path: Path) -> tuple[Any, type]:
     """The directory's config (data only) and its model class, which must be one of transformers' own."""
-    import transformers
+    from .loading import read_hf_config
 
-    try:
-        with hub_offline():
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001
-        raise NormSurgeonError(f"{path}/config.json: cannot read config: {one_line(e)}") from e
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        raw = {}
-    check_config_attention({"attn_implementation": getattr(config, "_attn_implementation", None), "file": raw},
-                           f"{path}/config.json")
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, str(arch), None) if arch else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+    config, cls = read_hf_config(path)
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
         raise NormSurgeonError(f"{path}/config.json: architectures names {arch!r}, not a model class built into "
                                "transformers; `stream=True` plans from a twin of the same class")
     return config, cls

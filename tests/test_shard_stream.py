@@ -380,3 +380,24 @@ def test_a_tied_head_stored_twice_with_other_values_is_refused(tmp_path):
     (norm,) = [s for s in json.loads(r.stdout)["skipped"] if s["norm"] == "model.norm"]
     assert "different values" in norm["reason"]
     assert _rel(_logits(src, IDS), _logits(tmp_path / "out", IDS)) < 1e-5
+
+
+def test_a_recipe_directory_streams_into_a_plain_transformers_directory(tmp_path):
+    """`fold -o DIR/` writes a recipe directory with config.json (architectures named, as
+    save_pretrained does); --stream reads it as a transformers directory and leaves the recipe
+    behind, so the output loads in normsurgeon and in transformers with the same outputs."""
+    from normsurgeon import api
+
+    folded = tmp_path / "folded"
+    r = run("fold", "normsurgeon.zoo:llama_lm", "--affine", "-o", f"{folded}/")
+    assert r.exit_code == 0, r.output
+    assert json.loads((folded / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    r = run("rotate", folded, "--stream", "--seed", "0", "-o", f"{tmp_path / 'rot'}/")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "rot" / "recipe.json").exists()
+    again = api.load(str(tmp_path / "rot")).model  # a transformers directory now, not a broken recipe
+    before = api.load(str(folded)).model
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(before(input_ids=ids).logits, again(input_ids=ids).logits) < 1e-4
+    assert _rel(_logits(folded, ids), _logits(tmp_path / "rot", ids)) < 1e-4

@@ -132,6 +132,12 @@ def force_option(fn: Callable) -> Callable:
     return click.option("--force", is_flag=True, help="Replace an existing output.")(fn)
 
 
+def max_shard_option(fn: Callable) -> Callable:
+    """--max-shard-mb, the same on every command that streams (fold, rotate)."""
+    return click.option("--max-shard-mb", "max_shard_mb", type=float, default=None, metavar="MIB",
+                        help="With --stream: the most MiB per output safetensors shard (default 256).")(fn)
+
+
 def tolerance_options(fn: Callable) -> Callable:
     """--rtol/--atol, the same on every command that verifies (fold, convert, export)."""
     fn = click.option("--atol", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -6,7 +6,8 @@ import click
 
 from ..errors import VerificationError
 from .. import api
-from .common import emit, force_option, guarded, model_options, output_options, stderr, tolerance_options
+from .common import (emit, force_option, guarded, max_shard_option, model_options, output_options, stderr,
+                     tolerance_options)
 
 
 @click.command("fold")
@@ -26,8 +27,7 @@ from .common import emit, force_option, guarded, model_options, output_options, 
 @click.option("--stream", is_flag=True,
               help="With --affine and -o DIR/: fold a transformers directory shard by shard, never loading the "
                    "model (plan from a tiny twin of its class, each site checked on the real weights; docs/llm.md).")
-@click.option("--max-shard-mb", "max_shard_mb", type=float, default=None, metavar="MIB",
-              help="With --stream: the most MiB per output safetensors shard (default 256).")
+@max_shard_option
 @tolerance_options
 @force_option
 @output_options

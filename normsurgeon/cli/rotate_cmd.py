@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ..errors import VerificationError
-from .common import emit, force_option, guarded, model_options, output_options, stderr, tolerance_options
+from .common import (emit, force_option, guarded, max_shard_option, model_options, output_options, stderr,
+                     tolerance_options)
 
 
 @click.command("rotate")
@@ -21,8 +22,7 @@ from .common import emit, force_option, guarded, model_options, output_options, 
 @click.option("--stream", is_flag=True,
               help="With -o DIR/: rotate a transformers directory tensor by tensor, never loading the model (plan "
                    "from a tiny twin of its class, each tensor checked; docs/llm.md).")
-@click.option("--max-shard-mb", "max_shard_mb", type=float, default=None, metavar="MIB",
-              help="With --stream: the most MiB per output safetensors shard (default 256).")
+@max_shard_option
 @tolerance_options
 @force_option
 @output_options

@@ -30,7 +30,7 @@ from ..inputs import CallArgs, as_call_args
 from ..loading import program_inputs, program_module
 from ..outputs import ErrorStats
 from ..recipe import record
-from ..report import Action, Table, fmt_float
+from ..report import Action, FoldActions, Table, fmt_float
 from ..verify import References, Tolerance, UndoLog, UndoStore, error_text, run_clean, tolerance_for, \
     tolerance_for_dtypes
 from . import fold_bn_program as program_rule
@@ -42,7 +42,7 @@ __all__ = ["fold", "fold_program", "FoldReport", "replay"]
 
 
 @dataclass
-class FoldReport:
+class FoldReport(FoldActions):
     """Every BatchNorm of the model (folded into what, skipped why, rolled back why) + the check."""
 
     capture: str
@@ -64,18 +64,6 @@ class FoldReport:
             return None
         sets = ["+".join("x".join(map(str, s)) or "scalar" for s in shapes) for shapes in self.verified_shapes]
         return f"checked at input shapes {', '.join(dict.fromkeys(sets))}; other sizes are not proved"
-
-    @property
-    def folded(self) -> list[Action]:
-        return [a for a in self.actions if a.kind == "folded"]
-
-    @property
-    def skipped(self) -> list[Action]:
-        return [a for a in self.actions if a.kind in ("skipped", "rolled_back")]
-
-    @property
-    def rolled_back(self) -> list[Action]:
-        return [a for a in self.actions if a.kind == "rolled_back"]
 
     @property
     def num_norms(self) -> int:
