@@ -26,12 +26,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from .errors import NormSurgeonError, one_line
 from .file_tensors import PinnedFiles, source_of
 from .files import read_tensors
+from .float32_run import LOW_PRECISION as _LOW_PRECISION
+from .float32_run import NotFloat32, dtype_name, low_precision_dtypes, run_float32
 from .graph.capture import rejected
 from .inputs import CallArgs, as_call_args, random_like, rename_inputs
 from .outputs import ErrorStats, compare_outputs, flatten_outputs
@@ -46,7 +46,6 @@ TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (5e-3, 1e-3),
     torch.bfloat16: (1.5e-2, 1e-3),
 }
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # A float16/bfloat16 model is verified against a float32 run of the original (``References``): a
 # rewrite passes when its own error against that reference is at most the table's rtol or FACTOR x the
@@ -246,94 +245,6 @@ def run_clean(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> lis
             m.training = mode
 
 
-def low_precision_dtypes(model: nn.Module) -> list[torch.dtype]:
-    """The float16/bfloat16 dtypes among ``model``'s floating parameters and buffers."""
-    return sorted({t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype in _LOW_PRECISION}, key=str)
-
-
-class _Float32Mode(TorchFunctionMode):
-    """Every torch call computes in float32: float16/bfloat16 operands are read as float32 copies and a
-    float16/bfloat16 dtype (an argument, or what ``tensor.dtype`` answers) reads as float32, so code that
-    casts to its weights' dtype (``x.to(self.proj.weight.dtype)``, ``softmax(...).to(q.dtype)``) stays in
-    float32 too. The model's own tensors are never written: a write into one raises instead (its float32
-    copy would take the write and the forward would read stale values)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name == "__get__":  # an attribute (.dtype, .shape, .device): read it, never upcast the tensor for it
-            return tree_map(_to_float32, func(*args, **kwargs))
-        inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
-        if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
-            raise _NotFloat32(f"{name} writes into a {_name((args[0] if inplace else kwargs['out']).dtype)} tensor")
-        if name == "view" and args and _is_low(args[0]) and any(isinstance(a, torch.dtype) for a in args[1:]):
-            raise _NotFloat32(f"view reinterprets the bits of a {_name(args[0].dtype)} tensor")
-        if func in _READS_WEIGHTS:
-            args = tuple(self._scratch(i, a) for i, a in enumerate(args))
-        return tree_map(_to_float32, func(*tree_map(_to_float32, args), **tree_map(_to_float32, kwargs)))
-
-    def _scratch(self, i: int, t: Any) -> Any:
-        """A weight's float32 copy in a buffer reused by the next weight of its shape: a large model's
-        fresh copies cost more in page faults than in converting (a third of a float32 forward)."""
-        if not _is_low(t):
-            return t
-        key = (i, t.shape, t.device)
-        buf = self._pool.get(key)
-        if buf is None:
-            buf = self._pool[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-        return buf.copy_(t)
-
-    def __enter__(self):
-        self._pool: dict[tuple, torch.Tensor] = {}
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._pool = {}
-        return super().__exit__(*exc)
-
-
-# ops whose result never aliases their operands (no view of the weight lives on after the call)
-_READS_WEIGHTS = {torch.nn.functional.linear, torch.nn.functional.embedding}
-
-
-_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
-                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
-                    "__imatmul__"}
-
-
-def _is_low(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and v.dtype in _LOW_PRECISION
-
-
-def _to_float32(v: Any) -> Any:
-    if isinstance(v, torch.dtype):
-        return torch.float32 if v in _LOW_PRECISION else v
-    return v.float() if _is_low(v) else v
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def run_float32(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
-    """``run_clean`` computing in float32 (``_Float32Mode``) without a float32 copy of the model: each
-    float16/bfloat16 weight is upcast where an op reads it and dropped after, the model's own tensors
-    are never written (its state stays bit for bit). Raises where that is not a float32 run: an op
-    writing in place into a low-precision tensor (its copy would take the write), or a floating output
-    that still comes back in float16/bfloat16."""
-    up = CallArgs(tuple(tree_map(_to_float32, ci.args)), {k: tree_map(_to_float32, v) for k, v in ci.kwargs.items()})
-    with _Float32Mode():
-        out = run_clean(model, up, eval_mode=eval_mode)
-    low = sorted({_name(o.dtype) for o in out if o.dtype in _LOW_PRECISION})
-    if low:
-        raise _NotFloat32(f"outputs still came back in {', '.join(low)}")
-    return out
-
-
-class _NotFloat32(RuntimeError):
-    """A float32 run that did not compute in float32."""
-
-
 @dataclass
 class References:
     """Verification inputs and the original model's outputs on them (not a copy of the model).
@@ -401,12 +312,12 @@ class References:
         low = low_precision_dtypes(model)
         if not low:
             return cls._record(model, ci, extra, eval_mode, run_clean)
-        name = ", ".join(_name(d) for d in low)
+        name = ", ".join(dtype_name(d) for d in low)
         try:
             refs = cls._record(model, ci, extra, eval_mode, run_float32)
             refs.low_precision, refs.reference = name, "float32"
             refs._measure_original(model)
-        except _NotFloat32 as e:
+        except NotFloat32 as e:
             refs = cls._record(model, ci, extra, eval_mode, run_clean)
             refs.low_precision, refs.reference = name, name
             refs.reference_note = f"no float32 reference: {one_line(e, limit=200)}"
@@ -422,12 +333,12 @@ class References:
             for c in alternatives:
                 try:
                     out = run(model, c, eval_mode=eval_mode)
-                except _NotFloat32:
+                except NotFloat32:
                     raise
                 except Exception as e:  # noqa: BLE001
                     if run is run_float32 and _runs(model, c, eval_mode):
                         # the model takes it in its own dtype: float32 is what failed (a dtype clash)
-                        raise _NotFloat32(one_line(e, typed=True, limit=200)) from e
+                        raise NotFloat32(one_line(e, typed=True, limit=200)) from e
                     if i == 0:
                         raise rejected(c, e) from e
                     if i >= len(candidates):
@@ -457,7 +368,7 @@ class References:
             if _finite_outputs(ref):  # else nothing to measure against (``nonfinite``: no verdict can pass)
                 stats = stats.merge(compare_outputs(ref, run_clean(model, ci, eval_mode=self.eval_mode)))
         if not math.isfinite(stats.max_rel_error):
-            raise _NotFloat32(f"the {self.low_precision} original's outputs are NaN/inf where "
+            raise NotFloat32(f"the {self.low_precision} original's outputs are NaN/inf where "
                               "float32's are not")
         self.original_error = stats
 

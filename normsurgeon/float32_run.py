@@ -1,0 +1,111 @@
+"""A float16/bfloat16 model's forward pass computed in float32, without a float32 copy of the model:
+the reference its function-preserving rewrites are judged against (``verify.References``).
+
+A ``TorchFunctionMode`` reads every low-precision operand as a float32 copy (weights read by linear and
+embedding go into reused buffers) and every low-precision dtype argument as float32, and refuses
+(``NotFloat32``) what would not be a float32 run: a write into the model's own tensors, a reinterpreting
+``view(dtype)``, outputs still in low precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from .inputs import CallArgs
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def low_precision_dtypes(model: nn.Module) -> list[torch.dtype]:
+    """The float16/bfloat16 dtypes among ``model``'s floating parameters and buffers."""
+    return sorted({t.dtype for t in (*model.parameters(), *model.buffers()) if t.dtype in LOW_PRECISION}, key=str)
+
+
+class _Float32Mode(TorchFunctionMode):
+    """Every torch call computes in float32: float16/bfloat16 operands are read as float32 copies and a
+    float16/bfloat16 dtype (an argument, or what ``tensor.dtype`` answers) reads as float32, so code that
+    casts to its weights' dtype (``x.to(self.proj.weight.dtype)``, ``softmax(...).to(q.dtype)``) stays in
+    float32 too. The model's own tensors are never written: a write into one raises instead (its float32
+    copy would take the write and the forward would read stale values)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # an attribute (.dtype, .shape, .device): read it, never upcast the tensor for it
+            return tree_map(_to_float32, func(*args, **kwargs))
+        inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+        if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
+            raise NotFloat32(f"{name} writes into a {dtype_name((args[0] if inplace else kwargs['out']).dtype)} tensor")
+        if name == "view" and args and _is_low(args[0]) and any(isinstance(a, torch.dtype) for a in args[1:]):
+            raise NotFloat32(f"view reinterprets the bits of a {dtype_name(args[0].dtype)} tensor")
+        if func in _READS_WEIGHTS:
+            args = tuple(self._scratch(i, a) for i, a in enumerate(args))
+        return tree_map(_to_float32, func(*tree_map(_to_float32, args), **tree_map(_to_float32, kwargs)))
+
+    def _scratch(self, i: int, t: Any) -> Any:
+        """A weight's float32 copy in a buffer reused by the next weight of its shape: a large model's
+        fresh copies cost more in page faults than in converting (a third of a float32 forward)."""
+        if not _is_low(t):
+            return t
+        key = (i, t.shape, t.device)
+        buf = self._pool.get(key)
+        if buf is None:
+            buf = self._pool[key] = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+        return buf.copy_(t)
+
+    def __enter__(self):
+        self._pool: dict[tuple, torch.Tensor] = {}
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._pool = {}
+        return super().__exit__(*exc)
+
+
+# ops whose result never aliases their operands (no view of the weight lives on after the call)
+_READS_WEIGHTS = {torch.nn.functional.linear, torch.nn.functional.embedding}
+
+
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                    "__imatmul__"}
+
+
+def _is_low(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION
+
+
+def _to_float32(v: Any) -> Any:
+    if isinstance(v, torch.dtype):
+        return torch.float32 if v in LOW_PRECISION else v
+    return v.float() if _is_low(v) else v
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run_float32(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> list[torch.Tensor]:
+    """``run_clean`` computing in float32 (``_Float32Mode``) without a float32 copy of the model: each
+    float16/bfloat16 weight is upcast where an op reads it and dropped after, the model's own tensors
+    are never written (its state stays bit for bit). Raises where that is not a float32 run: an op
+    writing in place into a low-precision tensor (its copy would take the write), or a floating output
+    that still comes back in float16/bfloat16."""
+    from .verify import run_clean  # verify builds its references with this module
+
+    up = CallArgs(tuple(tree_map(_to_float32, ci.args)), {k: tree_map(_to_float32, v) for k, v in ci.kwargs.items()})
+    with _Float32Mode():
+        out = run_clean(model, up, eval_mode=eval_mode)
+    low = sorted({dtype_name(o.dtype) for o in out if o.dtype in LOW_PRECISION})
+    if low:
+        raise NotFloat32(f"outputs still came back in {', '.join(low)}")
+    return out
+
+
+class NotFloat32(RuntimeError):
+    """A float32 run that did not compute in float32."""
