@@ -65,7 +65,10 @@ class FileSlice:
         return self.fits(t) and same_bytes(self.read(), t)
 
 
-def same_bytes(raw: bytearray, t: torch.Tensor) -> bool:
+_COMPARE_CHUNK = 16 * 2**20
+
+
+def same_bytes(raw: bytearray | memoryview, t: torch.Tensor) -> bool:
     """Whether ``raw`` is exactly ``t``'s bytes, compared 8 (4, 2) bytes at a time where they divide the
     length (byte by byte is five times slower on a 2 GB model)."""
     mine = t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -91,6 +94,7 @@ class PinnedFiles:
 
     def __init__(self) -> None:
         self._open: dict[Path, tuple[int, tuple[int, int, int]]] = {}
+        self._buf: bytearray | None = None
 
     def pin(self, where: FileSlice, t: torch.Tensor) -> Callable[[], None] | None:
         """How to put ``t``'s current bytes back from ``where``, or None when the file does not hold
@@ -99,7 +103,7 @@ class PinnedFiles:
             return None
         try:
             fd, stamp = self._fd(where.file)
-            if not same_bytes(_pread(fd, where), t):
+            if not self._file_holds(fd, where, t):
                 return None
         except OSError:
             return None
@@ -120,6 +124,28 @@ class PinnedFiles:
                     t.copy_(torch.frombuffer(raw, dtype=torch.uint8).view(ST_DTYPES[where.dtype]).reshape(where.shape))
         return restore
 
+    def _file_holds(self, fd: int, where: FileSlice, t: torch.Tensor) -> bool:
+        """``same_bytes`` a chunk at a time through one reused buffer: a fresh buffer the size of each
+        weight cost more in page faults than the reading and comparing (1.36 GB checked for a 1.1B fold)."""
+        mine = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if mine.numel() != where.end - where.start:
+            return False
+        if self._buf is None:
+            self._buf = bytearray(_COMPARE_CHUNK)
+        view, off = memoryview(self._buf), 0
+        while off < mine.numel():
+            k = min(len(view), mine.numel() - off)
+            done = 0
+            while done < k:
+                n = os.preadv(fd, [view[done:k]], where.start + off + done)
+                if n <= 0:
+                    raise OSError(f"{where.file}: truncated")
+                done += n
+            if not same_bytes(view[:k], mine[off:off + k]):
+                return False
+            off += k
+        return True
+
     def _fd(self, file: Path) -> tuple[int, tuple[int, int, int]]:
         if file not in self._open:
             fd = os.open(file, os.O_RDONLY)
@@ -131,6 +157,7 @@ class PinnedFiles:
         for fd, _ in self._open.values():
             os.close(fd)
         self._open.clear()
+        self._buf = None
 
 
 def _pread(fd: int, where: FileSlice) -> bytearray:
