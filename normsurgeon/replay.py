@@ -417,11 +417,12 @@ def _differs_from_file(file: Path, state: dict[str, torch.Tensor]) -> str | None
     """The first tensor of ``file`` that is not bit-identical to ``state``'s (read with plain reads,
     one tensor at a time: a mapped file would count every page read), or None."""
     start, header = file_tensors.read_header(file)
+    buf = bytearray(file_tensors.COMPARE_CHUNK)
     for k, e in header.items():
         a, b = e["data_offsets"]
         where = file_tensors.FileSlice(file, start + a, start + b, e["dtype"], tuple(e["shape"]))
         t = state.get(k)
-        if t is None or not where.fits(t.detach().to("cpu")) or not where.holds(t.detach().to("cpu")):
+        if t is None or not where.holds(t.detach().to("cpu"), buf):
             return k
     return None
 
