@@ -328,3 +328,8 @@ def load_weights(model: torch.nn.Module, weights: str | os.PathLike) -> None:
 
 # Saving lives in normsurgeon.saving; these names stay importable from here for user scripts.
 from .saving import atomic_write, check_output_path, check_picklable, check_program_output, save_model  # noqa: E402,F401
+
+__all__ = ["load_model", "LoadedModel", "ExportedModel", "import_modules", "read_hf_config", "prepare_hf_model",
+           "program_module", "program_inputs", "getattr_inputs", "load_weights",
+           # re-exported from saving
+           "atomic_write", "check_output_path", "check_picklable", "check_program_output", "save_model"]

@@ -39,6 +39,7 @@ from .token_batch_norm import TokenBatchNorm
 from .registry import MODULES, module_class  # noqa: E402 - target name -> class
 
 __all__ = [
+    "MIN_BN_EPS", "bn_eps",
     "TokenBatchNorm", "ChannelLayerNorm", "FrozenBatchNorm", "PowerNorm", "GroupScaling",
     "RepBatchNorm", "ProgressiveNorm", "capture_padding_mask", "current_padding_mask", "padding_mask",
     "batchnorm_to_groupnorm", "ffn_batchnorm", "make_identity", "MODULES", "module_class",

@@ -181,7 +181,7 @@ def fold_onnx(model: Any, *, rtol: float | None = None, atol: float | None = Non
         first, checks_all, err_all = _worst(checks), bool(checks), err
 
         def settle(group: list[OnnxSite]) -> None:
-            nonlocal data, checks
+            nonlocal data
             trial = kept + group
             d, fails = build(trial)
             c, e, good = verdict(d, stop_early=True) if d else ([], None, False)
