@@ -41,6 +41,9 @@ class _Float32Mode(TorchFunctionMode):
         inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
         if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
             raise NotFloat32(f"{name} writes into a {dtype_name((args[0] if inplace else kwargs['out']).dtype)} tensor")
+        if name == "__set__" and args and _is_low(args[0]):  # ``w.data = ...``: the copy would take it
+            what = getattr(getattr(func, "__self__", None), "__name__", "an attribute")
+            raise NotFloat32(f"sets .{what} of a {dtype_name(args[0].dtype)} tensor")
         if name == "view" and args and _is_low(args[0]) and any(isinstance(a, torch.dtype) for a in args[1:]):
             raise NotFloat32(f"view reinterprets the bits of a {dtype_name(args[0].dtype)} tensor")
         if func in _READS_WEIGHTS:
@@ -99,12 +102,43 @@ def run_float32(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> l
     from .verify import run_clean  # verify builds its references with this module
 
     up = CallArgs(tuple(tree_map(_to_float32, ci.args)), {k: tree_map(_to_float32, v) for k, v in ci.kwargs.items()})
-    with _Float32Mode():
-        out = run_clean(model, up, eval_mode=eval_mode)
+    held = _tensors_held(model)
+    try:
+        with _Float32Mode():
+            out = run_clean(model, up, eval_mode=eval_mode)
+    finally:
+        _put_back(model, held)
     low = sorted({dtype_name(o.dtype) for o in out if o.dtype in LOW_PRECISION})
     if low:
         raise NotFloat32(f"outputs still came back in {', '.join(low)}")
     return out
+
+
+_OWN_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _tensors_held(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict]]:
+    """Every module's parameters, buffers and plain attributes, as objects."""
+    return [(m, dict(m._parameters), dict(m._buffers), {k: v for k, v in vars(m).items() if k not in _OWN_DICTS})
+            for m in model.modules()]
+
+
+def _put_back(model: nn.Module, held: list[tuple[nn.Module, dict, dict, dict]]) -> None:
+    """Undo what a float32 run stored on the modules: code like ``if self.cache.dtype != x.dtype:
+    self.cache = self.cache.to(x.dtype)`` saw float32 there and would leave the model a float32 buffer
+    (its later outputs, and what is saved, would change); a cache made on the first call would stay
+    float32. The model's own objects go back in place; tensors the run added go."""
+    for m, params, buffers, attrs in held:
+        for store, before in ((m._parameters, params), (m._buffers, buffers)):
+            if store.keys() != before.keys() or any(store[k] is not v for k, v in before.items()):
+                store.clear()
+                store.update(before)
+        now = vars(m)
+        for k in [k for k, v in now.items() if k not in attrs and k not in _OWN_DICTS and isinstance(v, torch.Tensor)]:
+            del now[k]
+        for k, v in attrs.items():
+            if k not in now or now[k] is not v:
+                now[k] = v
 
 
 class NotFloat32(RuntimeError):

@@ -244,3 +244,47 @@ def test_the_low_precision_bar_is_capped():
     assert refs.tolerance(Tolerance(1.5e-2, 1e-3)).rtol == LOW_PRECISION_CAP < 1.0
     refs = References(original_error=ErrorStats(0.03, 0.02, 1.0))
     assert refs.tolerance(Tolerance(1.5e-2, 1e-3)).rtol == pytest.approx(0.04)
+
+
+class CastsItsCache(nn.Module):
+    """Re-stores a buffer in the dtype it sees (older rotary embeddings do), and makes a cache on its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("table", torch.linspace(0, 1, 8))
+        self.cache = None
+
+    def forward(self, x):
+        if self.table.dtype != x.dtype:
+            self.table = self.table.to(x.dtype)
+        if self.cache is None:
+            self.cache = torch.ones(8, dtype=x.dtype)
+        return self.fc(x) * self.table + self.cache
+
+
+def test_a_float32_run_leaves_no_float32_tensor_on_the_model():
+    model = CastsItsCache().to(torch.bfloat16)
+    table = model.table
+    x = CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),))
+    assert run_float32(model, x)[0].dtype == torch.float32
+    assert model.table is table and model.cache is None  # the float32 run's table and cache are gone
+    refs = References.record(model, x)
+    assert refs.reference == "float32" and model.table is table
+    assert all(t.dtype == torch.bfloat16 for t in model.state_dict().values())
+
+
+class SetsData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.fc.weight.data = self.fc.weight.data.clamp(-1, 1)
+        return self.fc(x)
+
+
+def test_a_forward_that_sets_data_falls_back_and_says_why():
+    model = SetsData().to(torch.bfloat16)
+    refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
+    assert refs.reference == "bfloat16" and "sets .data of a bfloat16 tensor" in refs.reference_note
