@@ -287,33 +287,43 @@ def tensor_aliases(model: nn.Module) -> dict[int, list[str]]:
 def uses(graph: ModelGraph, tensor: torch.Tensor) -> list[GNode]:
     """Every op that reads ``tensor`` (a parameter or buffer, under any of its names)."""
     out = []
-    for n in _param_nodes(graph).get(id(tensor), []):
-        if _resolve(graph.model, n.param) is tensor:
-            stack = list(data_users(n))
-            while stack:
-                u = stack.pop()
-                if u.op in _NOOP and u.op not in CASTS:
-                    stack.extend(data_users(u))
-                else:
-                    out.append(u)
+    for n in _nodes_naming(graph, tensor):
+        stack = list(data_users(n))
+        while stack:
+            u = stack.pop()
+            if u.op in _NOOP and u.op not in CASTS:
+                stack.extend(data_users(u))
+            else:
+                out.append(u)
     return out
 
 
-def _param_nodes(graph: ModelGraph) -> dict[int, list[GNode]]:
-    """id(tensor) -> the graph's param nodes that name it, rebuilt whenever the model's tensors changed
-    (an untied weight is a new tensor): ``uses`` runs for every reader of every norm, and resolving
-    every node's name each time cost a 1.1B model's fold seconds."""
-    key = tuple(id(t) for t in (*graph.model.parameters(), *graph.model.buffers()))
+def _nodes_naming(graph: ModelGraph, tensor: torch.Tensor) -> list[GNode]:
+    """The graph's param nodes whose name resolves to ``tensor`` now. The index is rebuilt when it is
+    stale for this tensor: none of its nodes, or one that no longer resolves to it (an untied weight
+    is a new tensor under an old name)."""
+    for rebuild in (False, True):
+        listed = _param_nodes(graph, rebuild).get(id(tensor), [])
+        nodes = [n for n in listed if _resolve(graph.model, n.param) is tensor]
+        if nodes and len(nodes) == len(listed):
+            return nodes
+    return nodes
+
+
+def _param_nodes(graph: ModelGraph, rebuild: bool = False) -> dict[int, list[GNode]]:
+    """id(tensor) -> the graph's param nodes that name it: ``uses`` runs for every reader of every
+    norm, and resolving every node's name each time cost a 1.1B model's fold seconds (so did a key
+    over every parameter: ``_nodes_naming`` checks what it reads instead)."""
     cached = graph.__dict__.get("_param_nodes")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and not rebuild:
+        return cached
     index: dict[int, list[GNode]] = {}
     for n in graph.nodes:
         if n.op == "param" and n.param:
             t = _resolve(graph.model, n.param)
             if t is not None:
                 index.setdefault(id(t), []).append(n)
-    graph.__dict__["_param_nodes"] = (key, index)
+    graph.__dict__["_param_nodes"] = index
     return index
 
 
