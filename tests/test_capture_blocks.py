@@ -4,6 +4,7 @@ is the whole export's node for node, on every tiny architecture of ``zoo_llm`` b
 the passes give the same reports either way."""
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +152,31 @@ def test_a_model_indexing_its_full_list_falls_back_and_keeps_its_list():
     assert model.layers is layers and len(model.layers) == 5  # restored after the failed export
     assert once.describe() == "export" and "IndexError" in once.attempts[0][1]
     assert canonical(once.nodes) == canonical(whole.nodes)
+
+
+class ByConfig(Net):
+    """Picks one middle layer's behaviour from a per-layer config list by the loop's index: the
+    traced blocks 0, 1 and 4 would not show it."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(layer_types=["plain", "plain", "plain", "tanh", "plain"])
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.config.layer_types[i] == "tanh":
+                x = x.tanh()
+        return self.head(x)
+
+
+def test_a_per_layer_config_list_is_exported_whole():
+    model = ByConfig()
+    assert not find_runs(model)
+    once, whole = _both(model)
+    assert once.describe() == "export" and canonical(once.nodes) == canonical(whole.nodes)
+    model.config.layer_types[3] = "plain"  # the same for every layer: repeated
+    assert find_runs(model)
 
 
 def test_shared_or_hooked_blocks_are_not_repeated():

@@ -66,16 +66,17 @@ class Run:
 
 def find_runs(model: nn.Module) -> list[Run]:
     """Every outermost ``ModuleList`` of ``MIN_BLOCKS`` or more structurally identical blocks whose
-    tensors no other module shares."""
+    tensors no other module shares, unless a list as long in the model's config differs per layer."""
     owners: dict[int, int] = {}
     for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         owners[id(t)] = owners.get(id(t), 0) + 1
     module_uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         module_uses[id(m)] = module_uses.get(id(m), 0) + 1
+    varying = _per_layer_lengths(model)
     runs: list[Run] = []
     for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < MIN_BLOCKS or not path:
+        if not isinstance(m, nn.ModuleList) or len(m) < MIN_BLOCKS or not path or len(m) in varying:
             continue
         if any(path.startswith(r.path + ".") for r in runs):
             continue  # inside a block of a run: copied with it
@@ -85,6 +86,23 @@ def find_runs(model: nn.Module) -> list[Run]:
             if parent._modules.get(name) is m:
                 runs.append(Run(path, parent, name, m))
     return runs
+
+
+def _per_layer_lengths(model: nn.Module) -> set[int]:
+    """Lengths of the lists in the model's configs that differ from item to item (``layer_types``,
+    ``no_rope_layers``...): a loop may pick each layer's behaviour from one by the layer's position,
+    which the blocks' own attributes would not show."""
+    out = set()
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    for config in configs.values():
+        try:
+            items = vars(config).values()
+        except TypeError:
+            continue
+        for v in items:
+            if isinstance(v, (list, tuple)) and len(v) >= MIN_BLOCKS and any(repr(x) != repr(v[0]) for x in v):
+                out.add(len(v))
+    return out
 
 
 def _identical(blocks: list[nn.Module], owners: dict[int, int], module_uses: dict[int, int]) -> bool:
@@ -158,7 +176,10 @@ def _plain(v: Any) -> bool:
 
 
 def _same_values(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.device == y.device and torch.equal(x, y) for x, y in zip(a, b))
+    try:
+        return len(a) == len(b) and all(x.device == y.device and torch.equal(x, y) for x, y in zip(a, b))
+    except Exception:  # noqa: BLE001 - values that cannot be compared (meta tensors): not the same
+        return False
 
 
 def _attributes_agree(per_block: list[dict]) -> bool:
