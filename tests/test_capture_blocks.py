@@ -217,3 +217,19 @@ def test_affine_fold_and_rotate_report_the_same_with_blocks_repeated(monkeypatch
     (f0, r0, w0), (f1, r1, w1) = results
     assert f0 == f1 and r0 == r1
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_the_streamed_folds_tiny_twin_exports_its_layers_once():
+    import transformers
+
+    from normsurgeon import twin
+    from normsurgeon.inputs import inputs_from_hf_config
+    from normsurgeon.shard_stream import capture_twin
+
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                                      num_attention_heads=8, num_key_value_heads=4)
+    model = twin.build(config, transformers.LlamaForCausalLM)
+    ci = inputs_from_hf_config(model.config)
+    graph = capture_twin(model, ci, transformers.LlamaForCausalLM)
+    assert graph.describe() == "export (3 of 6 blocks of model.layers traced (0, 1, 5), 3 repeated from model.layers.1)"
+    assert canonical(graph.nodes) == canonical(capture(model, ci, repeat_blocks=False).nodes)
