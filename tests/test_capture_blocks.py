@@ -133,6 +133,20 @@ def test_blocks_differing_in_a_scalar_attribute_are_exported_whole():
     assert canonical(once.nodes) == canonical(whole.nodes)
 
 
+def test_gpt2_scaling_attention_by_its_layer_index_is_exported_whole():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert not find_runs(model)  # each block's attention `scaling` is 1 / (layer_idx + 1) of the last
+    ci = as_call_args({"input_ids": torch.randint(0, 96, (2, 10))})
+    once = capture(model, ci, repeat_blocks=True)
+    assert once.describe() == "export"
+    assert canonical(once.nodes) == canonical(capture(model, ci, repeat_blocks=False).nodes)
+
+
 @pytest.mark.parametrize("special", ["first", "last"])
 def test_a_forward_branching_on_its_index_is_caught_on_the_traced_blocks(special):
     model = Net(special=special)
