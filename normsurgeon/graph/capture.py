@@ -5,6 +5,8 @@ Order of attempts (the report says which one worked, and why the others did not)
 1. ``torch.export`` (non-strict) when example inputs exist: it works on nearly every real model,
    keeps high-level ops (``aten.linear``, ``aten.conv2d``, ``aten.batch_norm``) and records for every
    node the module it came from (``nn_module_stack``) and its shape.
+   On a large model (or with ``repeat_blocks=True``) a run of identical blocks is exported once and
+   copied (``graph.blocks``), the whole export being the fallback.
 2. ``torch.fx.symbolic_trace``: needs no inputs but fails on nearly every transformers model
    (iterating proxies, control flow); used when export failed or no inputs were given.
 3. per child: each child module exported alone, once per call, with the inputs each call received
