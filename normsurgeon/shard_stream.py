@@ -202,7 +202,8 @@ def plan_from_twin(config: Any, cls: type, *, untie: bool = False) -> Plan:
         planned.append(PlannedSite(site.norm, site.kind, aff.weight.name if aff.weight is not None else None,
                                    aff.bias.name if aff.bias is not None else None, aff.one_plus, readers))
     # the proof: the normal verified fold of the same twin folds exactly these sites
-    _, report = fold_pass(model, ci, affine=True, untie=untie)
+    # (in place, on the graph just captured: the twin is ours, and a second capture of its layers costs seconds)
+    _, report = fold_pass(model, ci, affine=True, untie=untie, graph=graph, inplace=True)
     kept = {a.path for a in report.affine_actions if a.kind == "folded"}
     why = {a.path: a.reason for a in report.affine_actions if a.kind != "folded"}
     for s in planned:
@@ -236,7 +237,8 @@ def capture_twin(model: torch.nn.Module, ci: Any, cls: type) -> Any:
 
     try:
         with without_kv_cache(model):
-            return capture(model, ci)
+            # every layer of the twin, as the checkpoint has: identical ones are exported once (graph.blocks)
+            return capture(model, ci, repeat_blocks=True)
     except NormSurgeonError as e:
         raise NormSurgeonError(f"{cls.__name__}: its tiny twin cannot be captured ({e.template})") from None
 

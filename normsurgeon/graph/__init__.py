@@ -1,5 +1,6 @@
-"""The captured graph: ``capture`` (torch.export → torch.fx → per child), the ``GNode`` view every
-pass reads, and ``ops``, the one vocabulary of data-movement ops with channel-axis tracking."""
+"""The captured graph: ``capture`` (torch.export → torch.fx → per child; ``blocks``: identical blocks
+exported once), the ``GNode`` view every pass reads, and ``ops``, the one vocabulary of data-movement
+ops with channel-axis tracking."""
 
 from .capture import capture, check_inputs, eval_modes, restore_modes, without_kv_cache
 from .node import CapturedPart, GNode, ModelGraph

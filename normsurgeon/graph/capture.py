@@ -5,6 +5,8 @@ Order of attempts (the report says which one worked, and why the others did not)
 1. ``torch.export`` (non-strict) when example inputs exist: it works on nearly every real model,
    keeps high-level ops (``aten.linear``, ``aten.conv2d``, ``aten.batch_norm``) and records for every
    node the module it came from (``nn_module_stack``) and its shape.
+   On a large model (or with ``repeat_blocks=True``) a run of identical blocks is exported once and
+   copied (``graph.blocks``), the whole export being the fallback.
 2. ``torch.fx.symbolic_trace``: needs no inputs but fails on nearly every transformers model
    (iterating proxies, control flow); used when export failed or no inputs were given.
 3. per child: each child module exported alone, once per call, with the inputs each call received
@@ -28,6 +30,7 @@ import torch.nn as nn
 from ..errors import NormSurgeonError, one_line
 from ..inputs import CallArgs
 from ..quiet import quiet_torch
+from .blocks import NotRepeatable, Run, expand, find_runs, shortened
 from .node import CapturedPart, GNode, ModelGraph
 
 # Modules FX keeps as leaves, mapped to the aten op name their export produces.
@@ -59,9 +62,13 @@ _IGNORED_OPS = {"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "s
                 "_functional_assert_async", "_functional_assert_scalar"}
 
 
-def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked: bool = False) -> ModelGraph:
+def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked: bool = False,
+            repeat_blocks: bool | None = None) -> ModelGraph:
     """Capture ``model``'s graph; see the module docstring for the order of attempts. ``checked``: the
     caller has just run the model on ``example_inputs`` (one forward pass less on a large model).
+    ``repeat_blocks``: export each run of identical blocks once and copy it (``graph.blocks``), falling
+    back to the whole export when the traced blocks do not prove it; None: only for a model of
+    ``verify.LEAN_BYTES`` of weights or more, where the whole export costs seconds.
 
     A failed attempt is one line in ``ModelGraph.attempts``; what torch printed, logged or warned
     while failing (e.g. the partial graph of a failed export) is kept off the terminal."""
@@ -69,7 +76,7 @@ def capture(model: nn.Module, example_inputs: CallArgs | None = None, *, checked
         if example_inputs is not None and not checked:
             check_inputs(model, example_inputs)
         with quiet_torch():
-            return _capture(model, example_inputs)
+            return _capture(model, example_inputs, repeat_blocks)
 
 
 @contextmanager
@@ -94,9 +101,18 @@ def without_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = value
 
 
-def _capture(model: nn.Module, example_inputs: CallArgs | None) -> ModelGraph:
+def _capture(model: nn.Module, example_inputs: CallArgs | None, repeat_blocks: bool | None = None) -> ModelGraph:
     attempts: list[tuple[str, str]] = []
     if example_inputs is not None:
+        runs = find_runs(model) if _repeats(model, repeat_blocks) else []
+        if runs:
+            try:
+                nodes = _export_repeated(model, example_inputs, runs)
+                return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts,
+                                  notes=[r.note() for r in runs])
+            except Exception as e:  # noqa: BLE001 - the whole export decides
+                attempts.append(("export of repeated blocks once", one_line(e, typed=not isinstance(e, NotRepeatable),
+                                                                           limit=200)))
         try:
             nodes = _export_nodes(model, example_inputs)
             return ModelGraph(model, "export", nodes, [CapturedPart("", "export")], attempts)
@@ -159,6 +175,25 @@ def _export_nodes(model: nn.Module, ci: CallArgs, prefix: str = "", call: int = 
     finally:
         restore_modes(modes)
     return program_nodes(ep, prefix, call)
+
+
+def _repeats(model: nn.Module, repeat_blocks: bool | None) -> bool:
+    if repeat_blocks is not None:
+        return repeat_blocks
+    from ..verify import LEAN_BYTES  # verify imports this module
+
+    return sum(p.numel() * p.element_size() for p in model.parameters()) >= LEAN_BYTES
+
+
+def _export_repeated(model: nn.Module, ci: CallArgs, runs: list[Run]) -> list[GNode]:
+    """The whole model's nodes from an export with each run of identical blocks shortened to three."""
+    with shortened(runs):
+        nodes = _export_nodes(model, ci)
+    nodes = expand(nodes, runs)
+    for n in nodes:
+        n.users = []
+    _link_users(nodes)
+    return nodes
 
 
 def program_nodes(ep: torch.export.ExportedProgram, prefix: str = "", call: int = 0) -> list[GNode]:

@@ -64,6 +64,7 @@ class ModelGraph:
     nodes: list[GNode]
     parts: list[CapturedPart]
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (method, why it failed)
+    notes: list[str] = field(default_factory=list)  # how the method was used (blocks traced once)
 
     def __post_init__(self) -> None:
         self._modules = dict(self.model.named_modules(remove_duplicate=False))
@@ -100,7 +101,7 @@ class ModelGraph:
         if self.method == "per-child":
             ok = sum(p.method != "failed" for p in self.parts)
             return f"per-child ({ok} parts captured, {len(self.failed_parts())} failed)"
-        return self.method
+        return f"{self.method} ({'; '.join(self.notes)})" if self.notes else self.method
 
 
 def flat(xs: Any) -> Iterator[Any]:
