@@ -38,7 +38,6 @@ from .recipe import describe_base, factory_base, set_base, transformers_base
 from . import replay
 from .replay import apply_recipe, is_dir_output, is_recipe_dir  # noqa: F401
 from .verify import load_inputs_file, tolerance_for
-from .warm_output import WarmFile, warming
 
 __all__ = ["load", "inspect", "write_inputs", "fold", "convert", "rotate", "insert_ffn_bn", "calibrate", "load_calibration_data",
            "synthetic_batches", "check_calibration_batch", "calibrate_files", "recalibrate", "validate_convert",
@@ -117,19 +116,12 @@ def check_recipe_base(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
-         input_path: str | os.PathLike | None = None, inputs: Sequence = (), warm: WarmFile | None = None) -> Path:
-    """Save as a recipe directory (``-o DIR/``, see ``replay.save``; ``warm``: its weights file's pages,
-    allocated while the pass ran, ``warm_output``) or a ``.pt``/``.pt2`` file."""
+         input_path: str | os.PathLike | None = None, inputs: Sequence = ()) -> Path:
+    """Save as a recipe directory (``-o DIR/``, see ``replay.save``) or a ``.pt``/``.pt2`` file."""
     if is_dir_output(path):
         return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
-                           inputs=inputs, warm=warm)
+                           inputs=inputs)
     return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
-
-
-def _warming(output: Any, out: Path | None, model: Any):
-    """``warm_output.warming`` for a recipe-directory ``output`` (a large model's weights file gets its
-    pages while the pass runs); a no-op for anything else."""
-    return warming(out if out is not None and is_dir_output(output) else None, model)
 
 
 def _resolve(model: Any, example_inputs: Any, load_options: dict, *, need_inputs: bool = True):
@@ -209,14 +201,12 @@ def convert(model: nn.Module | str | os.PathLike, to: str | None = "bn", *, exam
     elif calibrate_synthetic is not None:
         kwargs["calibrate_batches"] = synthetic_batches(_convert_pass._inputs(model, example_inputs),
                                                         calibrate_synthetic)
-    with _warming(output, out, model) as warm:
-        converted, report = _convert_pass.convert(model, to, example_inputs=example_inputs, extra_inputs=extra,
-                                                  **kwargs)
-        report.output = None
-        failed = report.verify is not None and report.verify.get("passed") is False
-        if out is not None and not failed:
-            report.output = str(save(converted, output, example_inputs=example_inputs, force=force,
-                                     input_path=input_path, inputs=read, warm=warm))
+    converted, report = _convert_pass.convert(model, to, example_inputs=example_inputs, extra_inputs=extra, **kwargs)
+    report.output = None
+    failed = report.verify is not None and report.verify.get("passed") is False
+    if out is not None and not failed:
+        report.output = str(save(converted, output, example_inputs=example_inputs, force=force,
+                                 input_path=input_path, inputs=read))
     return converted, report
 
 
@@ -275,12 +265,11 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     if inputs_file is not None:
         ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
         extra += load_inputs_file(inputs_file, ex)
-    with _warming(output, out, model) as warm:
-        folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
-        report.dry_run = out is None
-        if out is not None and report.passed:
-            report.output = str(save(folded, output, example_inputs=example_inputs, force=force,
-                                     input_path=input_path, inputs=read, warm=warm))
+    folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+    report.dry_run = out is None
+    if out is not None and report.passed:
+        report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
+                                 inputs=read))
     return folded, report
 
 
@@ -383,12 +372,11 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, example_inputs)
-    with _warming(output, out, model) as warm:
-        rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
-        report.output = None
-        if out is not None and report.rotated:
-            report.output = str(save(rotated, output, example_inputs=example_inputs, force=force,
-                                     input_path=input_path, inputs=read, warm=warm))
+    rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
+    report.output = None
+    if out is not None and report.rotated:
+        report.output = str(save(rotated, output, example_inputs=example_inputs, force=force, input_path=input_path,
+                                 inputs=read))
     return rotated, report
 
 

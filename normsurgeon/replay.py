@@ -41,7 +41,6 @@ from .hf_dir import write_config
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
 from .verify import run_clean
-from .warm_output import WarmFile, save_weights
 
 __all__ = ["save", "load", "load_dir", "apply_recipe", "build_base", "is_recipe_dir", "is_dir_output",
            "check_dir_output", "RECIPE_FILE", "WEIGHTS_FILE", "INPUTS_FILE"]
@@ -282,7 +281,7 @@ def _check_sizes(model: nn.Module, action: dict, i: int) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
          input_path: str | os.PathLike | None = None, base: str | dict | None = None, check: bool = True,
-         inputs=(), warm: WarmFile | None = None) -> Path:
+         inputs=()) -> Path:
     """Write ``model`` as a recipe directory (see the module docstring), atomically.
 
     ``model`` is one the tool converted or loaded (it carries its recipe), or any transformers model.
@@ -290,8 +289,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     describe. With ``check`` the directory is loaded back and its outputs compared with ``model``'s,
     bit for bit, before it is moved into place (``saving.place_dir``: without ``force`` a directory
     another run created meanwhile is not replaced). ``input_path`` and ``inputs`` (files the caller
-    read) are never deleted. ``warm``: a file beside ``path`` whose pages were allocated while the pass
-    ran (``warm_output.warming``); the weights are written into it.
+    read) are never deleted.
     """
     if not is_dir_output(path):
         raise NormSurgeonError(f"{path}: a recipe is a directory (end the path with /); .pt and .pt2 files are "
@@ -315,11 +313,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.resolve())
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file, save_model
 
         (tmp / RECIPE_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         try:
-            save_weights(model, tmp / WEIGHTS_FILE, {"format": "pt", "normsurgeon": "recipe"}, warm)
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "normsurgeon": "recipe"})
         except Exception as e:  # noqa: BLE001
             raise NormSurgeonError(f"`output` {path}: cannot write the weights: {one_line(e, typed=True)}") from e
         if ci is not None:
