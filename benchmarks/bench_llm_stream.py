@@ -63,6 +63,7 @@ def main() -> None:
     py = sys.executable
     with tempfile.TemporaryDirectory(prefix="normsurgeon-bench-stream-") as tmp:
         where = args.workdir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
         model = args.model
         if model is None:
             config = dict(QUICK if args.quick else TINYLLAMA)
@@ -115,18 +116,24 @@ def main() -> None:
             result["runs"][kind] = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss, "exit": code}
             print(f"{kind:8s} {wall:7.1f} s wall {cpu:7.1f} s CPU  peak RSS {rss:7.0f} MiB  exit {code}{note}",
                   flush=True)
-        stream = result["runs"]["stream"]
-        verdict = "under" if stream["peak_rss_mib"] < 1024 else "OVER"
-        if "rotate" in result["runs"]:
-            r = result["runs"]["rotate"]
-            print(f"rotate peak RSS {r['peak_rss_mib']:.0f} MiB: {'under' if r['peak_rss_mib'] < 1024 else 'OVER'} 1 GiB")
-        print(f"stream peak RSS {stream['peak_rss_mib']:.0f} MiB: {verdict} 1 GiB "
-              f"(imports alone {result['runs']['imports']['peak_rss_mib']:.0f} MiB)")
+        for kind in ("rotate", "stream"):
+            r = result["runs"].get(kind)
+            if r is None:
+                continue
+            if r["exit"] != 0:  # a run that failed early has a small peak and says nothing about the target
+                print(f"{kind}: FAILED (exit {r['exit']}), no figure")
+                continue
+            verdict = "under" if r["peak_rss_mib"] < 1024 else "OVER"
+            print(f"{kind} peak RSS {r['peak_rss_mib']:.0f} MiB: {verdict} 1 GiB"
+                  + (f" (imports alone {result['runs']['imports']['peak_rss_mib']:.0f} MiB)" if kind == "stream" else ""))
+        failed = [k for k, r in result["runs"].items() if r["exit"] != 0]
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(rot, ignore_errors=True)
+        if failed:
+            raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
