@@ -2,6 +2,7 @@
 of the model, a rewrite judged by its own error against them next to the original's, wrong rewrites
 still rolled back, and the fallback to the model's own dtype with its reason."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -288,3 +289,31 @@ def test_a_forward_that_sets_data_falls_back_and_says_why():
     model = SetsData().to(torch.bfloat16)
     refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
     assert refs.reference == "bfloat16" and "sets .data of a bfloat16 tensor" in refs.reference_note
+
+
+def test_a_large_head_is_upcast_a_block_of_rows_at_a_time_and_an_embedding_after_its_gather(monkeypatch):
+    """No float32 copy of a whole vocabulary matrix (262 MB for a 1.1B Llama's head): the same float32
+    outputs, computed from blocks of rows of the head and from the gathered rows of the embedding."""
+    from normsurgeon import float32_run
+
+    class Lm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(300, 16)
+            self.head = nn.Linear(16, 300)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = Lm().to(torch.bfloat16)
+    monkeypatch.setattr(float32_run, "ROWS_BYTES", 16 * 4 * 7)  # 7 rows of the head at a time
+    upcast = []
+    scratch = float32_run._Float32Mode._scratch
+    monkeypatch.setattr(float32_run._Float32Mode, "_scratch",
+                        lambda self, i, t: upcast.append(tuple(t.shape)) or scratch(self, i, t))
+    ids = torch.randint(0, 300, (2, 5))
+    got = run_float32(model, CallArgs((ids,)))[0]
+    want = Lm.forward(copy.deepcopy(model).float(), ids)
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() < 1e-5
+    assert (300, 16) not in upcast  # neither table was copied whole
