@@ -39,6 +39,10 @@ class _Float32Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__get__":  # an attribute (.dtype, .shape, .device): read it, never upcast the tensor for it
+            if getattr(getattr(func, "__self__", None), "__name__", "") == "data" and args and _is_low(args[0]):
+                # the tensor itself: ops that read it upcast it, and one that writes into it
+                # (``w.data.clamp_()``) is refused below instead of writing into a copy
+                return func(*args, **kwargs)
             return tree_map(_to_float32, func(*args, **kwargs))
         inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
         if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
@@ -153,24 +157,26 @@ def run_float32(model: nn.Module, ci: CallArgs, *, eval_mode: bool = False) -> l
 _OWN_DICTS = ("_parameters", "_buffers", "_modules")
 
 
-def _tensors_held(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict]]:
-    """Every module's parameters, buffers and plain attributes, as objects."""
-    return [(m, dict(m._parameters), dict(m._buffers), {k: v for k, v in vars(m).items() if k not in _OWN_DICTS})
-            for m in model.modules()]
+def _tensors_held(model: nn.Module) -> list[tuple[nn.Module, list[dict], dict]]:
+    """Every module's parameters, buffers, children and attributes, as objects."""
+    return [(m, [dict(getattr(m, d)) for d in _OWN_DICTS], dict(vars(m))) for m in model.modules()]
 
 
-def _put_back(model: nn.Module, held: list[tuple[nn.Module, dict, dict, dict]]) -> None:
+def _put_back(model: nn.Module, held: list[tuple[nn.Module, list[dict], dict]]) -> None:
     """Undo what a float32 run stored on the modules: code like ``if self.cache.dtype != x.dtype:
     self.cache = self.cache.to(x.dtype)`` saw float32 there and would leave the model a float32 buffer
-    (its later outputs, and what is saved, would change); a cache made on the first call would stay
-    float32. The model's own objects go back in place; tensors the run added go."""
-    for m, params, buffers, attrs in held:
-        for store, before in ((m._parameters, params), (m._buffers, buffers)):
+    (its later outputs, and what is saved, would change); a table or a submodule made on the first call
+    would stay float32. Every module's attributes, parameters, buffers and children are put back as
+    they were, objects and all (what the run added goes). A cache filled in place (``self.cache[k] = t``
+    into a dict the module already had) is not seen."""
+    for m, stores, attrs in held:
+        for d, before in zip(_OWN_DICTS, stores):
+            store = getattr(m, d)
             if store.keys() != before.keys() or any(store[k] is not v for k, v in before.items()):
                 store.clear()
                 store.update(before)
         now = vars(m)
-        for k in [k for k, v in now.items() if k not in attrs and k not in _OWN_DICTS and isinstance(v, torch.Tensor)]:
+        for k in [k for k in now if k not in attrs]:
             del now[k]
         for k, v in attrs.items():
             if k not in now or now[k] is not v:

@@ -164,7 +164,69 @@ def test_a_model_indexing_its_full_list_falls_back_and_keeps_its_list():
     layers = model.layers
     once, whole = _both(model)
     assert model.layers is layers and len(model.layers) == 5  # restored after the failed export
-    assert once.describe() == "export" and "IndexError" in once.attempts[0][1]
+    assert once.describe() == "export" and "picks blocks of the list by position" in once.attempts[0][1]
+    assert canonical(once.nodes) == canonical(whole.nodes)
+
+
+class Split(Net):
+    """A norm between two slices of the list, cut at a count (as transformers' Dory does), and a scale
+    computed from the list's length: on a shortened list both would be silently wrong."""
+
+    def __init__(self, how, **kw):
+        super().__init__(n=6, **kw)
+        self.how, self.mid = how, nn.LayerNorm(8)
+
+    def forward(self, x):
+        if self.how == "split":
+            for layer in self.layers[:4]:
+                x = layer(x)
+            x = self.mid(x)
+            for layer in self.layers[4:]:
+                x = layer(x)
+        else:
+            x = x / len(self.layers) ** 0.5
+            for layer in self.layers:
+                x = layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("how", ["split", "len"])
+def test_a_forward_that_slices_or_counts_the_list_is_exported_whole(how):
+    model = Split(how)
+    assert find_runs(model)
+    once, whole = _both(model)
+    assert once.describe() == "export" and "NotRepeatable" not in once.describe()
+    assert ("counts" if how == "len" else "by position") in once.attempts[0][1]
+    assert canonical(once.nodes) == canonical(whole.nodes)
+    assert len(model.layers) == 6
+
+
+def test_a_full_slice_of_the_list_is_the_list():
+    """Llama iterates ``self.layers[:config.num_hidden_layers]``: still repeated."""
+    class Sliced(Net):
+        def forward(self, x):
+            for layer in self.layers[:self.n]:
+                x = layer(x)
+            return self.head(x)
+
+    once, whole = _both(Sliced())
+    assert once.describe().startswith("export (3 of 5 blocks")
+    assert canonical(once.nodes) == canonical(whole.nodes)
+
+
+def test_blocks_differing_in_a_private_attribute_are_exported_whole():
+    class Acts(Block):
+        def forward(self, x):
+            y = super().forward(x)
+            return y.tanh() if self._act else y
+
+    model = Net()
+    model.layers = nn.ModuleList(Acts(i, 5) for i in range(5))
+    for i, b in enumerate(model.layers):
+        b._act = i == 2
+    assert not find_runs(model)
+    once, whole = _both(model)
+    assert once.describe() == "export"
     assert canonical(once.nodes) == canonical(whole.nodes)
 
 

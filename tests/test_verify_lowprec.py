@@ -317,3 +317,41 @@ def test_a_large_head_is_upcast_a_block_of_rows_at_a_time_and_an_embedding_after
     want = Lm.forward(copy.deepcopy(model).float(), ids)
     assert got.dtype == torch.float32 and (got - want).abs().max().item() < 1e-5
     assert (300, 16) not in upcast  # neither table was copied whole
+
+
+class LazyTable(nn.Module):
+    """Makes a table and a counter on its first call (a rotary cache keyed by length, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if getattr(self, "seq_cached", 0) < x.shape[0]:
+            self.table = torch.ones(8, dtype=x.dtype)
+            self.seq_cached = x.shape[0]
+        return self.fc(x) * self.table
+
+
+def test_a_float32_run_takes_back_everything_it_added_not_half_of_it():
+    model = LazyTable().to(torch.bfloat16)
+    x = CallArgs((torch.randn(2, 8, dtype=torch.bfloat16),))
+    run_float32(model, x)
+    assert not hasattr(model, "seq_cached") and not hasattr(model, "table")
+    assert model(*x.args).dtype == torch.bfloat16  # the next forward makes its own, in its own dtype
+
+
+class ClampsThroughData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.fc.weight.data.clamp_(-0.1, 0.1)
+        return self.fc(x)
+
+
+def test_an_in_place_write_through_data_falls_back_and_says_why():
+    model = ClampsThroughData().to(torch.bfloat16)
+    refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
+    assert refs.reference == "bfloat16" and "clamp_ writes into a bfloat16 tensor" in refs.reference_note

@@ -40,6 +40,11 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
           "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
 
+# what every nn.Module keeps in its __dict__ (tensors, children, hooks: compared above or refused);
+# any other attribute, private ones too (``self._act = i == 2``), must agree between the blocks
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
 class NotRepeatable(Exception):
     """The traced blocks do not prove that copying one of them gives the whole model's graph."""
 
@@ -135,12 +140,14 @@ def _signature(block: nn.Module) -> tuple[tuple, list, dict]:
                               name not in m._non_persistent_buffers_set))
             values.append(buf)
         for name, v in vars(m).items():
-            if name.startswith("_") or name == "training":
+            if name in _MODULE_INTERNALS or name == "training":
                 continue
             if isinstance(v, torch.Tensor):  # a plain tensor attribute (a cached table): compared by value
                 structure.append(("tensor", rel, name, tuple(v.shape), v.dtype))
                 values.append(v)
-            else:
+            elif not name.startswith("_") or _plain(v):
+                # a private flag (``self._act = i == 2``) is compared like a public one; a private object
+                # (transformers' per-module ``_kernel_funcs`` table) is the module's machinery, not its data
                 attrs[(rel, name)] = _attribute(v)
     return tuple(structure), values, attrs
 
@@ -199,12 +206,37 @@ def _attributes_agree(per_block: list[dict]) -> bool:
     return True
 
 
+class _ShortList(nn.ModuleList):
+    """A run's stand-in while it is exported: iterating it gives blocks 0, 1 and the last. Anything
+    that would count the blocks or pick them by position (``len(layers)``, ``layers[i]``,
+    ``layers[:split]``) raises ``NotRepeatable``: it would see 3 blocks where the model has N, and the
+    graph would be wrong without looking so (a norm between two slices of the list moved after the
+    last block; a scale computed from the length). A slice covering all N (Llama's
+    ``layers[:num_hidden_layers]``) is the list itself."""
+
+    def __init__(self, blocks: list[nn.Module], n: int) -> None:
+        super().__init__(blocks)
+        self._full = n
+
+    def __getitem__(self, idx: Any) -> Any:
+        if isinstance(idx, slice) and idx.step in (None, 1) and idx.start in (None, 0) \
+                and (idx.stop is None or idx.stop >= self._full):
+            return self
+        raise NotRepeatable(f"the forward picks blocks of the list by position ([{idx!r}]): it would see "
+                            f"{_KEPT} of {self._full}")
+
+    def __len__(self) -> int:
+        if "_full" not in self.__dict__:  # ModuleList's own constructor counts what it has added
+            return len(self._modules)
+        raise NotRepeatable(f"the forward counts the blocks of the list: it would see {_KEPT} of {self._full}")
+
+
 @contextmanager
 def shortened(runs: list[Run]) -> Iterator[None]:
     """Each run's list replaced by one of blocks 0, 1 and the last while the body runs; always restored."""
     try:
         for r in runs:
-            short = nn.ModuleList([r.blocks[0], r.blocks[1], r.blocks[r.n - 1]])
+            short = _ShortList([r.blocks[0], r.blocks[1], r.blocks[r.n - 1]], r.n)
             short.training = r.blocks.training
             r.parent._modules[r.name] = short
         yield

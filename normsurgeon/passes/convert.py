@@ -233,7 +233,8 @@ def convert(model: nn.Module, to: str | None = "bn", *, example_inputs: Any = No
     if untie:
         raise NormSurgeonError("untie goes with to='rms' (or fold(affine=True))")
     if graph is None:
-        graph = capture(model, ci)
+        # a swap is not checked against the original's function: every block traced (no repeated blocks)
+        graph = capture(model, ci, repeat_blocks=False)
     sites = find_norms(graph)
     report = ConvertReport(to, graph.describe())
     rule = _rule(to, groups, progressive, pn_warmup_steps, pn_groups)
@@ -666,8 +667,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
         rule = _rule(to, action.get("groups"), action.get("progressive"), action.get("pn_warmup_steps", 4000),
                      action.get("pn_groups"))
         # the recipe's own inputs, which this architecture ran on when it was converted: no separate
-        # forward first (on a large model it costs as much as the capture)
-        graph = capture(model, ci, checked=True)
+        # forward first (on a large model it costs as much as the capture); a replay is not verified,
+        # so every block is traced
+        graph = capture(model, ci, checked=True, repeat_blocks=False)
         by_path: dict[str, list[NormSite]] = {}
         for s in find_norms(graph):
             by_path.setdefault(s.path, []).append(s)

@@ -210,7 +210,9 @@ def _fold_module(work: nn.Module, ci: CallArgs, verify: bool, rtol: float | None
     # The references run the example first: inputs the model rejects fail here, in one line, and the
     # capture need not run the model again to check them.
     refs = References.record(work, ci, extra=[as_call_args(e) for e in extra_inputs]) if verify else None
-    graph = graph if graph is not None else capture(work, ci, checked=refs is not None)
+    # repeated blocks (graph.blocks) only where the outcome is verified: they stand for blocks never traced
+    graph = graph if graph is not None else capture(work, ci, checked=refs is not None,
+                                                    repeat_blocks=None if refs is not None else False)
     ctx = FoldContext(work, graph)
     report = FoldReport(graph.describe())
     tol = tolerance_for(work, rtol, atol)
@@ -254,8 +256,9 @@ def replay(model: nn.Module, action: dict, ci: CallArgs) -> None:
     recorded sites, without verification (the weights that matter are loaded afterwards)."""
     want = {token_sites.site_path(model, f["norm"]): f for f in action.get("folded") or []}
     # the recipe's own inputs, which this architecture ran on when it was folded: no separate
-    # forward first (on a large model it costs as much as the capture)
-    graph = capture(model, ci, checked=True)
+    # forward first (on a large model it costs as much as the capture); a replay is not verified,
+    # so every block is traced
+    graph = capture(model, ci, checked=True, repeat_blocks=False)
     ctx = FoldContext(model, graph)
     for entry in match(model, graph, ctx):
         f = want.pop(entry.norm, None)
