@@ -55,6 +55,10 @@ class _Float32Mode(TorchFunctionMode):
         if func is F.embedding and _gathers_only(args, kwargs):
             # the rows, then their upcast: the same values as gathering from a float32 copy of the table
             return _to_float32(func(*args, **kwargs))
+        if func is F.linear and kwargs:  # ``F.linear(x, weight=w, bias=b)``: as the positional call
+            bound = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
+            if bound.keys() <= {"input", "weight", "bias"} and {"input", "weight"} <= bound.keys():
+                args, kwargs = (bound["input"], bound["weight"], bound.get("bias")), {}
         if func is F.linear and not kwargs and len(args) >= 2 and _is_low(args[1]) and args[1].dim() == 2 \
                 and args[1].numel() * 4 > ROWS_BYTES:
             return self._linear_by_rows(*args)

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from normsurgeon import zoo_llm
 from normsurgeon.graph import capture
@@ -303,15 +304,19 @@ def test_a_large_head_is_upcast_a_block_of_rows_at_a_time_and_an_embedding_after
             self.head = nn.Linear(16, 300)
 
         def forward(self, ids):
-            return self.head(torch.tanh(self.emb(ids)))
+            h = torch.tanh(self.emb(ids))
+            # the same head twice, once called with keywords
+            return self.head(h) + F.linear(h, weight=self.head.weight, bias=self.head.bias)
 
     torch.manual_seed(0)
     model = Lm().to(torch.bfloat16)
     monkeypatch.setattr(float32_run, "ROWS_BYTES", 16 * 4 * 7)  # 7 rows of the head at a time
     upcast = []
-    scratch = float32_run._Float32Mode._scratch
+    scratch, to_float32 = float32_run._Float32Mode._scratch, float32_run._to_float32
     monkeypatch.setattr(float32_run._Float32Mode, "_scratch",
                         lambda self, i, t: upcast.append(tuple(t.shape)) or scratch(self, i, t))
+    monkeypatch.setattr(float32_run, "_to_float32", lambda v: (
+        upcast.append(tuple(v.shape)) if float32_run._is_low(v) else None) or to_float32(v))
     ids = torch.randint(0, 300, (2, 5))
     got = run_float32(model, CallArgs((ids,)))[0]
     want = Lm.forward(copy.deepcopy(model).float(), ids)
