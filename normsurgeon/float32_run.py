@@ -47,6 +47,9 @@ class _Float32Mode(TorchFunctionMode):
         inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
         if (inplace and args and _is_low(args[0])) or _is_low(kwargs.get("out")):
             raise NotFloat32(f"{name} writes into a {dtype_name((args[0] if inplace else kwargs['out']).dtype)} tensor")
+        if name in ("detach", "detach_") and args and _is_low(args[0]):
+            # the model's tensor itself, as ``.data`` above: a write into it is then refused, not lost
+            return func(*args, **kwargs)
         if name == "__set__" and args and _is_low(args[0]):  # ``w.data = ...``: the copy would take it
             what = getattr(getattr(func, "__self__", None), "__name__", "an attribute")
             raise NotFloat32(f"sets .{what} of a {dtype_name(args[0].dtype)} tensor")

@@ -346,17 +346,35 @@ def test_a_float32_run_takes_back_everything_it_added_not_half_of_it():
     assert model(*x.args).dtype == torch.bfloat16  # the next forward makes its own, in its own dtype
 
 
-class ClampsThroughData(nn.Module):
-    def __init__(self):
+class ClampsThrough(nn.Module):
+    def __init__(self, how):
         super().__init__()
-        self.fc = nn.Linear(8, 8)
+        self.fc, self.how = nn.Linear(8, 8), how
 
     def forward(self, x):
-        self.fc.weight.data.clamp_(-0.1, 0.1)
+        w = self.fc.weight.data if self.how == "data" else self.fc.weight.detach()
+        w.clamp_(-0.1, 0.1)
         return self.fc(x)
 
 
-def test_an_in_place_write_through_data_falls_back_and_says_why():
-    model = ClampsThroughData().to(torch.bfloat16)
+@pytest.mark.parametrize("how", ["data", "detach"])
+def test_an_in_place_write_through_data_or_detach_falls_back_and_says_why(how):
+    model = ClampsThrough(how).to(torch.bfloat16)
     refs = References.record(model, CallArgs((torch.randn(3, 8, dtype=torch.bfloat16),)))
     assert refs.reference == "bfloat16" and "clamp_ writes into a bfloat16 tensor" in refs.reference_note
+
+
+def test_reading_a_detached_weight_still_computes_in_float32():
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x @ self.fc.weight.detach().t()
+
+    model = Reads().to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = run_float32(model, CallArgs((x,)))[0]
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, x.float() @ model.fc.weight.float().t(), rtol=1e-6, atol=1e-6)
