@@ -7,7 +7,8 @@ saved as a bf16 safetensors directory (``--layers N`` keeps the width with fewer
 a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS from ``os.wait4``):
 
 - baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs;
-- fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 4 inputs;
+- fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 2 inputs, as every
+  model of 1 GiB or more: ``verify.lean_inputs``;
   ``--skip-plain-fold`` leaves it out);
 - fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer checks the
   directory rebuilds bit-exactly: for a model this large on the meta device, reading the file back one

@@ -73,12 +73,7 @@ def fd_holds(fd: int, where: FileSlice, t: torch.Tensor, buf: bytearray) -> bool
     view, off = memoryview(buf), 0
     while off < mine.numel():
         k = min(len(view), mine.numel() - off)
-        done = 0
-        while done < k:
-            n = os.preadv(fd, [view[done:k]], where.start + off + done)
-            if n <= 0:
-                raise OSError(f"{where.file}: truncated")
-            done += n
+        _read_into(fd, view[:k], where.start + off, where.file)
         if not same_bytes(view[:k], mine[off:off + k]):
             return False
         off += k
@@ -163,13 +158,18 @@ class PinnedFiles:
 
 def _pread(fd: int, where: FileSlice) -> bytearray:
     raw = bytearray(where.end - where.start)
-    view, done = memoryview(raw), 0
-    while done < len(raw):
-        n = os.preadv(fd, [view[done:]], where.start + done)
-        if n <= 0:
-            raise OSError(f"{where.file}: truncated")
-        done += n
+    _read_into(fd, memoryview(raw), where.start, where.file)
     return raw
+
+
+def _read_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (a read may return less than asked)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"{file}: truncated")
+        done += n
 
 
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[weakref.ref, FileSlice]]]" = \
