@@ -108,8 +108,10 @@ class _Float32Mode(TorchFunctionMode):
 
 # ops whose result never aliases their operands (no view of the weight lives on after the call)
 _READS_WEIGHTS = {F.linear, F.embedding}
-# a low-precision linear weight larger than this in float32 is upcast a block of rows at a time
-ROWS_BYTES = 32 * 2**20
+# a low-precision linear weight larger than this in float32 is upcast a block of rows at a time: 4 MiB
+# blocks stay in cache between the upcast and the matmul that reads them (a 1.1B model's float32
+# forward: 0.85 s against 1.02 s with 32 MiB blocks; 0.5 MiB blocks were twice as slow, too many calls)
+ROWS_BYTES = 4 * 2**20
 
 
 def _gathers_only(args: tuple, kwargs: dict) -> bool:

@@ -190,3 +190,70 @@ def test_the_thread_count_comes_back_when_an_in_place_update_raises():
     with pytest.raises(RuntimeError):
         nm.fold_into_reader_(w, torch.ones(5, dtype=torch.float64), None, "out_in")  # γ of the wrong width
     assert torch.get_num_threads() == before
+
+
+def test_in_place_rotations_on_several_threads_write_what_one_thread_writes(monkeypatch):
+    # each thread takes its own run of slices with its own buffers; the result must not depend on how
+    # the slices were shared out, and several threads must really have run (the suite itself runs on
+    # one); the affine fold and the centring stay on one thread (their time is page faults, not math)
+    import threading
+
+    import normsurgeon.norm_math as nm
+
+    monkeypatch.setattr(nm, "SLICE_ELEMENTS", 40)
+    monkeypatch.setattr(nm, "ROTATE_SLICE_ELEMENTS", 40)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 16, generator=g).bfloat16()
+    gamma, beta = torch.rand(16, generator=g, dtype=torch.float64) + 0.5, torch.randn(16, generator=g, dtype=torch.float64)
+    q = nm.rotation(16, 1)
+    jobs = {"fold": lambda t: nm.fold_into_reader_(t, gamma, beta, "out_in"),
+            "fold in_out": lambda t: nm.fold_into_reader_(t, gamma, None, "in_out"),
+            "centre": lambda t: nm.centre_output_(t, "linear", "in_out"),
+            "rows": lambda t: nm.rotate_reader_(t, q, "out_in"),
+            "columns": lambda t: nm.rotate_writer_(t, q, "linear", "out_in")}
+    seen = set()
+    slices = nm._slices
+
+    def watched(*a, **k):
+        seen.add(threading.get_ident())
+        yield from slices(*a, **k)
+
+    monkeypatch.setattr(nm, "_slices", watched)
+    before = torch.get_num_threads()
+    for name, job in jobs.items():
+        shape = (16, 37) if name in ("fold in_out", "centre", "columns") else (37, 16)
+        src = w.reshape(shape).clone()
+        torch.set_num_threads(1)
+        one = src.clone()
+        r1 = job(one)
+        assert len(seen) == 1
+        seen.clear()
+        torch.set_num_threads(3)
+        try:
+            three = src.clone()
+            r3 = job(three)
+        finally:
+            torch.set_num_threads(before)
+        if name in ("rows", "columns"):
+            assert len(seen) >= 2, name  # (a pool thread done with its run may take the next one too)
+        else:
+            assert len(seen) == 1, name
+        seen.clear()
+        assert torch.equal(one, three) and not torch.equal(one, src), name
+        assert (r1 is None) == (r3 is None) and (r1 is None or torch.equal(r1, r3)), name
+
+
+def test_a_failure_on_one_thread_is_raised_after_every_thread_stopped(monkeypatch):
+    import normsurgeon.norm_math as nm
+
+    monkeypatch.setattr(nm, "ROTATE_SLICE_ELEMENTS", 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # a rotation of another width fails in every thread's first slice
+        w = torch.ones(10, 3)
+        with pytest.raises(RuntimeError):
+            nm.rotate_reader_(w, nm.rotation(8, 0), "out_in")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
