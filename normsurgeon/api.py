@@ -10,9 +10,10 @@ these and renders what it returns; nothing a command does lives only in the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch.nn as nn
 from torch.export import ExportedProgram
@@ -122,6 +123,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
         return replay.save(model, path, example_inputs=example_inputs, force=force, input_path=input_path,
                            inputs=inputs)
     return save_model(model, path, example_inputs=example_inputs, force=force, input_path=input_path, inputs=inputs)
+
+
+def _save(model: nn.Module, path: Any, mapped: Any, **kwargs: Any) -> Path:
+    """``save``, into the output ``mapped_output.prepare`` began (``mapped``) where there is one."""
+    if mapped is None:
+        return save(model, path, **kwargs)
+    return replay.save(model, path, mapped=mapped, **kwargs)
 
 
 def _resolve(model: Any, example_inputs: Any, load_options: dict, *, need_inputs: bool = True):
@@ -265,12 +273,35 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     if inputs_file is not None:
         ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
         extra += load_inputs_file(inputs_file, ex)
-    folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
-    report.dry_run = out is None
-    if out is not None and report.passed:
-        report.output = str(save(folded, output, example_inputs=example_inputs, force=force, input_path=input_path,
-                                 inputs=read))
+    # an affine fold keeps every tensor of the model (a BatchNorm fold removes some): its output's
+    # weights file can be written first and folded in place (mapped_output)
+    keeps = owned and not program and kwargs.get("affine") and not kwargs.get("untie") \
+        and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    with _output_first(model, output, out, keeps) as mapped:
+        folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+        report.dry_run = out is None
+        if out is not None and report.passed:
+            report.output = str(_save(folded, output, mapped, example_inputs=example_inputs, force=force,
+                                      input_path=input_path, inputs=read))
     return folded, report
+
+
+@contextlib.contextmanager
+def _output_first(model: Any, output: Any, out: Path | None, keeps: bool) -> Iterator[Any]:
+    """``mapped_output.prepare`` for a recipe directory output of a model this call loaded and rewrites in
+    place keeping every tensor (``keeps``); yields it, or None (the plain save), and closes it after:
+    the model becomes plain memory again, and a directory not moved into place is removed."""
+    mapped = None
+    if out is not None and keeps and is_dir_output(output) and isinstance(model, nn.Module):
+        from . import mapped_output
+        from .replay import WEIGHTS_FILE
+
+        mapped = mapped_output.prepare(model, out.resolve(), WEIGHTS_FILE)
+    try:
+        yield mapped
+    finally:
+        if mapped is not None:
+            mapped.close()
 
 
 def _fold_streamed(model: Any, output: Any, force: bool, kwargs: dict, unused: dict):
@@ -372,11 +403,12 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, example_inputs)
-    rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
-    report.output = None
-    if out is not None and report.rotated:
-        report.output = str(save(rotated, output, example_inputs=example_inputs, force=force, input_path=input_path,
-                                 inputs=read))
+    with _output_first(model, output, out, owned) as mapped:  # a rotation keeps every tensor
+        rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
+        report.output = None
+        if out is not None and report.rotated:
+            report.output = str(_save(rotated, output, mapped, example_inputs=example_inputs, force=force,
+                                      input_path=input_path, inputs=read))
     return rotated, report
 
 

@@ -38,6 +38,7 @@ from .passes import norm_affine as _norm_affine
 from .passes import rotate as _rotate
 from .saving import guard_inputs, place_dir, temp_dir
 from .hf_dir import write_config
+from .mapped_output import WEIGHTS_METADATA, MappedOutput
 from .recipe import Recipe, attach, describe_base, factory_base, recipe_of
 from .trust import check_attention, check_config_attention, check_recipe_factory, hub_offline, user_code, zoo_name
 from .verify import run_clean
@@ -281,7 +282,7 @@ def _check_sizes(model: nn.Module, action: dict, i: int) -> None:
 
 def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, force: bool = False,
          input_path: str | os.PathLike | None = None, base: str | dict | None = None, check: bool = True,
-         inputs=()) -> Path:
+         inputs=(), mapped: "MappedOutput | None" = None) -> Path:
     """Write ``model`` as a recipe directory (see the module docstring), atomically.
 
     ``model`` is one the tool converted or loaded (it carries its recipe), or any transformers model.
@@ -289,7 +290,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     describe. With ``check`` the directory is loaded back and its outputs compared with ``model``'s,
     bit for bit, before it is moved into place (``saving.place_dir``: without ``force`` a directory
     another run created meanwhile is not replaced). ``input_path`` and ``inputs`` (files the caller
-    read) are never deleted.
+    read) are never deleted. ``mapped`` (``mapped_output.prepare``): the temporary directory whose
+    weights file already holds the model's weights, if it still does (``MappedOutput.holds``).
     """
     if not is_dir_output(path):
         raise NormSurgeonError(f"{path}: a recipe is a directory (end the path with /); .pt and .pt2 files are "
@@ -311,15 +313,19 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
     doc = Recipe(base_desc, list(recipe.actions), dtype=dtype).to_json(weights=WEIGHTS_FILE, inputs=names)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.resolve())
+    tmp = mapped.dir if mapped is not None else temp_dir(out.resolve())
     try:
         from safetensors.torch import save_file, save_model
 
         (tmp / RECIPE_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        try:
-            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "normsurgeon": "recipe"})
-        except Exception as e:  # noqa: BLE001
-            raise NormSurgeonError(f"`output` {path}: cannot write the weights: {one_line(e, typed=True)}") from e
+        if mapped is None or not mapped.holds(model):
+            # written beside, then renamed: a mapped weights file is never truncated under the tensors on it
+            part = tmp / f"{WEIGHTS_FILE}.part"
+            try:
+                save_model(model, str(part), metadata=dict(WEIGHTS_METADATA))
+            except Exception as e:  # noqa: BLE001
+                raise NormSurgeonError(f"`output` {path}: cannot write the weights: {one_line(e, typed=True)}") from e
+            os.replace(part, tmp / WEIGHTS_FILE)
         if ci is not None:
             save_file({k: t.detach().cpu().contiguous() for k, t in zip(names, _input_tensors(ci))},
                       str(tmp / INPUTS_FILE))

@@ -1,0 +1,225 @@
+"""fold(DIR, affine=True, output=OUT/) and rotate(DIR, output=OUT/) rewrite the model on its output's own
+pages (normsurgeon.mapped_output): the saved directory must be exactly the verified model, the input
+untouched, and the model handed back plain memory that no later change carries into the saved file."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from normsurgeon import api, mapped_output, replay, zoo_llm
+from normsurgeon.saving import TMP_PREFIX
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "copy_file_range"), reason="Linux only")
+
+
+@pytest.fixture(autouse=True)
+def small_models_too(monkeypatch):
+    monkeypatch.setattr(mapped_output, "MIN_BYTES", 0)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """What prepare returned, which tensors went file to file, which from memory, and whether save wrote weights."""
+    seen = {"prepared": [], "copied": 0, "written": 0, "saved_weights": 0}
+    prepare, copy, write = mapped_output.prepare, mapped_output._copy_range, mapped_output._write_tensor
+
+    def spy_prepare(*a, **k):
+        m = prepare(*a, **k)
+        seen["prepared"].append(m)
+        return m
+
+    def spy_copy(*a):
+        seen["copied"] += 1
+        return copy(*a)
+
+    def spy_write(*a):
+        seen["written"] += 1
+        return write(*a)
+
+    import safetensors.torch as st
+    save_model = st.save_model
+
+    def spy_save_model(model, filename, *a, **k):
+        if str(filename).endswith(".part"):
+            seen["saved_weights"] += 1
+        return save_model(model, filename, *a, **k)
+
+    monkeypatch.setattr(mapped_output, "prepare", spy_prepare)
+    monkeypatch.setattr(mapped_output, "_copy_range", spy_copy)
+    monkeypatch.setattr(mapped_output, "_write_tensor", spy_write)
+    monkeypatch.setattr(st, "save_model", spy_save_model)
+    return seen
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _llama_dir(tmp_path, dtype=torch.bfloat16):
+    src = tmp_path / "llama"
+    zoo_llm.llama().to(dtype).save_pretrained(src)
+    return src
+
+
+def _same_as_file(model, file):
+    saved = load_file(str(file))
+    state = model.state_dict()
+    assert set(saved) <= set(state)
+    for k, t in saved.items():
+        assert torch.equal(t, state[k]), k
+
+
+def _no_leftovers(folder):
+    assert not [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_fold_writes_the_output_in_place_and_hands_back_plain_memory(tmp_path, spies):
+    import transformers
+
+    src = _llama_dir(tmp_path)
+    before = _sha(src / "model.safetensors")
+    out = tmp_path / "out"
+    model, report = api.fold(src, affine=True, output=f"{out}/")
+    assert report.passed and report.output
+    (mapped,) = spies["prepared"]
+    # every tensor came file to file (the proof held for all: nothing was changed before the fold), and
+    # save found the weights already written
+    assert mapped is not None and spies["copied"] > 0 and spies["written"] == 0 and spies["saved_weights"] == 0
+    assert _sha(src / "model.safetensors") == before
+    _same_as_file(model, out / "model.safetensors")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.all(reloaded.model.norm.weight == 1)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    # the model handed back is plain memory now: changing it leaves the saved file as it was
+    saved = _sha(out / "model.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    assert _sha(out / "model.safetensors") == saved
+    _no_leftovers(tmp_path)
+
+
+def test_rotate_writes_the_output_in_place_from_a_recipe_directory(tmp_path, spies):
+    src = _llama_dir(tmp_path, torch.float32)
+    folded = tmp_path / "folded"
+    api.fold(src, affine=True, output=f"{folded}/")
+    spies.update(prepared=[], copied=0, written=0, saved_weights=0)
+    out = tmp_path / "rotated"
+    model, report = api.rotate(f"{folded}/", seed=3, output=f"{out}/")
+    assert report.rotated and report.output
+    (mapped,) = spies["prepared"]
+    # a recipe directory's weights are read into memory, not mapped: no proof, each tensor written from memory
+    assert mapped is not None and spies["written"] > 0 and spies["copied"] == 0 and spies["saved_weights"] == 0
+    _same_as_file(model, out / "model.safetensors")
+    original = load_file(str(folded / "model.safetensors"))
+    assert not torch.equal(original["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    reloaded = api.load(f"{out}/").model
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    _no_leftovers(tmp_path)
+
+
+def test_a_tensor_changed_since_loading_is_written_from_memory(tmp_path, spies):
+    src = _llama_dir(tmp_path)
+    model = api.load(src).model
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)  # a private copy of those pages now
+    mapped = mapped_output.prepare(model, (tmp_path / "out").resolve(), replay.WEIGHTS_FILE)
+    try:
+        # the changed tensor, and neighbours sharing one of its pages, come from memory; the rest file to file
+        total = len(load_file(str(src / "model.safetensors")))
+        assert 1 <= spies["written"] < total // 2 and spies["written"] + spies["copied"] == total
+        saved = load_file(str(mapped.file))
+        assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+        original = load_file(str(src / "model.safetensors"))
+        assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], 2 * original["model.layers.0.mlp.up_proj.weight"])
+        assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"], original["model.layers.1.mlp.up_proj.weight"])
+        assert mapped.holds(model)
+        # the model's tensors are the file's pages: a write shows in the file while it is mapped shared
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+        assert torch.all(load_file(str(mapped.file))["lm_head.weight"] == 0)
+    finally:
+        mapped.close()
+    assert not mapped.dir.exists()
+    with torch.no_grad():  # still usable after the directory is gone, as plain memory
+        model.lm_head.weight.add_(1)
+    assert torch.all(model.lm_head.weight == 1)
+
+
+def test_a_fold_that_adds_tensors_saves_them_the_plain_way(tmp_path, spies):
+    # StableLM's q/k/v have no bias: folding the LayerNorm's β creates them, so the mapped file no
+    # longer holds the model and save writes the weights anew (beside, then renamed over it)
+    src = tmp_path / "stablelm"
+    zoo_llm.stablelm().save_pretrained(src)
+    out = tmp_path / "out"
+    model, report = api.fold(src, affine=True, output=f"{out}/")
+    assert report.passed and report.output
+    assert any(a.detail.get("created_bias") for a in report.affine_actions)
+    (mapped,) = spies["prepared"]
+    assert mapped is not None and spies["saved_weights"] == 1
+    _same_as_file(model, out / "model.safetensors")
+    assert set(load_file(str(out / "model.safetensors"))) == set(model.state_dict())
+    assert not (out / "model.safetensors.part").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_a_failed_fold_leaves_no_output_and_no_temporary_directory(tmp_path, spies, monkeypatch):
+    from normsurgeon.passes import fold as fold_pass
+
+    src = _llama_dir(tmp_path)
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fold_pass, "fold", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        api.fold(src, affine=True, output=f"{tmp_path / 'out'}/")
+    assert spies["prepared"] and spies["prepared"][0] is not None
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_models_the_call_did_not_load_are_saved_the_plain_way(tmp_path, spies):
+    # a model object belongs to the caller: its tensors are never moved onto a file
+    model = zoo_llm.llama()
+    api.fold(model, model.example_inputs(), affine=True, output=f"{tmp_path / 'out'}/")
+    assert spies["prepared"] == [] and spies["saved_weights"] == 1
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from normsurgeon.errors import NormSurgeonError
+
+    src = _llama_dir(tmp_path)
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mapped_output, "_copy_range", full)
+    with pytest.raises(NormSurgeonError, match="cannot write the weights.*No space left"):
+        api.fold(src, affine=True, output=f"{tmp_path / 'out'}/")
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_if_the_mapping_cannot_turn_private_the_model_gets_copies(tmp_path, monkeypatch):
+    src = _llama_dir(tmp_path)
+
+    def fail(*a):
+        raise OSError("no")
+
+    monkeypatch.setattr(mapped_output, "_remap_private", fail)
+    out = tmp_path / "out"
+    model, report = api.fold(src, affine=True, output=f"{out}/")
+    saved = _sha(out / "model.safetensors")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    assert _sha(out / "model.safetensors") == saved
