@@ -13,7 +13,8 @@ a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS 
 - fold -o:  the same, writing ``-o OUT/`` (recipe directory + config.json; the recipe writer checks the
   directory rebuilds bit-exactly: for a model this large on the meta device, reading the file back one
   tensor at a time, so no second copy);
-- rotate:   ``normsurgeon rotate OUT/ --json`` on the folded directory.
+- rotate:   ``normsurgeon rotate OUT/ --json`` on the folded directory (verified, nothing written);
+- rotate -o: the same, writing ``-o ROT/``.
 
     python benchmarks/bench_llm_fold_memory.py --quick
     python benchmarks/bench_llm_fold_memory.py --workdir /tmp/tinyllama --json out.json
@@ -71,7 +72,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-plain-fold", action="store_true", help="time only fold -o (and rotate on its output)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (paired ratios; median)")
-    ap.add_argument("--steps", default="fold,fold -o,rotate", help="which steps after the baseline (comma-separated)")
+    ap.add_argument("--steps", default="fold,fold -o,rotate,rotate -o",
+                    help="which steps after the baseline (comma-separated; rotate needs fold -o in the same run)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the built model here (reused)")
     args = ap.parse_args()
     config = dict(QUICK if args.quick else TINYLLAMA)
@@ -94,13 +96,14 @@ def main() -> None:
         size = sum(f.stat().st_size for f in model.iterdir()) / 2 ** 20
         print(f"model: {model.name}, {params and f'{params / 1e6:.0f}M parameters, '}{size:.0f} MiB on disk "
               f"(ready in {time.perf_counter() - t0:.0f} s)", flush=True)
-        out = Path(tmp) / "folded"
+        out, rotated = Path(tmp) / "folded", Path(tmp) / "rotated"
         py = sys.executable
         kinds = {"baseline": [py, "-c", BASELINE, str(model)],
                  **({} if args.skip_plain_fold else
                     {"fold": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json"]}),
                  "fold -o": [py, "-m", "normsurgeon", "fold", str(model), "--affine", "--json", "-o", f"{out}/"],
-                 "rotate": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json"]}
+                 "rotate": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json"],
+                 "rotate -o": [py, "-m", "normsurgeon", "rotate", f"{out}/", "--json", "-o", f"{rotated}/"]}
         steps = {k.strip() for k in args.steps.split(",")}
         kinds = {k: v for k, v in kinds.items() if k == "baseline" or k in steps}
         result = {"config": config, "size_mib": size, "rounds": []}
@@ -109,8 +112,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             runs = {}
             for kind, cmd in kinds.items():
-                if kind == "fold -o":
-                    shutil.rmtree(out, ignore_errors=True)
+                if kind in ("fold -o", "rotate -o"):
+                    shutil.rmtree(out if kind == "fold -o" else rotated, ignore_errors=True)
                 wall, cpu, rss, code, stdout = run(cmd)
                 summary = ""
                 try:
