@@ -223,3 +223,27 @@ def test_if_the_mapping_cannot_turn_private_the_model_gets_copies(tmp_path, monk
         for p in model.parameters():
             p.add_(1)
     assert _sha(out / "model.safetensors") == saved
+
+
+def _rss_anon_mib():
+    return [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")][0] // 1024
+
+
+def test_the_memory_the_moved_tensors_held_goes_back_to_the_system(tmp_path):
+    # a recipe directory is read into the process's heap; once its tensors are on the output's file,
+    # that memory must leave the process (glibc keeps freed heap blocks: a 1.1B rotate -o peaked at 4.4 GB)
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    api.fold(tmp_path / "src", affine=True, output=f"{tmp_path / 'recipe'}/")
+    model = api.load(f"{tmp_path / 'recipe'}/").model
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) >> 20  # 71 MiB
+    before = _rss_anon_mib()
+    mapped = mapped_output.prepare(model, (tmp_path / "out").resolve(), replay.WEIGHTS_FILE)
+    try:
+        assert before - _rss_anon_mib() > 0.7 * size
+    finally:
+        mapped.close()
