@@ -52,18 +52,20 @@ _ONNX_OP = {"batchnorm": "BatchNormalization", "layernorm": "LayerNormalization"
 
 def load(model: str | os.PathLike, *, trust: bool = False, imports: Sequence[str] = (),
          weights: str | os.PathLike | None = None, input_shapes: Sequence[str] = (),
-         input_dtypes: Sequence[str] = (), need_inputs: bool = False) -> LoadedModel:
+         input_dtypes: Sequence[str] = (), need_inputs: bool = False, map_weights: bool = False) -> LoadedModel:
     """Load a model as every command does, with example inputs from ``input_shapes`` or the model.
 
     A recipe directory (``save``) is rebuilt without unpickling anything (``trust`` is needed only for
     a factory base other than ``normsurgeon.zoo:NAME``). The
     model remembers how it was built (``normsurgeon.recipe``), so what the passes do to it can be
     saved as a recipe. Integer inputs drawn for ``input_shapes`` stay below the size of the embedding
-    that consumes them (or the config's vocabulary)."""
+    that consumes them (or the config's vocabulary). ``map_weights``: a recipe directory's weights are
+    views of a private mapping of its file rather than read into memory, as transformers maps a
+    checkpoint (for a model whose weights are about to be copied elsewhere whole)."""
     if is_recipe_dir(model):
         if weights is not None:
             raise NormSurgeonError("`weights` goes with a package.module:factory spec, not with a recipe directory")
-        loaded = replay.load_dir(model, trust=trust, imports=imports)
+        loaded = replay.load_dir(model, trust=trust, imports=imports, map_weights=map_weights)
     else:
         loaded = load_model(model, trust=trust, imports=imports, weights=weights)
         _remember_base(loaded, str(model))
@@ -258,7 +260,9 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                                    input_dtypes=input_dtypes))
+                                    input_dtypes=input_dtypes,
+                                    **_mapped_load(model, output, kwargs.get("affine") and not kwargs.get("untie")
+                                                   and kwargs.get("inplace", True))))
     program = isinstance(model, ExportedProgram)
     if program and kwargs.get("affine"):
         raise NormSurgeonError("`affine=True` folds the norms of a module, not of a .pt2 program")
@@ -275,7 +279,7 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
         extra += load_inputs_file(inputs_file, ex)
     # an affine fold keeps every tensor of the model (a BatchNorm fold removes some): its output's
     # weights file can be written first and folded in place (mapped_output)
-    keeps = owned and not program and kwargs.get("affine") and not kwargs.get("untie") \
+    keeps = owned and not program and kwargs.get("affine") and not kwargs.get("untie") and kwargs.get("inplace") \
         and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with _output_first(model, output, out, keeps) as mapped:
         folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
@@ -284,6 +288,21 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
             report.output = str(_save(folded, output, mapped, example_inputs=example_inputs, force=force,
                                       input_path=input_path, inputs=read))
     return folded, report
+
+
+def _mapped_load(model: Any, output: Any, keeps: bool) -> dict:
+    """``map_weights=True`` for ``load`` when the call will write its output first (``_output_first``) from
+    a large recipe directory: its weights are then copied file to file, never read into memory."""
+    from . import mapped_output
+
+    if not keeps or output is None or not is_dir_output(output) or not isinstance(model, (str, os.PathLike)) \
+            or not is_recipe_dir(model) or not mapped_output.available():
+        return {}
+    try:
+        size = (Path(model) / replay.WEIGHTS_FILE).stat().st_size
+    except OSError:
+        return {}
+    return {"map_weights": True} if size >= mapped_output.MIN_BYTES else {}
 
 
 @contextlib.contextmanager
@@ -393,7 +412,7 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     out = check_output(output, force=force, inputs=read) if output is not None else None
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                                    input_dtypes=input_dtypes))
+                                    input_dtypes=input_dtypes, **_mapped_load(model, output, kwargs.get("inplace", True))))
     if isinstance(model, ExportedProgram):
         raise NormSurgeonError("rotate works on a module, not on a .pt2 program")
     if owned:
@@ -403,7 +422,7 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
     extra = list(extra_inputs or [])
     if inputs_file is not None:
         extra += load_inputs_file(inputs_file, example_inputs)
-    with _output_first(model, output, out, owned) as mapped:  # a rotation keeps every tensor
+    with _output_first(model, output, out, owned and kwargs.get("inplace")) as mapped:  # a rotation keeps every tensor
         rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
         report.output = None
         if out is not None and report.rotated:

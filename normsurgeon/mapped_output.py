@@ -8,8 +8,8 @@ new memory costs about a second a gigabyte, that was a third of a 1.1B fold's ti
 
 ``prepare`` does the saving first: before the rewrite, the output's weights file is written into the
 output's temporary directory (``saving.temp_dir``): each tensor the input file provably still holds
-is copied file to file in the kernel (``os.copy_file_range``: shared blocks where the file system can),
-any other is written from memory; the file is mapped shared and the model's tensors are moved onto it,
+is copied file to file in the kernel (``os.copy_file_range``; through a buffer where the kernel will not
+copy between the two files), any other is written from memory; the file is mapped shared and the model's tensors are moved onto it,
 so the rewrite, its verification and any rollback work on the file's own pages, and ``replay.save``
 finds the weights already written (``MappedOutput.holds``). ``close`` turns the mapping private at
 the same address, so the model the API hands back is plain memory: a later in-place change to it
@@ -25,6 +25,7 @@ changed since loading, another mapping, no pagemap) the model's own bytes are wr
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -45,7 +46,7 @@ WEIGHTS_METADATA = {"format": "pt", "normsurgeon": "recipe"}
 # (verify.LEAN_BYTES) the save checks its round trip byte for byte, not by comparing outputs with a
 # reloaded copy, whose tensors the allocator aligns otherwise than the file does
 MIN_BYTES = 1 << 30
-_ALIGN = 4096  # where the data starts in the file: each tensor as aligned as in a page of its own
+_ALIGN = 4096  # where the data starts in the file: a page boundary, so a tensor's alignment is its offset's
 
 
 @dataclass
@@ -56,8 +57,11 @@ class MappedOutput:
     file: Path
     places: dict[int, tuple[int, torch.Tensor]]  # id(tensor) -> (its data address, the tensor)
     names: dict[str, int]  # file key -> id(tensor)
+    kinds: dict[int, tuple[torch.dtype, tuple[int, ...]]]  # id(tensor) -> the dtype and shape the file says
     _map: mmap.mmap | None = field(default=None, repr=False)
     _fd: int | None = field(default=None, repr=False)
+    _data_start: int = 0
+    _ranges: dict[int, list[int]] = field(default_factory=dict, repr=False)  # id(tensor) -> its data_offsets
 
     def holds(self, model: nn.Module) -> bool:
         """Whether the file is exactly ``model``'s weights: every tensor of its state dict (tied ones
@@ -68,7 +72,8 @@ class MappedOutput:
         seen = set()
         for key, t in state.items():
             hit = self.places.get(id(t))
-            if hit is None or hit[1] is not t or t.data_ptr() != hit[0]:
+            if hit is None or hit[1] is not t or t.data_ptr() != hit[0] or not t.is_contiguous() \
+                    or (t.dtype, tuple(t.shape)) != self.kinds[id(t)]:
                 return False
             if key in self.names and self.names[key] != id(t):
                 return False
@@ -79,30 +84,57 @@ class MappedOutput:
         """Turn the shared mapping private at the same address (the model's tensors keep their values,
         later writes stay in memory) and remove the temporary directory if it is still there (not
         moved into place: the save failed or never happened)."""
-        if self._map is not None:
-            try:
-                _remap_private(self._map, self._fd)
-            except OSError:  # never leave the model writing into the saved file: plain copies instead
-                with torch.no_grad():
-                    for _, t in self.places.values():
-                        t.data = t.data.clone()
-            self._map = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self._map is not None:
+                try:
+                    _remap_private(self._map, self._fd)
+                except OSError:  # never leave the model writing into the saved file: copies read from it
+                    self._read_copies()
+                self._map = None
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _read_copies(self) -> None:
+        """Give every tensor memory of its own, read from the file, never from the mapping (a failed
+        MAP_FIXED may have removed it)."""
+        with torch.no_grad():
+            for key, (_, t) in self.places.items():
+                a, b = self._ranges[key]
+                fresh = torch.empty(t.shape, dtype=t.dtype)
+                if b > a:
+                    raw = memoryview(fresh.reshape(-1).view(torch.uint8).numpy())
+                    file_tensors._read_into(self._fd, raw, self._data_start + a, self.file)
+                t.data = fresh
+
+
+def available() -> bool:
+    """Whether this system can write an output first (Linux: ``copy_file_range`` and ``/proc/self/pagemap``)."""
+    return sys.platform.startswith("linux") and hasattr(os, "copy_file_range")
 
 
 def prepare(model: nn.Module, out: Path, weights_file: str, *, min_bytes: int | None = None) -> MappedOutput | None:
     """The output's weights file for ``model`` (loaded by the tool from one safetensors file), written
     into a new temporary directory beside ``out`` and mapped under the model's tensors; None where the
     model is not such a model (the caller saves as usual)."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "copy_file_range"):
+    if not available():
         return None
     plan = _plan(model, MIN_BYTES if min_bytes is None else min_bytes)
     if plan is None:
         return None
     source, start, header, state = plan
+    size = max((e["data_offsets"][1] for e in header.values()), default=0)
+    try:
+        disk = os.statvfs(out.parent)
+        free = disk.f_bavail * disk.f_frsize
+    except OSError:
+        free = 0
+    if free < 2 * size:
+        # room for the copy and as much again: on a copy-on-write file system each rewritten page takes
+        # new blocks, and a full disk under a mapping is a crash (SIGBUS), not an error
+        return None
     tmp = temp_dir(out)
     try:
         return _write_and_map(tmp, tmp / weights_file, source, start, header, state)
@@ -141,7 +173,11 @@ def _plan(model: nn.Module, min_bytes: int):
         t = state.get(key)
         if t is None or file_tensors.ST_NAMES.get(t.dtype) != e.get("dtype") or list(t.shape) != e.get("shape"):
             return None
-    if any(not any(k in header for k in keys) for keys in by_id.values()):
+        if (start + e["data_offsets"][0]) % t.element_size():
+            return None  # a range the dtype cannot start at: no view of the file can hold it
+    # every tensor exactly once in the file: a tied tensor stored under two keys would be moved onto one
+    # range while the other kept the old bytes
+    if any(sum(k in header for k in keys) != 1 for keys in by_id.values()):
         return None
     return source, start, header, {k: state[k] for k in header}
 
@@ -159,12 +195,13 @@ def _write_and_map(tmp: Path, file: Path, source: Path, start: int, header: dict
         os.ftruncate(fd, data_start + end)
         src = os.open(source, os.O_RDONLY)
         try:
-            proof = _Proof(source)
+            proof = _Proof(src)
+            copy = _Copier(src, fd)
             for key, e in header.items():
                 a, b = e["data_offsets"]
                 t = state[key]
                 if proof.holds(t, start + a, b - a):
-                    _copy_range(src, fd, start + a, data_start + a, b - a)
+                    copy(start + a, data_start + a, b - a)
                 else:
                     _write_tensor(fd, t, data_start + a)
         finally:
@@ -183,7 +220,9 @@ def _write_and_map(tmp: Path, file: Path, source: Path, start: int, header: dict
                 places[id(t)] = (t.data_ptr(), t)
         ok = True
         _give_back_freed_memory()
-        return MappedOutput(tmp, file, places, names, mm, fd)
+        kinds = {i: (t.dtype, tuple(t.shape)) for i, (_, t) in places.items()}
+        return MappedOutput(tmp, file, places, names, kinds, mm, fd, data_start,
+                            {id(state[k]): e["data_offsets"] for k, e in header.items()})
     finally:
         if not ok:
             os.close(fd)
@@ -196,13 +235,50 @@ def _view(mm: mmap.mmap | None, offset: int, size: int, like: torch.Tensor) -> t
     return raw.view(like.dtype).view(like.shape)
 
 
-def _copy_range(src: int, dst: int, src_at: int, dst_at: int, size: int) -> None:
-    done = 0
-    while done < size:
-        n = os.copy_file_range(src, dst, size - done, src_at + done, dst_at + done)
-        if n <= 0:
-            raise OSError("copy_file_range copied nothing (the input file is shorter than its header says)")
-        done += n
+# copy_file_range refused for this pair of files (another file system, a FUSE or network mount): copy
+# through a buffer instead; anything else (a full disk, an I/O error) is an error
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EPERM}
+_CHUNK = 16 * 2**20
+
+
+class _Copier:
+    """Copy ranges from ``src`` to ``dst``: in the kernel while it accepts, else through one buffer."""
+
+    def __init__(self, src: int, dst: int) -> None:
+        self.src, self.dst, self.kernel, self._buf = src, dst, True, None
+
+    def __call__(self, src_at: int, dst_at: int, size: int) -> None:
+        done = 0
+        while done < size and self.kernel:
+            try:
+                n = _copy_range(self.src, self.dst, size - done, src_at + done, dst_at + done)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                self.kernel = False
+                break
+            if n <= 0:
+                raise OSError("the input file is shorter than its header says")
+            done += n
+        if done < size:
+            self._buffered(src_at + done, dst_at + done, size - done)
+
+    def _buffered(self, src_at: int, dst_at: int, size: int) -> None:
+        if self._buf is None:
+            self._buf = bytearray(_CHUNK)
+        view = memoryview(self._buf)
+        done = 0
+        while done < size:
+            k = min(len(view), size - done)
+            file_tensors._read_into(self.src, view[:k], src_at + done, Path("the input file"))
+            w = 0
+            while w < k:
+                w += os.pwrite(self.dst, view[w:k], dst_at + done + w)
+            done += k
+
+
+def _copy_range(src: int, dst: int, count: int, src_at: int, dst_at: int) -> int:
+    return os.copy_file_range(src, dst, count, src_at, dst_at)
 
 
 def _write_tensor(fd: int, t: torch.Tensor, at: int) -> None:
@@ -217,14 +293,28 @@ class _Proof:
     file, at the file offset of its range, and no page under it was ever written (pagemap: each page
     is the file's own or not yet read in, none anonymous, none swapped)."""
 
-    def __init__(self, file: Path) -> None:
-        st = os.stat(file)
+    def __init__(self, fd: int) -> None:
+        st = os.fstat(fd)  # the file being copied from, whatever its path names now
         self._inode = (st.st_dev, st.st_ino)
         self._maps = _file_mappings(self._inode)
         try:
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
         except OSError:
             self._pagemap = None
+        if self._pagemap is not None and not self._trustworthy():
+            os.close(self._pagemap)
+            self._pagemap = None
+
+    def _trustworthy(self) -> bool:
+        """pagemap must show a page just written as present and anonymous: where it reads all zeros (a
+        sandbox, an emulation), every page would pass for one never read in."""
+        probe = torch.ones(2 * mmap.PAGESIZE, dtype=torch.uint8)
+        page = -(-probe.data_ptr() // mmap.PAGESIZE)
+        try:
+            bits = int.from_bytes(os.pread(self._pagemap, 8, 8 * page), "little")
+        except OSError:
+            return False
+        return bool(bits >> 63) and not (bits >> 61) & 1
 
     def holds(self, t: torch.Tensor, file_at: int, size: int) -> bool:
         if self._pagemap is None or size == 0:
@@ -258,7 +348,7 @@ def _file_mappings(inode: tuple[int, int]) -> list[tuple[int, int, int]]:
         with open("/proc/self/maps") as f:
             for line in f:
                 parts = line.split(None, 5)
-                if len(parts) < 5 or parts[1][3] != "p" or parts[4] != str(inode[1]):
+                if len(parts) < 5 or parts[1][3] != "p" or parts[4] != str(inode[1]) or line.rstrip().endswith("(deleted)"):
                     continue
                 major, minor = (int(x, 16) for x in parts[3].split(":"))
                 if os.makedev(major, minor) != inode[0]:

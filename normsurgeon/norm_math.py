@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -236,26 +238,34 @@ def _in_slices(view: torch.Tensor, body: Callable[[int, torch.Tensor, list[torch
         if threads == 1:
             run(0, rows)
             return
-        others = [_pool(threads - 1).submit(run, bounds[j], bounds[j + 1]) for j in range(1, threads)]
-        try:
-            run(bounds[0], bounds[1])
-        finally:
-            for f in others:  # every thread done (or failed) before the tensor is handed back
-                f.exception()
+        with _POOL_LOCK:  # one parallel update at a time: the pool is sized and shared process-wide
+            pool, others = _pool(threads - 1), []
+            try:
+                for j in range(1, threads):
+                    try:
+                        others.append(pool.submit(run, bounds[j], bounds[j + 1]))
+                    except RuntimeError:  # no thread could start: this thread takes the run itself
+                        run(bounds[j], bounds[j + 1])
+                run(bounds[0], bounds[1])
+            finally:
+                for f in others:  # every thread done (or failed) before the tensor is handed back
+                    f.exception()
         for f in others:
             f.result()
 
 
-_POOL: list = [None, 0]  # (executor, its size): threads started once, not for each tensor
+_POOL: list = [None, 0, 0]  # (executor, its size, the process it was made in): started once, not per tensor
+_POOL_LOCK = threading.Lock()
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
     """Threads for ``_in_slices``, started at their first use, which is under ``_one_thread``: a thread's
-    torch settles its thread count then, so these compute on one thread each for good."""
-    if _POOL[1] < size:
-        if _POOL[0] is not None:
+    torch settles its thread count then, so these compute on one thread each for good. A forked child
+    gets a pool of its own (its parent's threads do not exist in it)."""
+    if _POOL[1] < size or _POOL[2] != os.getpid():
+        if _POOL[0] is not None and _POOL[2] == os.getpid():
             _POOL[0].shutdown(wait=True)
-        _POOL[:] = [ThreadPoolExecutor(size, thread_name_prefix="normsurgeon"), size]
+        _POOL[:] = [ThreadPoolExecutor(size, thread_name_prefix="normsurgeon"), size, os.getpid()]
     return _POOL[0]
 
 

@@ -11,12 +11,16 @@ from safetensors.torch import load_file
 from normsurgeon import api, mapped_output, replay, zoo_llm
 from normsurgeon.saving import TMP_PREFIX
 
-pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "copy_file_range"), reason="Linux only")
+pytestmark = pytest.mark.skipif(not mapped_output.available(), reason="Linux only")
 
 
 @pytest.fixture(autouse=True)
 def small_models_too(monkeypatch):
+    # as for a model of 1 GiB or more: the mapped path, and the save's byte-for-byte round trip
+    from normsurgeon import verify
+
     monkeypatch.setattr(mapped_output, "MIN_BYTES", 0)
+    monkeypatch.setattr(verify, "LEAN_BYTES", 0)
 
 
 @pytest.fixture
@@ -112,8 +116,8 @@ def test_rotate_writes_the_output_in_place_from_a_recipe_directory(tmp_path, spi
     model, report = api.rotate(f"{folded}/", seed=3, output=f"{out}/")
     assert report.rotated and report.output
     (mapped,) = spies["prepared"]
-    # a recipe directory's weights are read into memory, not mapped: no proof, each tensor written from memory
-    assert mapped is not None and spies["written"] > 0 and spies["copied"] == 0 and spies["saved_weights"] == 0
+    # the recipe directory was loaded mapped (the call writes its output first): every tensor file to file
+    assert mapped is not None and spies["copied"] > 0 and spies["written"] == 0 and spies["saved_weights"] == 0
     _same_as_file(model, out / "model.safetensors")
     original = load_file(str(folded / "model.safetensors"))
     assert not torch.equal(original["model.embed_tokens.weight"], model.model.embed_tokens.weight)
@@ -223,6 +227,56 @@ def test_if_the_mapping_cannot_turn_private_the_model_gets_copies(tmp_path, monk
         for p in model.parameters():
             p.add_(1)
     assert _sha(out / "model.safetensors") == saved
+
+
+def _same_files(a, b):
+    x, y = load_file(str(a)), load_file(str(b))
+    assert set(x) == set(y)
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+def test_the_mapped_path_writes_what_the_plain_save_writes(tmp_path, monkeypatch):
+    src = _llama_dir(tmp_path)
+    api.fold(src, affine=True, output=f"{tmp_path / 'fold_mapped'}/")
+    api.rotate(f"{tmp_path / 'fold_mapped'}/", seed=1, output=f"{tmp_path / 'rot_mapped'}/")
+    monkeypatch.setattr(mapped_output, "MIN_BYTES", 1 << 62)
+    api.fold(src, affine=True, output=f"{tmp_path / 'fold_plain'}/")
+    api.rotate(f"{tmp_path / 'fold_plain'}/", seed=1, output=f"{tmp_path / 'rot_plain'}/")
+    _same_files(tmp_path / "fold_mapped" / "model.safetensors", tmp_path / "fold_plain" / "model.safetensors")
+    _same_files(tmp_path / "rot_mapped" / "model.safetensors", tmp_path / "rot_plain" / "model.safetensors")
+
+
+def test_files_the_kernel_will_not_copy_between_are_copied_through_a_buffer(tmp_path, spies, monkeypatch):
+    import errno
+
+    src = _llama_dir(tmp_path)
+
+    def cross_device(*a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(mapped_output, "_copy_range", cross_device)
+    model, report = api.fold(src, affine=True, output=f"{tmp_path / 'out'}/")
+    assert report.passed and spies["prepared"][0] is not None and spies["saved_weights"] == 0
+    _same_as_file(model, tmp_path / "out" / "model.safetensors")
+
+
+def test_a_tied_tensor_stored_under_two_keys_takes_the_plain_save(tmp_path, spies):
+    import transformers
+    from safetensors.torch import save_file
+
+    src = tmp_path / "tied"
+    model = zoo_llm.llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(src)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in state
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})  # both keys, one tensor
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(src)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    out, report = api.fold(src, affine=True, output=f"{tmp_path / 'out'}/")
+    assert report.output and spies["prepared"] == [None] and spies["saved_weights"] == 1
 
 
 def _rss_anon_mib():

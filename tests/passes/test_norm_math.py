@@ -244,16 +244,31 @@ def test_in_place_rotations_on_several_threads_write_what_one_thread_writes(monk
 
 
 def test_a_failure_on_one_thread_is_raised_after_every_thread_stopped(monkeypatch):
+    # the calling thread fails at once while another is still writing the tensor: the failure must
+    # reach the caller (whose undo log then restores the tensor) only once that thread is done
+    import threading
+    import time
+
     import normsurgeon.norm_math as nm
 
     monkeypatch.setattr(nm, "ROTATE_SLICE_ELEMENTS", 8)
+    main, finished = threading.get_ident(), []
+    slices = nm._slices
+
+    def slow_elsewhere(*a, **k):
+        if threading.get_ident() == main:
+            raise RuntimeError("boom")
+        time.sleep(0.3)
+        yield from slices(*a, **k)
+        finished.append(True)
+
+    monkeypatch.setattr(nm, "_slices", slow_elsewhere)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        # a rotation of another width fails in every thread's first slice
-        w = torch.ones(10, 3)
-        with pytest.raises(RuntimeError):
-            nm.rotate_reader_(w, nm.rotation(8, 0), "out_in")
+        with pytest.raises(RuntimeError, match="boom"):
+            nm.rotate_reader_(torch.ones(10, 8), nm.rotation(8, 0), "out_in")
+        assert finished == [True]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
