@@ -308,3 +308,54 @@ def test_the_memory_the_moved_tensors_held_goes_back_to_the_system(tmp_path):
         assert before - _rss_anon_mib() > 0.7 * size
     finally:
         mapped.close()
+
+
+def test_a_rolled_back_site_leaves_its_original_bytes_in_the_output(tmp_path, spies, monkeypatch):
+    from normsurgeon.passes import norm_affine
+
+    src = _llama_dir(tmp_path)
+    real, wrong = norm_affine.rewrite, "model.layers.1.input_layernorm"
+
+    def folds_wrongly(site, model, undo):  # the real fold, then γ left on the norm (×3): outputs change
+        action = real(site, model, undo)
+        if site.norm == wrong:
+            with torch.no_grad():
+                model.get_submodule(wrong).weight.mul_(3)
+        return action
+
+    monkeypatch.setattr(norm_affine, "rewrite", folds_wrongly)
+    model, report = api.fold(src, affine=True, output=f"{tmp_path / 'out'}/")
+    assert report.output and spies["prepared"][0] is not None and spies["saved_weights"] == 0
+    assert [a.path for a in report.rolled_back] == [wrong]
+    saved, original = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    for k in (f"{wrong}.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert torch.equal(saved[k], original[k]), k  # put back on the output's own pages
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+    _same_as_file(model, tmp_path / "out" / "model.safetensors")
+
+
+def test_force_replaces_an_output_and_an_output_that_appeared_is_kept(tmp_path, spies, monkeypatch):
+    from normsurgeon.errors import NormSurgeonError
+
+    src = _llama_dir(tmp_path)
+    out = tmp_path / "out"
+    api.fold(src, affine=True, output=f"{out}/")
+    model, report = api.fold(src, affine=True, output=f"{out}/", force=True)
+    assert report.output and all(m is not None for m in spies["prepared"])
+    _same_as_file(model, out / "model.safetensors")
+    _no_leftovers(tmp_path)
+    # another run writes the output while this one works: this one fails, leaving that output alone
+    other = tmp_path / "other"
+    prepare = mapped_output.prepare
+
+    def then_someone_writes(*a, **k):
+        m = prepare(*a, **k)
+        other.mkdir()
+        (other / "theirs").write_text("x")
+        return m
+
+    monkeypatch.setattr(mapped_output, "prepare", then_someone_writes)
+    with pytest.raises(NormSurgeonError, match="appeared|other files in it"):
+        api.fold(src, affine=True, output=f"{other}/")
+    assert [p.name for p in other.iterdir()] == ["theirs"]
+    _no_leftovers(tmp_path)
