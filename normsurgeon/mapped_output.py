@@ -8,12 +8,19 @@ new memory costs about a second a gigabyte, that was a third of a 1.1B fold's ti
 
 ``prepare`` does the saving first: before the rewrite, the output's weights file is written into the
 output's temporary directory (``saving.temp_dir``): each tensor the input file provably still holds
-is copied file to file in the kernel (``os.copy_file_range``; through a buffer where the kernel will not
-copy between the two files), any other is written from memory; the file is mapped shared and the model's tensors are moved onto it,
-so the rewrite, its verification and any rollback work on the file's own pages, and ``replay.save``
-finds the weights already written (``MappedOutput.holds``). ``close`` turns the mapping private at
-the same address, so the model the API hands back is plain memory: a later in-place change to it
-(training, say) never reaches the saved file.
+is copied file to file in the kernel (``os.copy_file_range``; through a buffer where the kernel will
+not copy between the two files), any other is written from memory; the file is mapped shared and the
+model's tensors are moved onto it, so the rewrite, its verification and any rollback work on the
+file's own pages, and ``replay.save`` finds the weights already written (``MappedOutput.holds``).
+``close`` turns the mapping private at the same address, so a later in-place change to the model the
+API hands back (training, say) never reaches the saved file; its unchanged pages are still read from
+that file, as a transformers model's are from its checkpoint (replace the file by renaming a new one
+over it, never by rewriting it in place). A recipe directory is loaded mapped for such a call
+(``api.load(map_weights=True)``), so its tensors too are copied file to file.
+
+Only for a model of ``MIN_BYTES`` or more loaded from one safetensors file holding each of its tensors
+once, with twice the weights' size free on the output's disk (on a copy-on-write file system every
+rewritten page takes new blocks, and a full disk under a mapping is a crash, not an error).
 
 "Provably still holds": the tensor lies in a private mapping of that very file at its range, and
 ``/proc/self/pagemap`` shows none of its pages was ever written (each page is either the file's own
