@@ -258,11 +258,12 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
                                     extra_inputs=extra_inputs, input_shapes=input_shapes, **kwargs)
     read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
     out = check_output(output, force=force, inputs=read) if output is not None else None
+    # an affine fold in place keeps every tensor of the model: its output's weights can be written first
+    # and folded on the file's own pages (mapped_output); a BatchNorm fold removes tensors (checked below)
+    keeps = bool(kwargs.get("affine") and not kwargs.get("untie") and kwargs.get("inplace", True))
     model, example_inputs, input_path, owned = _resolve(
         model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                                    input_dtypes=input_dtypes,
-                                    **_mapped_load(model, output, kwargs.get("affine") and not kwargs.get("untie")
-                                                   and kwargs.get("inplace", True))))
+                                    input_dtypes=input_dtypes, **_mapped_load(model, output, keeps)))
     program = isinstance(model, ExportedProgram)
     if program and kwargs.get("affine"):
         raise NormSurgeonError("`affine=True` folds the norms of a module, not of a .pt2 program")
@@ -277,9 +278,7 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     if inputs_file is not None:
         ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
         extra += load_inputs_file(inputs_file, ex)
-    # an affine fold keeps every tensor of the model (a BatchNorm fold removes some): its output's
-    # weights file can be written first and folded in place (mapped_output)
-    keeps = owned and not program and kwargs.get("affine") and not kwargs.get("untie") and kwargs.get("inplace") \
+    keeps = keeps and owned and not program \
         and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with _output_first(model, output, out, keeps) as mapped:
         folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
@@ -313,9 +312,8 @@ def _output_first(model: Any, output: Any, out: Path | None, keeps: bool) -> Ite
     mapped = None
     if out is not None and keeps and is_dir_output(output) and isinstance(model, nn.Module):
         from . import mapped_output
-        from .replay import WEIGHTS_FILE
 
-        mapped = mapped_output.prepare(model, out.resolve(), WEIGHTS_FILE)
+        mapped = mapped_output.prepare(model, out.resolve(), replay.WEIGHTS_FILE)
     try:
         yield mapped
     finally:

@@ -73,7 +73,7 @@ def fd_holds(fd: int, where: FileSlice, t: torch.Tensor, buf: bytearray) -> bool
     view, off = memoryview(buf), 0
     while off < mine.numel():
         k = min(len(view), mine.numel() - off)
-        _read_into(fd, view[:k], where.start + off, where.file)
+        read_range(fd, view[:k], where.start + off, where.file)
         if not same_bytes(view[:k], mine[off:off + k]):
             return False
         off += k
@@ -158,11 +158,11 @@ class PinnedFiles:
 
 def _pread(fd: int, where: FileSlice) -> bytearray:
     raw = bytearray(where.end - where.start)
-    _read_into(fd, memoryview(raw), where.start, where.file)
+    read_range(fd, memoryview(raw), where.start, where.file)
     return raw
 
 
-def _read_into(fd: int, view: memoryview, offset: int, file: Path) -> None:
+def read_range(fd: int, view: memoryview, offset: int, file: Path) -> None:
     """Fill ``view`` from ``fd`` at ``offset`` (a read may return less than asked)."""
     done = 0
     while done < len(view):

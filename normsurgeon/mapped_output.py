@@ -31,7 +31,6 @@ changed since loading, another mapping, no pagemap) the model's own bytes are wr
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import mmap
@@ -40,11 +39,12 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from . import file_tensors
+from . import file_tensors, pages
 from .errors import NormSurgeonError, one_line
 from .saving import temp_dir
 
@@ -56,36 +56,43 @@ MIN_BYTES = 1 << 30
 _ALIGN = 4096  # where the data starts in the file: a page boundary, so a tensor's alignment is its offset's
 
 
+class _Place(NamedTuple):
+    """Where one tensor of the model was moved: its address, and what the file says it is."""
+
+    tensor: torch.Tensor
+    address: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    at: int  # the byte offset of its data in the file
+    size: int
+
+
 @dataclass
 class MappedOutput:
     """The output's temporary directory and its weights file, mapped shared under the model's tensors."""
 
     dir: Path
     file: Path
-    places: dict[int, tuple[int, torch.Tensor]]  # id(tensor) -> (its data address, the tensor)
+    places: dict[int, _Place]  # id(tensor) -> where it was moved
     names: dict[str, int]  # file key -> id(tensor)
-    kinds: dict[int, tuple[torch.dtype, tuple[int, ...]]]  # id(tensor) -> the dtype and shape the file says
     _map: mmap.mmap | None = field(default=None, repr=False)
     _fd: int | None = field(default=None, repr=False)
-    _data_start: int = 0
-    _ranges: dict[int, list[int]] = field(default_factory=dict, repr=False)  # id(tensor) -> its data_offsets
 
     def holds(self, model: nn.Module) -> bool:
         """Whether the file is exactly ``model``'s weights: every tensor of its state dict (tied ones
-        once) is still the one moved onto the file, at its place, and nothing was added or removed."""
+        once) is still the one moved onto the file, at its place, as the file describes it, and nothing
+        was added or removed."""
         if self._map is None:
             return False
         state = model.state_dict(keep_vars=True)
-        seen = set()
         for key, t in state.items():
-            hit = self.places.get(id(t))
-            if hit is None or hit[1] is not t or t.data_ptr() != hit[0] or not t.is_contiguous() \
-                    or (t.dtype, tuple(t.shape)) != self.kinds[id(t)]:
+            place = self.places.get(id(t))
+            if place is None or place.tensor is not t or t.data_ptr() != place.address or not t.is_contiguous() \
+                    or (t.dtype, tuple(t.shape)) != (place.dtype, place.shape):
                 return False
             if key in self.names and self.names[key] != id(t):
                 return False
-            seen.add(id(t))
-        return seen == set(self.names.values()) and all(k in state for k in self.names)
+        return {id(t) for t in state.values()} == set(self.places) and all(k in state for k in self.names)
 
     def close(self) -> None:
         """Turn the shared mapping private at the same address (the model's tensors keep their values,
@@ -94,7 +101,7 @@ class MappedOutput:
         try:
             if self._map is not None:
                 try:
-                    _remap_private(self._map, self._fd)
+                    pages.remap_private(self._map, self._fd)
                 except OSError:  # never leave the model writing into the saved file: copies read from it
                     self._read_copies()
                 self._map = None
@@ -108,13 +115,12 @@ class MappedOutput:
         """Give every tensor memory of its own, read from the file, never from the mapping (a failed
         MAP_FIXED may have removed it)."""
         with torch.no_grad():
-            for key, (_, t) in self.places.items():
-                a, b = self._ranges[key]
-                fresh = torch.empty(t.shape, dtype=t.dtype)
-                if b > a:
+            for place in self.places.values():
+                fresh = torch.empty(place.shape, dtype=place.dtype)
+                if place.size:
                     raw = memoryview(fresh.reshape(-1).view(torch.uint8).numpy())
-                    file_tensors._read_into(self._fd, raw, self._data_start + a, self.file)
-                t.data = fresh
+                    file_tensors.read_range(self._fd, raw, place.at, self.file)
+                place.tensor.data = fresh
 
 
 def available() -> bool:
@@ -201,9 +207,9 @@ def _write_and_map(tmp: Path, file: Path, source: Path, start: int, header: dict
         os.pwrite(fd, len(text).to_bytes(8, "little") + text, 0)
         os.ftruncate(fd, data_start + end)
         src = os.open(source, os.O_RDONLY)
+        proof = pages.UntouchedFilePages(src)
         try:
-            proof = _Proof(src)
-            copy = _Copier(src, fd)
+            copy = _Copier(src, fd, source)
             for key, e in header.items():
                 a, b = e["data_offsets"]
                 t = state[key]
@@ -212,9 +218,10 @@ def _write_and_map(tmp: Path, file: Path, source: Path, start: int, header: dict
                 else:
                     _write_tensor(fd, t, data_start + a)
         finally:
+            proof.close()
             os.close(src)
         mm = mmap.mmap(fd, data_start + end) if data_start + end > 0 else None
-        places: dict[int, tuple[int, torch.Tensor]] = {}
+        places: dict[int, _Place] = {}
         names: dict[str, int] = {}
         with torch.no_grad():
             for key, e in header.items():
@@ -224,12 +231,10 @@ def _write_and_map(tmp: Path, file: Path, source: Path, start: int, header: dict
                     continue
                 a, b = e["data_offsets"]
                 t.data = _view(mm, data_start + a, b - a, t)
-                places[id(t)] = (t.data_ptr(), t)
+                places[id(t)] = _Place(t, t.data_ptr(), t.dtype, tuple(t.shape), data_start + a, b - a)
         ok = True
-        _give_back_freed_memory()
-        kinds = {i: (t.dtype, tuple(t.shape)) for i, (_, t) in places.items()}
-        return MappedOutput(tmp, file, places, names, kinds, mm, fd, data_start,
-                            {id(state[k]): e["data_offsets"] for k, e in header.items()})
+        pages.give_back_freed_memory()
+        return MappedOutput(tmp, file, places, names, mm, fd)
     finally:
         if not ok:
             os.close(fd)
@@ -251,8 +256,8 @@ _CHUNK = 16 * 2**20
 class _Copier:
     """Copy ranges from ``src`` to ``dst``: in the kernel while it accepts, else through one buffer."""
 
-    def __init__(self, src: int, dst: int) -> None:
-        self.src, self.dst, self.kernel, self._buf = src, dst, True, None
+    def __init__(self, src: int, dst: int, source: Path) -> None:
+        self.src, self.dst, self.source, self.kernel, self._buf = src, dst, source, True, None
 
     def __call__(self, src_at: int, dst_at: int, size: int) -> None:
         done = 0
@@ -277,7 +282,7 @@ class _Copier:
         done = 0
         while done < size:
             k = min(len(view), size - done)
-            file_tensors._read_into(self.src, view[:k], src_at + done, Path("the input file"))
+            file_tensors.read_range(self.src, view[:k], src_at + done, self.source)
             w = 0
             while w < k:
                 w += os.pwrite(self.dst, view[w:k], dst_at + done + w)
@@ -293,104 +298,3 @@ def _write_tensor(fd: int, t: torch.Tensor, at: int) -> None:
     done = 0
     while done < len(raw):
         done += os.pwrite(fd, raw[done:], at + done)
-
-
-class _Proof:
-    """Whether a tensor's bytes are provably the input file's: it lies in a private mapping of that
-    file, at the file offset of its range, and no page under it was ever written (pagemap: each page
-    is the file's own or not yet read in, none anonymous, none swapped)."""
-
-    def __init__(self, fd: int) -> None:
-        st = os.fstat(fd)  # the file being copied from, whatever its path names now
-        self._inode = (st.st_dev, st.st_ino)
-        self._maps = _file_mappings(self._inode)
-        try:
-            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
-        except OSError:
-            self._pagemap = None
-        if self._pagemap is not None and not self._trustworthy():
-            os.close(self._pagemap)
-            self._pagemap = None
-
-    def _trustworthy(self) -> bool:
-        """pagemap must show a page just written as present and anonymous: where it reads all zeros (a
-        sandbox, an emulation), every page would pass for one never read in."""
-        probe = torch.ones(2 * mmap.PAGESIZE, dtype=torch.uint8)
-        page = -(-probe.data_ptr() // mmap.PAGESIZE)
-        try:
-            bits = int.from_bytes(os.pread(self._pagemap, 8, 8 * page), "little")
-        except OSError:
-            return False
-        return bool(bits >> 63) and not (bits >> 61) & 1
-
-    def holds(self, t: torch.Tensor, file_at: int, size: int) -> bool:
-        if self._pagemap is None or size == 0:
-            return False
-        addr = t.data_ptr()
-        if not any(lo <= addr and addr + size <= hi and off + (addr - lo) == file_at for lo, hi, off in self._maps):
-            return False
-        page = mmap.PAGESIZE
-        first, last = addr // page, (addr + size - 1) // page
-        try:
-            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
-        except OSError:
-            return False
-        if len(raw) != 8 * (last - first + 1):
-            return False
-        bits = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-        present = bits < 0  # bit 63
-        swapped = (bits & (1 << 62)) != 0
-        file_page = (bits & (1 << 61)) != 0
-        return bool(((~present & ~swapped) | (present & file_page)).all())
-
-    def __del__(self) -> None:
-        if getattr(self, "_pagemap", None) is not None:
-            os.close(self._pagemap)
-
-
-def _file_mappings(inode: tuple[int, int]) -> list[tuple[int, int, int]]:
-    """(start, end, file offset) of every private mapping of the file ``inode`` names."""
-    found = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) < 5 or parts[1][3] != "p" or parts[4] != str(inode[1]) or line.rstrip().endswith("(deleted)"):
-                    continue
-                major, minor = (int(x, 16) for x in parts[3].split(":"))
-                if os.makedev(major, minor) != inode[0]:
-                    continue
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                found.append((lo, hi, int(parts[2], 16)))
-    except (OSError, ValueError):
-        return []
-    return found
-
-
-def _give_back_freed_memory() -> None:
-    """Return the memory the model's old tensors held to the system: glibc keeps freed blocks of its heap
-    (tensors under its 32 MiB mmap threshold come from there) in the process, and a 1.1B model read from
-    a recipe directory otherwise kept 2.1 GB of freed memory beside the file's pages (4.4 GB peak)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-
-
-_PROT_READ, _PROT_WRITE, _MAP_PRIVATE, _MAP_FIXED = 1, 2, 2, 16
-
-
-def _remap_private(mm: mmap.mmap, fd: int | None) -> None:
-    """Map the file privately over the shared mapping, at the same address: every tensor viewing it keeps
-    its address and its values (the file's), and a later write to one stays in this process."""
-    if fd is None:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
-    got = libc.mmap(base, len(mm), _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_FIXED, fd, 0)
-    if got != base:
-        raise OSError(ctypes.get_errno(), "could not turn the output's mapping private")

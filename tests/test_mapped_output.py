@@ -219,7 +219,9 @@ def test_if_the_mapping_cannot_turn_private_the_model_gets_copies(tmp_path, monk
     def fail(*a):
         raise OSError("no")
 
-    monkeypatch.setattr(mapped_output, "_remap_private", fail)
+    from normsurgeon import pages
+
+    monkeypatch.setattr(pages, "remap_private", fail)
     out = tmp_path / "out"
     model, report = api.fold(src, affine=True, output=f"{out}/")
     saved = _sha(out / "model.safetensors")

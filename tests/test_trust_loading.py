@@ -72,6 +72,8 @@ def test_recipe_factory_base_is_refused_without_trust(cwd, spec):
         normsurgeon.load(d)
     with pytest.raises(NormSurgeonError, match="trust"):
         api.load(d)
+    with pytest.raises(NormSurgeonError, match="trust"):  # the mapped load (fold/rotate writing their output first)
+        api.load(d, map_weights=True)
     assert not marker.exists() and "evilmod" not in sys.modules
     assert sys.path == path_before
 
