@@ -1,8 +1,9 @@
 """Tensors as they lie in a safetensors file: read with plain reads, one at a time, and where a model
 loaded from a directory keeps each of its parameters on disk.
 
-Plain reads, not a mapping: pages of a mapped file count in the process's resident memory while it is
-open, so reading a 2 GB file back through safetensors' own mapping costs 2 GB of peak memory.
+Plain reads, not a mapping of the whole file: pages of a mapped file count in the process's resident
+memory while it is open, so reading a 2 GB file back through safetensors' own mapping costs 2 GB of
+peak memory (a comparison maps one 16 MiB window at a time, ``fd_holds``).
 
 ``register(model, directory)`` remembers, for a model the tool loaded, which file range holds each
 parameter; an in-place rewrite's undo log (``verify.UndoLog``) then reads a replaced tensor back from
@@ -15,7 +16,9 @@ written by the tool (``saving.guard_inputs``).
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +67,45 @@ class FileSlice:
 
 
 def fd_holds(fd: int, where: FileSlice, t: torch.Tensor, buf: bytearray) -> bool:
-    """Whether ``where`` in the open file ``fd`` holds exactly ``t``'s bytes, compared a ``buf`` at a
-    time: a fresh buffer the size of each weight cost more in page faults than the reading and
-    comparing (2.2 GB read back after a 1.1B model's save, 1.36 GB before its affine fold)."""
+    """Whether ``where`` in the open file ``fd`` holds exactly ``t``'s bytes, compared a window of
+    ``COMPARE_CHUNK`` at a time: each window is mapped read-only and compared in place, then unmapped
+    (twice as fast as reading it into ``buf``: a 1.1B rotation's undo log compared 2.2 GB in 0.5 s
+    against 0.95; one window at a time, so the pages count in the process's memory only while they are
+    compared). Where the file cannot be mapped, it is read into ``buf`` (a reusable buffer: a fresh one
+    the size of each weight cost more in page faults than the reading and comparing)."""
     mine = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if mine.numel() != where.end - where.start:
         return False
+    if where.end > os.fstat(fd).st_size:
+        return False  # never map past the end: that page would be a SIGBUS, not an error
     view, off = memoryview(buf), 0
     while off < mine.numel():
         k = min(len(view), mine.numel() - off)
-        read_range(fd, view[:k], where.start + off, where.file)
-        if not same_bytes(view[:k], mine[off:off + k]):
+        try:
+            same = _mapped_same(fd, where.start + off, mine[off:off + k])
+        except (OSError, ValueError):  # a file that cannot be mapped (a pipe, some FUSE mounts)
+            read_range(fd, view[:k], where.start + off, where.file)
+            same = same_bytes(view[:k], mine[off:off + k])
+        if not same:
             return False
         off += k
     return True
+
+
+def _mapped_same(fd: int, offset: int, mine: torch.Tensor) -> bool:
+    """Whether the file's bytes at ``offset`` are ``mine``'s, compared through a read-only mapping."""
+    lo = offset - offset % mmap.ALLOCATIONGRANULARITY
+    window = mmap.mmap(fd, offset - lo + mine.numel(), prot=mmap.PROT_READ, offset=lo)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: this tensor is only read
+            theirs = torch.frombuffer(window, dtype=torch.uint8, count=mine.numel(), offset=offset - lo)
+        try:
+            return _equal_bytes(theirs, mine)
+        finally:
+            del theirs  # the mapping cannot close while a tensor still views it
+    finally:
+        window.close()
 
 
 # 16 MiB: a multiple of every element size, small enough to stay in memory already touched
@@ -85,17 +113,23 @@ COMPARE_CHUNK = 16 * 2**20
 
 
 def same_bytes(raw: bytearray | memoryview, t: torch.Tensor) -> bool:
-    """Whether ``raw`` is exactly ``t``'s bytes, compared 8 (4, 2) bytes at a time where they divide the
-    length (byte by byte is five times slower on a 2 GB model)."""
+    """Whether ``raw`` is exactly ``t``'s bytes."""
     mine = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if len(raw) != mine.numel():
         return False
     if not raw:
         return True
-    theirs = torch.frombuffer(raw, dtype=torch.uint8)
+    return _equal_bytes(torch.frombuffer(raw, dtype=torch.uint8), mine)
+
+
+def _equal_bytes(theirs: torch.Tensor, mine: torch.Tensor) -> bool:
+    """Two flat uint8 tensors, compared 8 (4, 2) bytes at a time where they divide the length and the
+    offsets allow (byte by byte is five times slower on a 2 GB model)."""
+    if theirs.numel() != mine.numel():
+        return False
     for wide in (torch.int64, torch.int32, torch.int16):
         size = torch.empty((), dtype=wide).element_size()
-        if len(raw) % size == 0:
+        if theirs.numel() % size == 0:
             try:
                 return torch.equal(theirs.view(wide), mine.view(wide))
             except RuntimeError:  # an offset the wider view cannot take

@@ -94,6 +94,28 @@ class MappedOutput:
                 return False
         return {id(t) for t in state.values()} == set(self.places) and all(k in state for k in self.names)
 
+    def saved_in(self, model: nn.Module, file: Path) -> bool:
+        """Whether ``file`` is this weights file (the same inode as the mapping's) and ``model``'s tensors
+        are views of it where its header says (``holds``): then every byte the file holds for a tensor is
+        the tensor's own memory, and reading the file back to compare it with the model compares each
+        page with itself (0.4 s of a 1.1B ``rotate -o``)."""
+        if self._fd is None or not self.holds(model):
+            return False
+        try:
+            mine, theirs = os.fstat(self._fd), os.stat(file)
+            start, header = file_tensors.read_header(file)
+        except (OSError, ValueError):
+            return False
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino) or set(header) != set(self.names):
+            return False
+        for key, e in header.items():
+            place = self.places[self.names[key]]
+            a, b = e["data_offsets"]
+            if (start + a, b - a) != (place.at, place.size) or e["dtype"] != file_tensors.ST_NAMES.get(place.dtype) \
+                    or tuple(e["shape"]) != place.shape:
+                return False
+        return True
+
     def close(self) -> None:
         """Turn the shared mapping private at the same address (the model's tensors keep their values,
         later writes stay in memory) and remove the temporary directory if it is still there (not

@@ -334,7 +334,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
         # a transformers model whose classes survived: plain from_pretrained loads the directory too
         write_config(model, tmp)
         if check:
-            _check_round_trip(model, tmp, ci, path)
+            held = mapped is not None and mapped.saved_in(model, tmp / WEIGHTS_FILE)
+            _check_round_trip(model, tmp, ci, path, held=held)
         place_dir(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,7 +348,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = Non
 _STRUCTURAL = {"norm_affine", "rotate", "ln_to_rms"}
 
 
-def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) -> None:
+def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path, held: bool = False) -> None:
     """The directory must rebuild a model whose outputs equal ``model``'s exactly. A large model
     (``verify.LEAN_BYTES``) whose actions are all structural is checked without a second copy of its
     weights (``_check_without_copy``)."""
@@ -356,7 +357,7 @@ def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) 
     recipe = recipe_of(model)
     structural = recipe is None or all(a.get("op") in _STRUCTURAL for a in recipe.actions)
     if structural and sum(p.numel() * p.element_size() for p in model.parameters()) >= LEAN_BYTES:
-        _check_without_copy(model, saved, path)
+        _check_without_copy(model, saved, path, held=held)
         return
     reloaded = load_dir(saved, trust=True).model  # our own output: its base is the model's, built in this process
     if ci is None:
@@ -371,11 +372,13 @@ def _check_round_trip(model: nn.Module, saved: Path, ci: CallArgs | None, path) 
                                "not describe this model; save as .pt instead); nothing written")
 
 
-def _check_without_copy(model: nn.Module, saved: Path, path) -> None:
+def _check_without_copy(model: nn.Module, saved: Path, path, held: bool = False) -> None:
     """The round trip of a large model: the recipe is rebuilt on the meta device and must take the
     saved file as ``load`` does (every key, dtype and shape: ``_fit_weights``), and every saved tensor,
     read back one at a time, must equal the model's bit for bit. Together with the same classes from
-    the same config, that is the model ``load`` returns, without holding a second copy of its weights."""
+    the same config, that is the model ``load`` returns, without holding a second copy of its weights.
+    ``held`` (``MappedOutput.saved_in``): the model's tensors are the file's own pages, so its bytes
+    are not read back."""
     recipe = _read_recipe(saved)
     with _parameters_on_meta():
         rebuilt = build_base(recipe.base, trust=True, where=str(saved / RECIPE_FILE))
@@ -387,6 +390,8 @@ def _check_without_copy(model: nn.Module, saved: Path, path) -> None:
     if differs is not None:
         raise NormSurgeonError(f"`output` {path}: the rebuilt model differs from the model at {differs} (the recipe "
                                "does not describe this model; save as .pt instead); nothing written")
+    if held:
+        return
     state = model.state_dict(keep_vars=True)
     differs = _differs_from_file(saved / WEIGHTS_FILE, state)
     if differs is not None:

@@ -203,8 +203,9 @@ def rotate_tensor(ckpt: Checkpoint, name: str, how: str, q: Rotation, seed: int)
     """``name`` rotated in place and cast back, and the worst relative error of undoing the rotation of
     the stored result on sampled rows (columns) of every chunk of ``CHUNK_BYTES`` float64 values.
 
-    The rotation is the in-memory one's (``norm_math.rotate_reader_``: float64 slices through a fast
-    Walsh–Hadamard transform, with reused buffers), so the same seed gives the same tensors; the loaded
+    The rotation is the in-memory one's (``norm_math.rotate_reader_``: float64 slices, float32 for
+    bfloat16/float16 weights, through a fast Walsh–Hadamard transform, with reused buffers), so the same
+    seed gives the same tensors; the loaded
     tensor is rotated where it lies, so the peak is the tensor plus two small buffers. The originals of
     the sampled rows (columns) are kept before; the scale and the finiteness are taken chunk by chunk (on
     a whole bf16 tensor ``isfinite`` upcasts it)."""

@@ -144,3 +144,33 @@ def test_failed_capture_attempts_reach_the_terminal_as_one_line_each(tmp_path):
         if args[0] == "inspect":
             failed = [ln for ln in proc.stdout.splitlines() if " failed: " in ln]
             assert [ln.split()[0] for ln in failed] == ["export", "fx"], proc.stdout  # and per-child is not one
+
+
+def test_the_command_ends_without_teardown_yet_says_everything_and_keeps_its_exit_status(tmp_path):
+    # the entry point (`normsurgeon`, `python -m normsurgeon`) ends the process with os._exit after the
+    # command: its output must all be there (a pipe is block-buffered: nothing flushed, nothing seen)
+    # and its exit status kept; the command's files are written and no temporary one is left behind
+    import json
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["normsurgeon"] == "normsurgeon.cli:run"
+    cli = str(Path(sys.executable).parent / "normsurgeon")
+    for cmd in ([cli], [sys.executable, "-m", "normsurgeon"]):
+        proc = subprocess.run([*cmd, "inspect", "normsurgeon.zoo:gpt2", "--json"], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)  # whole
+        assert report["norms"], cmd
+        proc = subprocess.run([*cmd, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "missing.pt" in proc.stderr
+    out = tmp_path / "out"
+    proc = subprocess.run([cli, "fold", "normsurgeon.zoo:llama", "--affine", "-o", f"{out}/", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["output"], proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "model.safetensors").stat().st_size > 0 and json.loads((out / "recipe.json").read_text())

@@ -361,3 +361,49 @@ def test_force_replaces_an_output_and_an_output_that_appeared_is_kept(tmp_path, 
         api.fold(src, affine=True, output=f"{other}/")
     assert [p.name for p in other.iterdir()] == ["theirs"]
     _no_leftovers(tmp_path)
+
+
+def test_the_round_trip_reads_no_weights_back_where_the_model_is_the_files_own_pages(tmp_path, spies, monkeypatch):
+    # the saved file's bytes are the model's own memory: comparing them read each page against itself;
+    # a model saved the plain way is still read back and compared
+    reads = []
+    differs = replay._differs_from_file
+    monkeypatch.setattr(replay, "_differs_from_file", lambda *a: reads.append(a) or differs(*a))
+    src = _llama_dir(tmp_path)
+    _, report = api.fold(src, affine=True, output=f"{tmp_path / 'mapped'}/")
+    assert report.passed and spies["prepared"][0] is not None and reads == []
+    model = zoo_llm.llama()
+    api.fold(model, model.example_inputs(), affine=True, output=f"{tmp_path / 'plain'}/")
+    assert len(reads) == 1
+
+
+def test_saved_in_holds_only_for_the_mapped_file_itself(tmp_path):
+    import json
+    import shutil
+
+    src = _llama_dir(tmp_path)
+    model = api.load(src).model
+    mapped = mapped_output.prepare(model, tmp_path / "out", "model.safetensors", min_bytes=0)
+    try:
+        assert mapped.saved_in(model, mapped.file)
+        copy = tmp_path / "copy.safetensors"  # the same bytes in another file: not the model's pages
+        shutil.copy(mapped.file, copy)
+        assert not mapped.saved_in(model, copy)
+        with torch.no_grad():  # a tensor moved off the file
+            w = model.model.norm.weight
+            w.data, kept = w.clone(), w.data
+        assert not mapped.saved_in(model, mapped.file)
+        w.data = kept
+        assert mapped.saved_in(model, mapped.file)
+        # the file itself, its header rewritten to swap two tensors of one size: not where the model's are
+        raw = mapped.file.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + size])
+        a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+        header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+        with open(mapped.file, "r+b") as f:
+            f.seek(8)
+            f.write(json.dumps(header, separators=(",", ":")).encode().ljust(size))
+        assert not mapped.saved_in(model, mapped.file)
+    finally:
+        mapped.close()

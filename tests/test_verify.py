@@ -227,3 +227,36 @@ def test_a_weight_whose_input_file_is_gone_is_spilled(tmp_path):
             model.lm_head.weight.zero_()
         log.restore()
     assert torch.equal(model.lm_head.weight, want)
+
+
+def test_a_file_holds_a_tensor_compared_window_by_window_through_a_mapping_or_reads(tmp_path, monkeypatch):
+    # the proof that lets an undo read a weight back from its file: every byte counts, in any window;
+    # a file too short is a False (never a mapping past its end); a file that cannot be mapped is read
+    import mmap
+    import os
+
+    from normsurgeon import file_tensors as ft
+
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    raw = bytearray(b"head" + t.numpy().tobytes())
+    path = tmp_path / "w.bin"
+    path.write_bytes(raw)
+    where = ft.FileSlice(path, 4, 4 + len(raw) - 4, "F32", (1000,))
+    monkeypatch.setattr(ft, "COMPARE_CHUNK", 1024)  # four windows, the last a short one
+    real_map = mmap.mmap
+    for mapping in (True, False):
+        if not mapping:
+            monkeypatch.setattr(mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError("no mmap here")))
+        assert where.holds(t, bytearray(1024)), mapping
+        for at in (0, 1500, 3999):  # a byte changed in the first, a middle and the last window
+            u = t.clone()
+            u.view(torch.uint8)[at] ^= 1
+            assert not where.holds(u, bytearray(1024)), (mapping, at)
+    monkeypatch.setattr(mmap, "mmap", real_map)
+    with open(path, "r+b") as f:
+        f.truncate(2000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not ft.fd_holds(fd, where, t, bytearray(1024))
+    finally:
+        os.close(fd)

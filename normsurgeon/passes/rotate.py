@@ -11,8 +11,9 @@ that still carries an affine (``fold(affine=True)`` first) or subtracts the mean
 first), a norm whose output goes anywhere but linear layers, a writer that is not linear, a tensor
 whose roles need two different rotations. Q: a randomized Hadamard when the width is a power of 2,
 a randomized Hadamard ⊗ a small random orthogonal matrix for 2^k·m, a random orthogonal matrix from a
-QR for an odd width (``norm_math.orthogonal``); the math is float64, cast back. The Hadamard is applied
-as a fast Walsh–Hadamard transform, slice by slice in place (``norm_math.Rotation``).
+QR for an odd width (``norm_math.orthogonal``); the math is float64 (float32 sums for bfloat16/float16
+weights: ``norm_math.rotation_dtype``), cast back. The Hadamard is applied as a fast Walsh–Hadamard
+transform, slice by slice in place (``norm_math.Rotation``).
 """
 
 from __future__ import annotations

@@ -272,3 +272,44 @@ def test_a_failure_on_one_thread_is_raised_after_every_thread_stopped(monkeypatc
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_low_precision_rotation_sums_in_float32_within_one_ulp_of_float64():
+    # bf16/f16 weights are rotated with float32 sums (twice as fast as float64): the weights are the
+    # float64 result's but where it lies within ~1e-7 of a rounding midpoint, and then one ulp away
+    import normsurgeon.norm_math as nm
+
+    assert nm.rotation_dtype(torch.bfloat16) == nm.rotation_dtype(torch.float16) == torch.float32
+    assert nm.rotation_dtype(torch.float32) == nm.rotation_dtype(torch.float64) == torch.float64
+    n = 2048
+    q, dense = nm.rotation(n, 4), _dense_randomized_hadamard(n, 4)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (r(512, n) * 0.02).to(dtype)
+        want = (w.double() @ dense).to(dtype)
+        got = w.clone()
+        nm.rotate_reader_(got, q, "out_in")
+        steps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1, dtype
+        assert int((steps > 0).sum()) <= 1e-4 * w.numel(), dtype
+
+
+def test_a_float32_sum_that_overflows_is_redone_in_float64():
+    # bf16 shares float32's range: 32 weights of 2e37 sum to 6.4e38, past float32's 3.4e38, though
+    # the rotated weight (the sum over √32) is finite
+    import normsurgeon.norm_math as nm
+
+    n = 32
+    q, dense = nm.rotation(n, 0), _dense_randomized_hadamard(n, 0)
+    w = (r(6, n) * 1e37).bfloat16()
+    w[2] = (2e37 * dense[:, 0].sign()).bfloat16()  # every term of output 0 has the same sign
+    assert not torch.isfinite(w[2:3].float() @ (dense * n ** 0.5).float()).all()  # float32 would overflow
+    want = q.apply(w.double()).bfloat16()  # the float64 transform
+    assert torch.isfinite(want).all()
+    for how in ("rows", "columns"):
+        got = w.clone() if how == "rows" else w.t().contiguous()
+        if how == "rows":
+            nm.rotate_reader_(got, q, "out_in")
+        else:
+            nm.rotate_writer_(got, q, "linear", "out_in")  # Qᵀ·W over the stored first axis
+            got = got.t()
+        assert torch.equal(got, want), how
