@@ -6,7 +6,8 @@ The model: ``transformers.LlamaForCausalLM`` with TinyLlama-1.1B's config (22 la
 saved as a bf16 safetensors directory (``--layers N`` keeps the width with fewer layers; ``--quick``:
 a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS from ``os.wait4``):
 
-- baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs;
+- baseline: ``normsurgeon.loading.load_model(DIR)`` + one forward pass on the example inputs, then the
+  process ends as the ``normsurgeon`` command does, without Python's teardown (``cli.run``);
 - fold:     ``normsurgeon fold DIR --affine --json`` (capture, fold in place, verify on 2 inputs, as every
   model of 1 GiB or more: ``verify.lean_inputs``;
   ``--skip-plain-fold`` leaves it out);
@@ -17,7 +18,7 @@ a tiny model). Then, in separate processes (``bench_fold_memory.run``: peak RSS 
 - rotate -o: the same, writing ``-o ROT/``.
 
 Each step starts after an ``os.sync()``: what the step before it wrote is on disk, not being written
-back beside it.
+back beside it. ``--prime-gb N``: before each step, a child process touches and frees N GiB (see main).
 
     python benchmarks/bench_llm_fold_memory.py --quick
     python benchmarks/bench_llm_fold_memory.py --workdir /tmp/tinyllama --json out.json
@@ -46,12 +47,22 @@ TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
 QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
              vocab_size=1000, max_position_embeddings=128, tie_word_embeddings=False)
 
-BASELINE = """
+# touches and frees this many GiB of fresh memory (``--prime-gb``): see main()
+PRIME = """
 import sys, torch
+torch.ones(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8)
+"""
+
+# ends as the command does (``cli.run``: no interpreter teardown, 0.8-0.9 s of it with torch and
+# transformers imported), so that neither side of a ratio counts it
+BASELINE = """
+import os, sys, torch
 from normsurgeon.loading import load_model
 loaded = load_model(sys.argv[1])
 with torch.no_grad():
     loaded.example_inputs.call(loaded.model.eval())
+sys.stdout.flush()
+os._exit(0)
 """
 
 
@@ -79,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", default="fold,fold -o,rotate,rotate -o",
                     help="which steps after the baseline (comma-separated; rotate needs fold -o in the same run)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the built model here (reused)")
+    ap.add_argument("--prime-gb", type=float, default=0.0,
+                    help="before each step (untimed), a child touches and frees this many GiB of memory")
     args = ap.parse_args()
     config = dict(QUICK if args.quick else TINYLLAMA)
     if args.layers:
@@ -122,6 +135,14 @@ def main() -> None:
                 # write-back beside a step cost it 2-4 s of system time on this VM (rotate right after
                 # fold -o: 15.9 s; after a sync: 13.8 s)
                 os.sync()
+                if args.prime_gb > 0:
+                    # On a VM that hands freed memory back to its host (free page reporting), a page
+                    # touched for the first time since costs a fault in the host too: 1.8-2.6 s/GB on
+                    # ours, against 0.2-0.4 s/GB for memory freed a moment ago. A step that makes
+                    # 2.2 GB of new weights then pays seconds the baseline (its weights are the page
+                    # cache) never does, and more or less by the minute. Priming gives every step,
+                    # the baseline too, recently freed memory, as a machine without a balloon has.
+                    run([py, "-c", PRIME, str(args.prime_gb)])
                 wall, cpu, rss, code, stdout = run(cmd)
                 summary = ""
                 try:
