@@ -1,8 +1,8 @@
-"""Pure float64 math of the norm-affine surgery (no graph, no modules): fold a norm's γ/β into the
-linear that reads it, centre a writer of the residual stream, rotate by an orthogonal matrix.
+"""The math of the norm-affine surgery (no graph, no modules): fold a norm's γ/β into the linear that
+reads it, centre a writer of the residual stream, rotate by an orthogonal matrix.
 
 Layouts: ``out_in`` is nn.Linear's weight (y = x·Wᵀ), ``in_out`` transformers' Conv1D and a matmul
-with a parameter (y = x·W). Every function takes and returns float64 tensors; callers cast back.
+with a parameter (y = x·W). The pure functions take and return float64 tensors; callers cast back.
 
 The ``*_`` variants apply the same math to a model's tensor in place, a slice at a time: a float64
 copy of a whole 32000×2048 head is 0.5 GB, and a 1.1B model's fold must not hold a second copy of
@@ -154,16 +154,23 @@ class Rotation:
         return self._cast[dtype]
 
 
-def rotation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What a rotation of weights of ``dtype`` sums in: float32 for bfloat16/float16 weights, float64
-    otherwise. The transform's float32 sums are within about 1e-7 of the exact ones, relative to the
-    row, against bfloat16's rounding of 2e-3 (float16's 5e-4): the rotated weights are the float64
-    result's but where that lies within 1e-7 of a rounding midpoint (1.4e-5 of a random bf16 matrix's
-    weights, each then one ulp away, as near the exact value but for those 1e-7). Twice as fast: the
-    transform was 5.3 ns a weight in float64, 2.5 in float32 (one core), the largest part of a 1.1B
-    rotation. A float32 sum that overflows (weights near float32's limit, which bfloat16 shares) is
-    redone in float64 (``_rotate_rows_``)."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+def rotation_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """What a rotation of weights of ``dtype`` sums in: float32 for bfloat16/float16 weights on the CPU
+    while float32 matmuls run at full precision (``torch.get_float32_matmul_precision() == "highest"``:
+    "medium" lets oneDNN round float32 operands to bfloat16, and CUDA's TF32 rounds them to 10 bits),
+    float64 otherwise. Twice as fast: the transform took 5.3 ns a weight in float64, 2.4 in float32 (one
+    core), the largest part of a 1.1B rotation.
+
+    What it costs in exactness, measured on random 512×2048 matrices: beyond the float64 result's own
+    rounding to the weights' dtype, the float32 sums are off by at most about 1e-8 of the row's norm,
+    against up to 3e-4 of it for that rounding in bfloat16 (4e-5 in float16). The rotated weights are
+    then the float64 result's but for 1e-5 of bfloat16 weights and 7e-5 to 3e-4 of float16 ones, each
+    one ulp away, a few ulps for a weight tiny next to its row. A float32 sum that overflows (weights
+    near float32's limit, which bfloat16 shares) is redone in float64 (``_finite_or_float64``)."""
+    if dtype not in (torch.bfloat16, torch.float16) or torch.device(device).type != "cpu" \
+            or torch.get_float32_matmul_precision() != "highest":
+        return torch.float64
+    return torch.float32
 
 
 def rotation(n: int, seed: int) -> Rotation:
@@ -400,7 +407,8 @@ def _rotate_rows_(rows: torch.Tensor, q: Rotation | torch.Tensor) -> None:
         c.copy_(part)
         part.copy_(_finite_or_float64(q.transform_(c, spare), part, q))
 
-    dtype = rotation_dtype(rows.dtype)
+    dtype = rotation_dtype(rows.dtype, rows.device)
+    q._factors(dtype)  # cast once, before the threads
     _in_slices(rows, body, scratch=2, dtype=dtype, elements=_rotate_slice(dtype), parallel=True)
 
 
@@ -416,7 +424,8 @@ def _rotate_columns_(w: torch.Tensor, q: Rotation | torch.Tensor) -> None:
         c.copy_(cols)
         cols.copy_(_finite_or_float64(q.transform_(c, spare, columns=True), cols, q, columns=True))
 
-    dtype = rotation_dtype(w.dtype)
+    dtype = rotation_dtype(w.dtype, w.device)
+    q._factors(dtype)  # cast once, before the threads
     _in_slices(w.t(), body, scratch=2, dtype=dtype, elements=_rotate_slice(dtype), parallel=True)  # wᵀ's rows: w's columns
 
 

@@ -242,9 +242,8 @@ def test_a_file_holds_a_tensor_compared_window_by_window_through_a_mapping_or_re
     path = tmp_path / "w.bin"
     path.write_bytes(raw)
     where = ft.FileSlice(path, 4, 4 + len(raw) - 4, "F32", (1000,))
-    monkeypatch.setattr(ft, "COMPARE_CHUNK", 1024)  # four windows, the last a short one
     real_map = mmap.mmap
-    for mapping in (True, False):
+    for mapping in (True, False):  # windows of the buffer's 1024 bytes: four, the last a short one
         if not mapping:
             monkeypatch.setattr(mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError("no mmap here")))
         assert where.holds(t, bytearray(1024)), mapping

@@ -96,7 +96,7 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (| head) or a closed stream: nothing more to say
-            pass
+        except (OSError, ValueError):  # a closed pipe (| head), a full disk: output lost, as Python says
+            code = code or 120
     logging.shutdown()
     os._exit(code)

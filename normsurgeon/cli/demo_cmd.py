@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -37,12 +38,16 @@ def demo(workdir, train_steps, bench_runs, as_json, debug):
             if plain is not None:
                 plain(what, done, total)
 
-        for step in api.demo(workdir, train_steps=train_steps, bench_runs=bench_runs, progress=tick):
-            steps.append(step)
-            if not as_json:  # printed through the bar's console so the live bar stays below the tables
-                bar.console.print()
-                bar.console.rule(f"[bold]{step.title}")
-                for table in step.all_tables():
-                    render_table(table, bar.console)
+        # closed on any exit: the story's temporary directory goes now, not when the generator is collected
+        # (the command ends without Python's teardown: cli.run)
+        with contextlib.closing(api.demo(workdir, train_steps=train_steps, bench_runs=bench_runs,
+                                         progress=tick)) as story:
+            for step in story:
+                steps.append(step)
+                if not as_json:  # printed through the bar's console so the live bar stays below the tables
+                    bar.console.print()
+                    bar.console.rule(f"[bold]{step.title}")
+                    for table in step.all_tables():
+                        render_table(table, bar.console)
     if as_json:
         click.echo(json.dumps({"steps": [s.to_json() for s in steps]}, indent=2, default=str))
