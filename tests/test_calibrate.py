@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from _dist_helpers import run_ranks
 
 from normsurgeon import zoo
 from normsurgeon.calibrate import (CalibrationReport, calibrate, load_calibration_data,
@@ -267,31 +268,14 @@ def _dist_batches(rank):
     return [torch.randn(b, 3, 6, 6, generator=g) * (rank + 1) + rank for b in sizes]
 
 
-def _dist_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = _dist_model()
-        report = calibrate(model, _dist_batches(rank))
-        torch.save({"state": model.state_dict(), "report": report.to_json()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank, out_dir):
+    model = _dist_model()
+    report = calibrate(model, _dist_batches(rank))
+    torch.save({"state": model.state_dict(), "report": report.to_json()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_calibrate_distributed_equals_single_process_on_union(tmp_path):
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("distributed calibration did not finish within 60 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_ranks(_dist_worker, tmp_path, str(tmp_path), limit=60)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for k, v in results[0]["state"].items():  # every rank ends with identical statistics
         assert torch.equal(v, results[1]["state"][k]), k

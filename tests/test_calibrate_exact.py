@@ -9,12 +9,10 @@ pass over the data each, with torch's own mean / var in float64.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from _dist_helpers import run_ranks
 
 from normsurgeon import zoo
 from normsurgeon.calibrate import calibrate
@@ -176,42 +176,18 @@ def test_power_norm_running_quadratic_mean_is_calibrated_on_real_tokens():
 
 # -- two processes (gloo) against one ------------------------------------------------------------------
 
-def _spawn(worker, tmp_path, *args, limit=150):
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(worker, args=(str(tmp_path), *args), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + limit
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process check did not finish within {limit} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-
-
-def _init(rank, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=90))
-
-
 def _calibrate_worker(rank, tmp):
-    _init(rank, tmp)
-    try:
-        model = _bn_vit()
-        data = _pixels()
-        # rank 0: its 12 samples one by one; rank 1: the other 20 in batches of 16 and 4
-        mine = list(data[:12].split(1)) if rank == 0 else list(data[12:].split(16))
-        report = calibrate(model, [{"pixel_values": x} for x in mine])
-        torch.save({"stats": _stats(model), "report": report.to_json()}, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = _bn_vit()
+    data = _pixels()
+    # rank 0: its 12 samples one by one; rank 1: the other 20 in batches of 16 and 4
+    mine = list(data[:12].split(1)) if rank == 0 else list(data[12:].split(16))
+    report = calibrate(model, [{"pixel_values": x} for x in mine])
+    torch.save({"stats": _stats(model), "report": report.to_json()}, os.path.join(tmp, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_ranks_with_other_batchings_equal_one_process_at_batch_32(tmp_path):
-    _spawn(_calibrate_worker, tmp_path)
+    run_ranks(_calibrate_worker, tmp_path, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for k, v in got[0]["stats"].items():
         assert torch.equal(v, got[1]["stats"][k]), k  # every rank sets the same statistics
@@ -234,25 +210,21 @@ def _sync_mask_data():
 
 
 def _sync_mask_worker(rank, tmp):
-    _init(rank, tmp)
-    try:
-        x, mask = _sync_mask_data()
-        lo, hi = (0, 2) if rank == 0 else (2, 5)
-        torch.manual_seed(0)
-        bn = SyncTokenBatchNorm(C, momentum=None).double().train()
-        xs = x[lo:hi].clone().requires_grad_(True)
-        with padding_mask(mask[lo:hi]):
-            out = bn(xs)
-        out[mask[lo:hi]].square().sum().backward()
-        torch.save({"out": out.detach(), "grad": xs.grad, "mean": bn.running_mean, "var": bn.running_var},
-                   os.path.join(tmp, f"sync{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    x, mask = _sync_mask_data()
+    lo, hi = (0, 2) if rank == 0 else (2, 5)
+    torch.manual_seed(0)
+    bn = SyncTokenBatchNorm(C, momentum=None).double().train()
+    xs = x[lo:hi].clone().requires_grad_(True)
+    with padding_mask(mask[lo:hi]):
+        out = bn(xs)
+    out[mask[lo:hi]].square().sum().backward()
+    torch.save({"out": out.detach(), "grad": xs.grad, "mean": bn.running_mean, "var": bn.running_var},
+               os.path.join(tmp, f"sync{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_sync_token_batch_norm_counts_only_real_tokens_of_every_rank(tmp_path):
-    _spawn(_sync_mask_worker, tmp_path)
+    run_ranks(_sync_mask_worker, tmp_path, str(tmp_path))
     got = [torch.load(tmp_path / f"sync{r}.pt", weights_only=True) for r in range(2)]
     x, mask = _sync_mask_data()
     ref = TokenBatchNorm(C, momentum=None).double().train()

@@ -1,12 +1,11 @@
 """Synchronized BatchNorm for converted models (issue 12, item 10).
 
-Real torch.distributed: 2 processes over gloo (CPU), started with torch.multiprocessing.spawn. Each
+Real torch.distributed: 2 processes over gloo (CPU), started by tests/_dist_helpers.run_ranks. Each
 worker also computes the single-process reference on the union batch and asserts equality; an
 assertion in a worker fails the test through spawn.
 """
 
 import copy
-import datetime
 import math
 import os
 import subprocess
@@ -15,7 +14,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -25,23 +23,9 @@ from normsurgeon.passes.convert import convert
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.nn import SyncTokenBatchNorm, TokenBatchNorm, convert_sync_batchnorm
 
-WORLD = 2
+from _dist_helpers import WORLD, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-
-
-def _spawn(fn, tmp_path):
-    mp.spawn(_worker, args=(fn, f"file://{tmp_path / 'rendezvous'}"), nprocs=WORLD, join=True)
-
-
-def _worker(rank, fn, url):
-    torch.set_num_threads(1)
-    # a short timeout: a rank whose assertion failed makes the other one fail soon, not hang
-    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    fn(rank)  # everything it built (DDP's reducer included) is gone before the group is destroyed
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def _close(a, b, what, atol=1e-10, rtol=1e-8):
@@ -113,7 +97,7 @@ def _exact_worker(rank):
 
 
 def test_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
-    _spawn(_exact_worker, tmp_path)
+    run_ranks(_exact_worker, tmp_path)
 
 
 # -- a converted ViT trains under DDP -------------------------------------------------------------------
@@ -175,7 +159,7 @@ def _ddp_worker(rank):
 
 
 def test_converted_vit_trains_under_ddp_with_two_processes(tmp_path):
-    _spawn(_ddp_worker, tmp_path)
+    run_ranks(_ddp_worker, tmp_path)
 
 
 # -- the torch idiom fails loudly -------------------------------------------------------------------------

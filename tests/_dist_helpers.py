@@ -1,0 +1,58 @@
+"""Real two-process torch.distributed checks (gloo on CPU) for the tests, ending cleanly every time.
+
+A rank that fails raises through torch.multiprocessing into the test. A rank that succeeds must not
+abort afterwards: DDP sits in a reference cycle, so its reducer (and the gloo group it holds) outlived
+the worker function and ``destroy_process_group`` and was freed during interpreter teardown, where a
+gloo thread can abort the process ("terminate called without an active exception", seen in CI). So
+the cycle is collected while the group is alive, the ranks tear the group down together, and a rank
+leaves with ``os._exit`` once its output is flushed: nothing is left for the teardown to free.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def run_ranks(fn, tmp_path, *args, limit: float = 150) -> None:
+    """Run ``fn(rank, *args)`` on WORLD spawned processes in one gloo group; fail the test on any error or
+    if the ranks take longer than ``limit`` seconds (a rank whose assertion failed ends the other through
+    the group's timeout, well inside the limit)."""
+    ctx = mp.start_processes(_rank_main, args=(fn, str(tmp_path / "rendezvous"), args), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + limit
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD}-process check did not finish within {limit} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def _rank_main(rank, fn, store, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=90))
+    try:
+        fn(rank, *args)
+    except BaseException:
+        dist.destroy_process_group()  # the peer's next collective fails instead of waiting out the timeout
+        raise
+    gc.collect()  # DDP's reference cycle: its reducer goes while the group is still alive
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
