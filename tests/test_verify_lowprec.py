@@ -324,6 +324,33 @@ def test_a_large_head_is_upcast_a_block_of_rows_at_a_time_and_an_embedding_after
     assert (300, 16) not in upcast  # neither table was copied whole
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_float32_linears_go_through_onednn_only_at_full_precision(monkeypatch, precision):
+    """oneDNN's linear computes a verification input's few rows about twice as fast as F.linear (the
+    1.1B Llama's float32 forward: 0.5-0.85 s against 1.6 s); both the blocked head and a small weight
+    take it, with float32 results; at "medium" float32 matmul precision F.linear stays (oneDNN may then
+    round operands to bf16, and a reference must not)."""
+    from normsurgeon import float32_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 400, bias=False)).to(torch.bfloat16)
+    monkeypatch.setattr(float32_run, "ROWS_BYTES", 24 * 4 * 50)  # the head in blocks of 50 rows
+    calls = []
+    onednn = float32_run._ONEDNN_LINEAR
+    monkeypatch.setattr(float32_run, "_ONEDNN_LINEAR", lambda x, w, *a: calls.append(tuple(w.shape)) or onednn(x, w, *a))
+    x = torch.randn(3, 7, 32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = run_float32(model, CallArgs((x,)))[0]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = copy.deepcopy(model).double()(x.double())
+    assert got.dtype == torch.float32 and ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    assert calls == ([(24, 32)] + [(50, 24)] * 8 if precision == "highest" else [])
+
+
 class LazyTable(nn.Module):
     """Makes a table and a counter on its first call (a rotary cache keyed by length, say)."""
 
