@@ -114,10 +114,11 @@ def _linear32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
     rows of a verification input it took 0.30-0.55 ns a weight against 0.53-0.82 for ``F.linear``'s MKL
     GEMM (a 5632 × 2048 weight in 4 MiB blocks, 12 and 32 rows, two threads), the same float32 sums in
     another order. Only with float32 matmuls at full precision: at "medium" oneDNN may round operands to
-    bf16, and the reference must not."""
+    bf16, and the reference must not. Not where autograd records (a forward that turns grad on itself)."""
     if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dim() >= 2 and x.numel()
             and x.dtype == w.dtype == torch.float32 and (b is None or b.dtype == torch.float32)
-            and torch.get_float32_matmul_precision() == "highest"):
+            and torch.get_float32_matmul_precision() == "highest"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):  # it has no backward
         return _ONEDNN_LINEAR(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 

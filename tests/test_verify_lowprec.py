@@ -349,6 +349,10 @@ def test_float32_linears_go_through_onednn_only_at_full_precision(monkeypatch, p
     want = copy.deepcopy(model).double()(x.double())
     assert got.dtype == torch.float32 and ((got - want).abs().max() / want.abs().max()).item() < 1e-6
     assert calls == ([(24, 32)] + [(50, 24)] * 8 if precision == "highest" else [])
+    # where autograd records, F.linear (oneDNN's op has no backward: its input would get no gradient)
+    xg = torch.randn(2, 32, requires_grad=True)
+    float32_run._linear32(xg, torch.randn(5, 32), None).sum().backward()
+    assert xg.grad is not None and len(calls) == (9 if precision == "highest" else 0)
 
 
 class LazyTable(nn.Module):
