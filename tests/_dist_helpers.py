@@ -22,12 +22,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+TIMEOUT_S = 90  # the group's: a rank left waiting on a peer that died raises after this
 
 
 def run_ranks(fn, tmp_path, *args, limit: float = 150) -> None:
     """Run ``fn(rank, *args)`` on WORLD spawned processes in one gloo group; fail the test on any error or
-    if the ranks take longer than ``limit`` seconds (a rank whose assertion failed ends the other through
-    the group's timeout, well inside the limit)."""
+    if the ranks take longer than ``limit`` seconds. A rank that raises destroys its group, so its peer
+    fails at its next collective, or at the latest after the group's ``TIMEOUT_S``: the limit is longer,
+    so the test reports the rank's own error, not the deadline."""
+    assert limit > TIMEOUT_S, "the deadline would hide a rank's own error"
     ctx = mp.start_processes(_rank_main, args=(fn, str(tmp_path / "rendezvous"), args), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + limit
@@ -44,7 +47,7 @@ def run_ranks(fn, tmp_path, *args, limit: float = 150) -> None:
 def _rank_main(rank, fn, store, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=90))
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         fn(rank, *args)
     except BaseException:
