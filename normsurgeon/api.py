@@ -261,31 +261,32 @@ def fold(model: nn.Module | ExportedProgram | str | os.PathLike, example_inputs:
     # an affine fold in place keeps every tensor of the model: its output's weights can be written first
     # and folded on the file's own pages (mapped_output); a BatchNorm fold removes tensors (checked below)
     keeps = bool(kwargs.get("affine") and not kwargs.get("untie") and kwargs.get("inplace", True))
-    model, example_inputs, input_path, owned = _resolve(
-        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                                    input_dtypes=input_dtypes, **_mapped_load(model, output, keeps)))
-    program = isinstance(model, ExportedProgram)
-    if program and kwargs.get("affine"):
-        raise NormSurgeonError("`affine=True` folds the norms of a module, not of a .pt2 program")
-    if owned and not program:
-        kwargs.setdefault("inplace", True)
-    if out is not None:
-        if program:
-            check_program_output(out)
-        else:
-            check_recipe_base(model, output)
-    extra = list(extra_inputs or [])
-    if inputs_file is not None:
-        ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
-        extra += load_inputs_file(inputs_file, ex)
-    keeps = keeps and owned and not program \
-        and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    with _output_first(model, output, out, keeps) as mapped:
-        folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
-        report.dry_run = out is None
-        if out is not None and report.passed:
-            report.output = str(_save(folded, output, mapped, example_inputs=example_inputs, force=force,
-                                      input_path=input_path, inputs=read))
+    with _early_output(model, output, out, keeps) as early:
+        model, example_inputs, input_path, owned = _resolve(
+            model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                        input_dtypes=input_dtypes, **_mapped_load(model, output, keeps)))
+        program = isinstance(model, ExportedProgram)
+        if program and kwargs.get("affine"):
+            raise NormSurgeonError("`affine=True` folds the norms of a module, not of a .pt2 program")
+        if owned and not program:
+            kwargs.setdefault("inplace", True)
+        if out is not None:
+            if program:
+                check_program_output(out)
+            else:
+                check_recipe_base(model, output)
+        extra = list(extra_inputs or [])
+        if inputs_file is not None:
+            ex = example_inputs if example_inputs is not None or not program else program_inputs(model)
+            extra += load_inputs_file(inputs_file, ex)
+        keeps = keeps and owned and not program \
+            and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        with _output_first(model, output, out, keeps, early) as mapped:
+            folded, report = _fold_pass.fold(model, example_inputs, extra_inputs=extra, **kwargs)
+            report.dry_run = out is None
+            if out is not None and report.passed:
+                report.output = str(_save(folded, output, mapped, example_inputs=example_inputs, force=force,
+                                          input_path=input_path, inputs=read))
     return folded, report
 
 
@@ -305,15 +306,35 @@ def _mapped_load(model: Any, output: Any, keeps: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _output_first(model: Any, output: Any, out: Path | None, keeps: bool) -> Iterator[Any]:
+def _early_output(model: Any, output: Any, out: Path | None, keeps: bool) -> Iterator[Any]:
+    """``mapped_output.start_early`` before the load, for a call that will write its output first
+    (``_output_first``) from a directory's ``model.safetensors``, a recipe's or a transformers
+    checkpoint's: the copy runs beside the load. Yields it, or None; closes it after (stopped and
+    removed unless ``prepare`` took it over)."""
+    early = None
+    if out is not None and keeps and is_dir_output(output) and isinstance(model, (str, os.PathLike)) \
+            and Path(model).is_dir():
+        from . import mapped_output
+
+        early = mapped_output.start_early(Path(model) / replay.WEIGHTS_FILE, out.resolve(), replay.WEIGHTS_FILE)
+    try:
+        yield early
+    finally:
+        if early is not None:
+            early.close()
+
+
+@contextlib.contextmanager
+def _output_first(model: Any, output: Any, out: Path | None, keeps: bool, early: Any = None) -> Iterator[Any]:
     """``mapped_output.prepare`` for a recipe directory output of a model this call loaded and rewrites in
     place keeping every tensor (``keeps``); yields it, or None (the plain save), and closes it after:
-    the model becomes plain memory again, and a directory not moved into place is removed."""
+    the model becomes plain memory again, and a directory not moved into place is removed. ``early``:
+    the copy ``_early_output`` began, for ``prepare`` to take over."""
     mapped = None
     if out is not None and keeps and is_dir_output(output) and isinstance(model, nn.Module):
         from . import mapped_output
 
-        mapped = mapped_output.prepare(model, out.resolve(), replay.WEIGHTS_FILE)
+        mapped = mapped_output.prepare(model, out.resolve(), replay.WEIGHTS_FILE, early=early)
     try:
         yield mapped
     finally:
@@ -408,24 +429,26 @@ def rotate(model: nn.Module | str | os.PathLike, example_inputs: Any = None, *, 
             imports=imports, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes))
     read = [_spec_path(model), weights, inputs_file]  # `output` never replaces or deletes one of them
     out = check_output(output, force=force, inputs=read) if output is not None else None
-    model, example_inputs, input_path, owned = _resolve(
-        model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
-                                    input_dtypes=input_dtypes, **_mapped_load(model, output, kwargs.get("inplace", True))))
-    if isinstance(model, ExportedProgram):
-        raise NormSurgeonError("rotate works on a module, not on a .pt2 program")
-    if owned:
-        kwargs.setdefault("inplace", True)
-    if out is not None:
-        check_recipe_base(model, output)
-    extra = list(extra_inputs or [])
-    if inputs_file is not None:
-        extra += load_inputs_file(inputs_file, example_inputs)
-    with _output_first(model, output, out, owned and kwargs.get("inplace")) as mapped:  # a rotation keeps every tensor
-        rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
-        report.output = None
-        if out is not None and report.rotated:
-            report.output = str(_save(rotated, output, mapped, example_inputs=example_inputs, force=force,
-                                      input_path=input_path, inputs=read))
+    keeps = kwargs.get("inplace", True)  # a rotation keeps every tensor
+    with _early_output(model, output, out, keeps) as early:
+        model, example_inputs, input_path, owned = _resolve(
+            model, example_inputs, dict(trust=trust, imports=imports, weights=weights, input_shapes=input_shapes,
+                                        input_dtypes=input_dtypes, **_mapped_load(model, output, keeps)))
+        if isinstance(model, ExportedProgram):
+            raise NormSurgeonError("rotate works on a module, not on a .pt2 program")
+        if owned:
+            kwargs.setdefault("inplace", True)
+        if out is not None:
+            check_recipe_base(model, output)
+        extra = list(extra_inputs or [])
+        if inputs_file is not None:
+            extra += load_inputs_file(inputs_file, example_inputs)
+        with _output_first(model, output, out, owned and kwargs.get("inplace"), early) as mapped:
+            rotated, report = _rotate(model, example_inputs, seed=seed, extra_inputs=extra, **kwargs)
+            report.output = None
+            if out is not None and report.rotated:
+                report.output = str(_save(rotated, output, mapped, example_inputs=example_inputs, force=force,
+                                          input_path=input_path, inputs=read))
     return rotated, report
 
 

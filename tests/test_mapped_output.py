@@ -128,6 +128,96 @@ def test_rotate_writes_the_output_in_place_from_a_recipe_directory(tmp_path, spi
     _no_leftovers(tmp_path)
 
 
+def test_the_output_file_is_copied_while_the_model_loads(tmp_path, spies, monkeypatch):
+    # the copy begins before the load, on a thread of its own, and prepare takes its file over: a
+    # transformers checkpoint (fold) and a recipe directory (rotate)
+    import threading
+
+    threads = []
+    copy_range = mapped_output._copy_range
+    monkeypatch.setattr(mapped_output, "_copy_range",
+                        lambda *a: threads.append(threading.current_thread().name) or copy_range(*a))
+    taken = []
+    hand_over = mapped_output.EarlyCopy.hand_over
+    monkeypatch.setattr(mapped_output.EarlyCopy, "hand_over", lambda self: taken.append(self) or hand_over(self))
+    src = _llama_dir(tmp_path)
+    folded, rotated = tmp_path / "folded", tmp_path / "rotated"
+    model, report = api.fold(src, affine=True, output=f"{folded}/")
+    assert report.passed and report.output and len(taken) == 1
+    assert threads and set(threads) == {"normsurgeon-early-copy"}
+    _same_as_file(model, folded / "model.safetensors")
+    threads.clear()
+    model, report = api.rotate(f"{folded}/", seed=2, output=f"{rotated}/")
+    assert report.rotated and report.output and len(taken) == 2
+    assert threads and set(threads) == {"normsurgeon-early-copy"}
+    _same_as_file(model, rotated / "model.safetensors")
+    assert spies["written"] == 0 and spies["saved_weights"] == 0
+    _no_leftovers(tmp_path)
+
+
+def test_an_early_copy_is_not_used_when_the_file_changed_or_a_tensor_did(tmp_path, spies):
+    from safetensors.torch import save_file
+
+    src = _llama_dir(tmp_path)
+    file = src / "model.safetensors"
+    out = (tmp_path / "out").resolve()
+    early = mapped_output.start_early(file, out, "model.safetensors")
+    assert early is not None
+    # the file rewritten after the copy began, one tensor changed: the copy holds the old bytes
+    state = load_file(str(file))
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"] * 2
+    early.finished_for(file, early.start, early.header)
+    os_stat = file.stat()
+    save_file(state, str(file), metadata={"format": "pt"})
+    import os
+
+    os.utime(file, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))  # coarse clocks: a new time for sure
+    model = api.load(src).model
+    mapped = mapped_output.prepare(model, out, "model.safetensors", early=early)
+    try:
+        assert not early.taken and not early.dir.exists()  # copied anew from the file as it is now
+        _same_as_file(model, mapped.file)
+        assert torch.equal(load_file(str(mapped.file))["model.layers.0.mlp.up_proj.weight"],
+                           state["model.layers.0.mlp.up_proj.weight"])
+    finally:
+        mapped.close()
+    # an unchanged file, a tensor changed in memory since loading: the copy is taken, that tensor written
+    early = mapped_output.start_early(file, out, "model.safetensors")
+    model = api.load(src).model
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(3)
+    early.finished_for(file, early.start, early.header)
+    spies.update(written=0, copied=0)
+    mapped = mapped_output.prepare(model, out, "model.safetensors", early=early)
+    try:
+        # that tensor (and neighbours sharing a page with it) from memory, nothing copied after the load
+        assert early.taken and mapped.file == early.file and 1 <= spies["written"] < 10 and spies["copied"] == 0
+        _same_as_file(model, mapped.file)
+    finally:
+        mapped.close()
+        early.close()
+    _no_leftovers(tmp_path)
+
+
+def test_a_failed_load_stops_the_early_copy_and_leaves_nothing(tmp_path, monkeypatch):
+    from normsurgeon.errors import NormSurgeonError
+
+    src = _llama_dir(tmp_path)
+    started = []
+    start_early = mapped_output.start_early
+    monkeypatch.setattr(mapped_output, "start_early", lambda *a, **k: started.append(start_early(*a, **k)) or started[-1])
+
+    def broken(*a, **k):
+        raise NormSurgeonError("cannot load")
+
+    monkeypatch.setattr(api, "load", broken)
+    with pytest.raises(NormSurgeonError, match="cannot load"):
+        api.rotate(src, output=f"{tmp_path / 'out'}/")
+    assert started and started[0] is not None and not started[0]._thread.is_alive()
+    assert not (tmp_path / "out").exists()
+    _no_leftovers(tmp_path)
+
+
 def test_a_tensor_changed_since_loading_is_written_from_memory(tmp_path, spies):
     src = _llama_dir(tmp_path)
     model = api.load(src).model
