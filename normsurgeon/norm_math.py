@@ -208,19 +208,34 @@ def _sylvester(n: int, device: torch.device, dtype: torch.dtype = torch.float64)
 
 def _fwht_(x: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
     """H·x along the middle axis of ``x`` (r, n, t), n a power of 2 (Sylvester H, H[i, j] =
-    (-1)^popcount(i & j)): one butterfly pass per bit, over contiguous runs of h·t values. Ping-pongs
-    between ``x`` and ``spare``; returns the one that holds the result. Rows (t = 1) do their lowest
-    log₂b bits in one (r·n/b, b) × H_b matmul (H_n = H_{n/b} ⊗ H_b): fewer, wider passes."""
+    (-1)^popcount(i & j), so H_n = H_{n/(h·b)} ⊗ H_b ⊗ H_h: each group of bits of the index is
+    transformed on its own). Ping-pongs between ``x`` and ``spare``; returns the one that holds the
+    result. Rows (t = 1) do their lowest log₂b bits in one (r·n/b, b) × H_b matmul, then one butterfly
+    pass per bit over contiguous runs of h values. Columns (r = 1, t > 1: t values per index, a slice of
+    an output projection as stored) do every group of log₂b bits in one batched matmul, H_b times each
+    of the n/(h·b) blocks of b×(h·t) values: three calls for n = 2048 where eleven butterfly passes made
+    22 (a 2048-wide output projection, one core: 2.7 ns a weight against 3.3). Rows gain nothing from
+    it: their upper groups are batches of tiny matmuls."""
     r, n, t = x.shape
+    if r == 1 and t > 1:
+        h = 1
+        while h < n:
+            b = min(_LOW, n // h)
+            shape = (n // (h * b), b, h * t)
+            torch.matmul(_sylvester(b, x.device, x.dtype), x.view(shape), out=spare.view(shape))
+            x, spare = spare, x
+            h *= b
+        return x
     h = 1
     if t == 1 and n > 1:
         h = min(_LOW, n)
         torch.matmul(x.view(-1, h), _sylvester(h, x.device, x.dtype), out=spare.view(-1, h))
         x, spare = spare, x
     while h < n:
-        src, dst = x.view(r, n // (2 * h), 2, h * t), spare.view(r, n // (2 * h), 2, h * t)
-        torch.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
-        torch.sub(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        s0, s1 = x.view(r, n // (2 * h), 2, h * t).unbind(2)
+        d0, d1 = spare.view(r, n // (2 * h), 2, h * t).unbind(2)
+        torch.add(s0, s1, out=d0)
+        torch.sub(s0, s1, out=d1)
         x, spare = spare, x
         h *= 2
     return x

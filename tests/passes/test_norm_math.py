@@ -188,6 +188,24 @@ def test_in_place_rotation_is_the_dense_product_for_every_tensor_kind(monkeypatc
     assert torch.allclose(kron.apply(bias), bias @ kron.dense())
 
 
+@pytest.mark.parametrize("n", [512, 2048])
+def test_wide_rotations_are_the_dense_product_as_rows_and_as_columns(n):
+    # the widths of real models: rows take a matmul and butterflies, columns (an output projection as
+    # stored) a batched matmul per group of four bits of the index; both round like the dense product
+    import normsurgeon.norm_math as nm
+
+    g = torch.Generator().manual_seed(n)
+    q, dense = nm.rotation(n, 7), _dense_randomized_hadamard(n, 7)
+    w = torch.randn(n, 24, generator=g, dtype=torch.float64).float()  # (hidden, out): Qᵀ·W, columns
+    got = w.clone()
+    nm.rotate_writer_(got, q, "linear", "out_in")
+    assert (got != (dense.T @ w.double()).float()).sum() <= 1
+    rows = w.t().contiguous()  # (out, hidden): W·Q, rows
+    got = rows.clone()
+    nm.rotate_reader_(got, q, "out_in")
+    assert (got != (rows.double() @ dense).float()).sum() <= 1
+
+
 def test_the_thread_count_comes_back_when_an_in_place_update_raises():
     import normsurgeon.norm_math as nm
 
