@@ -303,7 +303,10 @@ def start_early(source: Path, out: Path, weights_file: str, *, min_bytes: int | 
         if identity[2] < (MIN_BYTES if min_bytes is None else min_bytes) or not Path(source).is_file():
             return None
         start, header = file_tensors.read_header(source)
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        offsets = [e["data_offsets"] for e in header.values()]
+        end = max((b for _, b in offsets), default=0)
+        if any(not 0 <= a <= b for a, b in offsets) or start + end > identity[2]:
+            return None  # a header the file does not match: the load reports it, not this copy
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
     if not _room_for(out, end):

@@ -3,6 +3,7 @@ pages (normsurgeon.mapped_output): the saved directory must be exactly the verif
 untouched, and the model handed back plain memory that no later change carries into the saved file."""
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -166,12 +167,10 @@ def test_an_early_copy_is_not_used_when_the_file_changed_or_a_tensor_did(tmp_pat
     # the file rewritten after the copy began, one tensor changed: the copy holds the old bytes
     state = load_file(str(file))
     state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"] * 2
-    early.finished_for(file, early.start, early.header)
-    os_stat = file.stat()
+    early.finished_for(file, early.start, early.header)  # the copy is done before the file changes
+    before = file.stat()
     save_file(state, str(file), metadata={"format": "pt"})
-    import os
-
-    os.utime(file, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))  # coarse clocks: a new time for sure
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # coarse clocks: a new time for sure
     model = api.load(src).model
     mapped = mapped_output.prepare(model, out, "model.safetensors", early=early)
     try:
@@ -196,6 +195,18 @@ def test_an_early_copy_is_not_used_when_the_file_changed_or_a_tensor_did(tmp_pat
     finally:
         mapped.close()
         early.close()
+    _no_leftovers(tmp_path)
+
+
+def test_a_header_the_file_does_not_match_gets_no_early_copy(tmp_path):
+    import json
+
+    out = (tmp_path / "out").resolve()
+    for offsets in ([0, 64], [8, 4]):  # past the file's end (16 bytes of data); backwards
+        text = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": offsets}}).encode()
+        file = tmp_path / "model.safetensors"
+        file.write_bytes(len(text).to_bytes(8, "little") + text + bytes(16))
+        assert mapped_output.start_early(file, out, "model.safetensors") is None
     _no_leftovers(tmp_path)
 
 
